@@ -1,0 +1,184 @@
+"""The public entry point: `load()` and the `CLIP` object it returns.
+
+`CLIP` bundles the tinygrad model, the tokenizer and the image processor of
+one checkpoint, and converts between user inputs (texts, images, numpy
+arrays) and the model's Tensors. Library users who want to stay on the device
+use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+from tinygrad import Tensor, dtypes
+
+from . import _tinygrad, backend as backends, hub
+from .config import CLIPConfig
+from .errors import BackendError, ImageError, TokenizerError
+from .model import CLIPModel
+from .preprocess import ImageProcessor
+from .tokenizer import CLIPTokenizer
+from .weights import load_weights
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
+         *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+         local_files_only: bool = False) -> "CLIP":
+    """Load a Hugging Face CLIPModel checkpoint.
+
+    Parameters
+    ----------
+    name_or_path : a local folder, or a hub repo id such as "openai/clip-vit-base-patch32".
+    device : a backend name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"), a raw tinygrad
+        device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), or None for the best available.
+    dtype : "float32" (the default on every backend) or "float16".
+    revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
+    """
+    _tinygrad.guard_kernel_cache()
+    chosen = backends.resolve(device)
+    dt = _tinygrad.dtype_named(dtype or chosen.default_dtype)
+    if dt.name not in [_tinygrad.dtype_named(d).name for d in chosen.dtypes]:
+        raise BackendError(f"backend {chosen.name} ({chosen.device}) does not run {dt.name}; it supports "
+                           f"{', '.join(chosen.dtypes)}")
+    folder = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    config = CLIPConfig.from_file(folder / "config.json")
+    model = CLIPModel(config, dtype=dt, device=chosen.device)
+    with chosen.context():
+        load_weights(model, folder, dt, chosen.device)
+    tokenizer = CLIPTokenizer.from_pretrained(folder, context_length=config.text_config.max_position_embeddings)
+    processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    return CLIP(model, tokenizer, processor, chosen, folder)
+
+
+class CLIP:
+    """A loaded checkpoint: tokenize, preprocess, encode_image, encode_text, logits."""
+
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
+                 backend: backends.Backend, folder: pathlib.Path):
+        self.model, self.tokenizer, self.processor, self.backend, self.folder = \
+            model, tokenizer, processor, backend, folder
+        self.config = model.config
+
+    @property
+    def device(self) -> str:
+        """The backend's name ("cpu", "opencl", ...)."""
+        return self.backend.name
+
+    @property
+    def dtype(self) -> str:
+        return "float16" if self.model.logit_scale.dtype == dtypes.float16 else "float32"
+
+    def __repr__(self) -> str:
+        return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"
+
+    # ---- inputs -> arrays ----------------------------------------------------------------------
+
+    def tokenize(self, texts) -> np.ndarray:
+        """Token ids (N, context_length), exactly as transformers' CLIPTokenizer with
+        padding="max_length", truncation=True gives them."""
+        return self.tokenizer(texts)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Pixel values (N, 3, S, S) float32 from PIL images, file paths or HWC uint8 arrays,
+        as the checkpoint's CLIPImageProcessor gives them."""
+        return self.processor(images)
+
+    # ---- encoders ------------------------------------------------------------------------------
+
+    def encode_image(self, images, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Image embeddings (N, projection_dim) float32, as transformers' get_image_features.
+
+        `images`: PIL images, paths, HWC uint8 arrays, or already preprocessed pixel values
+        (a float array or tinygrad Tensor of shape (N, C, S, S)).
+        """
+        pixels = self._pixels(images)
+        out = self._batched(self.model.get_image_features, pixels, batch_size)
+        return _normalized(out) if normalize else out
+
+    def encode_text(self, texts, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Text embeddings (N, projection_dim) float32, as transformers' get_text_features.
+
+        `texts`: a string, a list of strings, or token ids (an int array or Tensor (N, T)).
+        """
+        ids = self._ids(texts)
+        out = self._batched(self.model.get_text_features, ids, batch_size)
+        return _normalized(out) if normalize else out
+
+    def logits(self, images, texts) -> np.ndarray:
+        """logits_per_image (N_images, N_texts): scaled cosine similarities, as transformers."""
+        img, txt = self.encode_image(images), self.encode_text(texts)
+        return self.logits_from_embeddings(img, txt)
+
+    def logits_from_embeddings(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        logits = self.model.logits(_tinygrad.to_tensor(image_embeds, self.backend.device),
+                                   _tinygrad.to_tensor(text_embeds, self.backend.device))
+        return _tinygrad.realize_numpy(logits, self.backend.context())
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _batched(self, fn, x, batch_size: int) -> np.ndarray:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        n = x.shape[0]
+        if n == 0:
+            return np.zeros((0, self.config.projection_dim), np.float32)
+        parts = []
+        for i in range(0, n, batch_size):
+            chunk = x[i:i + batch_size]
+            t = chunk if isinstance(chunk, Tensor) else _tinygrad.to_tensor(chunk, self.backend.device)
+            parts.append(_tinygrad.realize_numpy(fn(t.to(self.backend.device)), self.backend.context()))
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def _pixels(self, images):
+        v = self.config.vision_config
+        want = (v.num_channels, v.image_size, v.image_size)
+        if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4
+                                          and images.dtype.kind == "f"):
+            if len(images.shape) != 4 or tuple(images.shape[1:]) != want:
+                raise ImageError(f"pixel values must have shape (N, {', '.join(map(str, want))}) for this "
+                                 f"checkpoint, got {tuple(images.shape)}; pass images to preprocess() first")
+            if isinstance(images, np.ndarray):
+                if not np.isfinite(images).all():
+                    raise ImageError("pixel values contain NaN or infinity")
+                return images.astype(np.float32, copy=False)
+            return images
+        return self.preprocess(images)
+
+    def _ids(self, texts):
+        if isinstance(texts, str) or (isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts)):
+            return self.tokenize(texts)
+        t = self.config.text_config
+        if isinstance(texts, Tensor):
+            if len(texts.shape) != 2 or not dtypes.is_int(texts.dtype):
+                raise TokenizerError(f"token ids must be an integer Tensor (N, T), got {texts.dtype} {texts.shape}")
+            arr = None
+        else:
+            arr = np.asarray(texts) if isinstance(texts, np.ndarray) else None
+            if arr is None:
+                raise TokenizerError(f"texts must be a string, a list of strings or token ids (N, T); "
+                                     f"got {type(texts).__name__}" + _first_bad(texts))
+            if arr.ndim != 2 or arr.dtype.kind not in "iu":
+                raise TokenizerError(f"token ids must be an integer array (N, T), got {arr.dtype} {arr.shape}")
+            if arr.size and (arr.min() < 0 or arr.max() >= t.vocab_size):
+                raise TokenizerError(f"token ids must lie in [0, {t.vocab_size}), got values from {arr.min()} "
+                                     f"to {arr.max()}")
+        T = texts.shape[1]
+        if not 1 <= T <= t.max_position_embeddings:
+            raise TokenizerError(f"token ids have length {T}; this checkpoint takes 1 to "
+                                 f"{t.max_position_embeddings} (text_config.max_position_embeddings)")
+        return arr.astype(np.int32) if arr is not None else texts
+
+
+def _first_bad(texts) -> str:
+    if isinstance(texts, (list, tuple)):
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                return f" (item {i} is {type(t).__name__})"
+    return ""
+
+
+def _normalized(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)

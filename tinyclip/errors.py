@@ -1,0 +1,36 @@
+"""The exceptions tinyclip raises for bad input.
+
+Every message names what was wrong (the file, key, shape, device or input)
+and says what to do about it. They all derive from TinyClipError, so a caller
+can catch one type; each also derives from the builtin it refines (ValueError,
+FileNotFoundError, RuntimeError) so existing handlers keep working.
+"""
+
+
+class TinyClipError(Exception):
+    """Base class of every error tinyclip raises on purpose."""
+
+
+class ConfigError(TinyClipError, ValueError):
+    """config.json or preprocessor_config.json is missing, malformed or unsupported."""
+
+
+class CheckpointError(TinyClipError, ValueError):
+    """The weights cannot be read: corrupt or truncated safetensors, missing,
+    unexpected or mis-shaped keys, or an unsupported format (pytorch_model.bin)."""
+
+
+class CheckpointNotFoundError(TinyClipError, FileNotFoundError):
+    """Neither a local folder nor a (cached) hub repository by that name."""
+
+
+class TokenizerError(TinyClipError, ValueError):
+    """vocab.json / merges.txt are unusable, or a text cannot be tokenized."""
+
+
+class ImageError(TinyClipError, ValueError):
+    """An image cannot be read or converted (unreadable file, unsupported mode or shape)."""
+
+
+class BackendError(TinyClipError, RuntimeError):
+    """The requested device or backend is unknown or unavailable."""
