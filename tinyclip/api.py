@@ -13,9 +13,9 @@ import pathlib
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, backend as backends, hub
+from . import _tinygrad, backend as backends, hub, tasks
 from .config import CLIPConfig
-from .errors import BackendError, ImageError, TokenizerError
+from .errors import ImageError, TokenizerError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .tokenizer import CLIPTokenizer
@@ -39,10 +39,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     """
     _tinygrad.guard_kernel_cache()
     chosen = backends.resolve(device)
-    dt = _tinygrad.dtype_named(dtype or chosen.default_dtype)
-    if dt.name not in [_tinygrad.dtype_named(d).name for d in chosen.dtypes]:
-        raise BackendError(f"backend {chosen.name} ({chosen.device}) does not run {dt.name}; it supports "
-                           f"{', '.join(chosen.dtypes)}")
+    dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
     folder = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device)
@@ -61,6 +58,7 @@ class CLIP:
         self.model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
         self.config = model.config
+        self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
 
     @property
     def device(self) -> str:
@@ -116,6 +114,19 @@ class CLIP:
         logits = self.model.logits(_tinygrad.to_tensor(image_embeds, self.backend.device),
                                    _tinygrad.to_tensor(text_embeds, self.backend.device))
         return _tinygrad.realize_numpy(logits, self.backend.context())
+
+    # ---- tasks (tinyclip/tasks.py) ----------------------------------------------------------------
+
+    def classify(self, images, labels, templates="imagenet", top: int | None = None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        """Zero-shot classification: probabilities (N_images, N_labels) float32 when `top` is None,
+        else per image the `top` best (label, probability) pairs. `templates`: "imagenet" (80
+        prompts, ensembled), None (labels as given) or strings with "{}". See tasks.classify."""
+        return tasks.classify(self, images, labels, templates, top, batch_size=batch_size)
+
+    def similarity(self, images, texts, *, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Cosine similarities (N_images, N_texts) float32."""
+        return tasks.similarity(self, images, texts, batch_size=batch_size)
 
     # ---- helpers -------------------------------------------------------------------------------
 

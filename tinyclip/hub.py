@@ -58,11 +58,12 @@ def _looks_like_repo_id(name: str) -> bool:
 def _download(repo_id: str, revision, cache_dir, local_files_only) -> pathlib.Path:
     try:
         import huggingface_hub
+        from huggingface_hub import constants as hub_constants
         from huggingface_hub import errors as hub_errors
     except ImportError as e:    # a declared dependency; say so rather than fail obscurely
         raise CheckpointNotFoundError(f"{repo_id}: loading from the hub needs huggingface_hub "
                                       "(pip install huggingface_hub)") from e
-    offline = local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
+    offline = local_files_only or hub_constants.HF_HUB_OFFLINE
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
@@ -72,7 +73,7 @@ def _download(repo_id: str, revision, cache_dir, local_files_only) -> pathlib.Pa
               "the hub could not be reached"
         raise CheckpointNotFoundError(
             f"{repo_id}{'@' + revision if revision else ''}: not in the Hugging Face cache "
-            f"({cache_dir or huggingface_hub.constants.HF_HUB_CACHE}) and {why}. Download it once while online, "
+            f"({cache_dir or hub_constants.HF_HUB_CACHE}) and {why}. Download it once while online, "
             "point cache_dir at a cache that has it, or pass a local folder.") from None
     except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError) as e:
         raise CheckpointNotFoundError(f"{repo_id}: repository not found or not accessible on the hub ({e.__class__.__name__}); "

@@ -1,0 +1,60 @@
+"""Checkpoints for the tests, built offline with transformers (random init, real CLIPConfigs).
+
+Each is saved with save_pretrained(safe_serialization=True), the real CLIP
+vocabulary and a matching preprocessor_config.json, once per test session.
+The torch model stays available as the oracle.
+"""
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from validate import ARCHITECTURES, build_checkpoint, clip_config  # noqa: E402
+
+# Small configurations that between them use both activations (and the tanh GELU), odd widths,
+# other eps, other projection dims, other context lengths and image/patch sizes.
+TINY = {
+    "tiny-quick": dict(text=(48, 80, 2, 4), vision=(40, 72, 2, 5, 30, 6), proj=24),
+    "tiny-gelu": dict(text=(64, 96, 3, 2), vision=(36, 60, 2, 3, 28, 14), proj=40,
+                      text_overrides=dict(hidden_act="gelu", layer_norm_eps=1e-6, max_position_embeddings=32),
+                      vision_overrides=dict(hidden_act="gelu", layer_norm_eps=1e-6)),
+    "tiny-odd": dict(text=(30, 50, 1, 3), vision=(42, 44, 1, 7, 33, 11), proj=17, logit_scale_init_value=3.5,
+                     text_overrides=dict(hidden_act="gelu_new", layer_norm_eps=1e-3, max_position_embeddings=16),
+                     vision_overrides=dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-3)),
+}
+
+
+class Checkpoint:
+    def __init__(self, folder, torch_model):
+        self.folder, self.torch_model = folder, torch_model
+        self.config = torch_model.config
+
+
+_built = {}
+
+
+def checkpoint(name, tmp_path_factory) -> Checkpoint:
+    if name not in _built:
+        folder = tmp_path_factory.mktemp(name.replace("/", "_"))
+        spec = TINY.get(name) or ARCHITECTURES[name]
+        model = build_checkpoint(folder, clip_config(**spec), seed=len(_built), perturb=0.02 if name in TINY else 0.0)
+        _built[name] = Checkpoint(folder, model)
+    return _built[name]
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def tiny(request, tmp_path_factory) -> Checkpoint:
+    return checkpoint(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_quick(tmp_path_factory) -> Checkpoint:
+    return checkpoint("tiny-quick", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def vit_b32(tmp_path_factory) -> Checkpoint:
+    return checkpoint("openai/clip-vit-base-patch32", tmp_path_factory)

@@ -1,0 +1,115 @@
+"""tinyclip's embeddings and logits against transformers' CLIPModel, on the CPU in float32."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tinygrad import Tensor
+
+import tinyclip
+from tests.conftest import ROOT
+
+REL_TOL = 1e-5          # max |ours - theirs| / max |theirs|
+COS_TOL = 1 - 1e-6
+DEVICE = "cpu"
+IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
+TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut", "", "a cup of coffee on a wooden table",
+         "RÉSUMÉ of 3 horses & 2 rockets!! 🚀", "x " * 100]
+
+
+def features(out):
+    return (out.pooler_output if hasattr(out, "pooler_output") else out).detach().numpy()
+
+
+def assert_close(ours, theirs, what):
+    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != {theirs.shape}"
+    assert ours.dtype == np.float32, f"{what}: dtype {ours.dtype}"
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    assert rel <= REL_TOL, f"{what}: relative error {rel:.3g} > {REL_TOL}"
+    cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
+    assert cos.min() >= COS_TOL, f"{what}: cosine {cos.min()}"
+
+
+def oracle(ck, ids, pixels):
+    m = ck.torch_model
+    with torch.no_grad():
+        img = features(m.get_image_features(pixel_values=torch.from_numpy(pixels)))
+        txt = features(m.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64))))
+        logits = m(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                   pixel_values=torch.from_numpy(pixels)).logits_per_image.numpy()
+    return img, txt, logits
+
+
+@pytest.fixture(scope="module")
+def pil_images():
+    return [Image.open(p) for p in IMAGES]
+
+
+def test_tiny_configs_match_transformers(tiny, pil_images):
+    model = tinyclip.load(tiny.folder, device=DEVICE)
+    ids, pixels = model.tokenize(TEXTS), model.preprocess(pil_images)
+    img, txt, logits = oracle(tiny, ids, pixels)
+    assert_close(model.encode_image(pixels), img, "image embeddings")
+    assert_close(model.encode_text(ids), txt, "text embeddings")
+    assert_close(model.logits(pixels, ids), logits, "logits")
+
+
+def test_raw_inputs_equal_preprocessed_inputs(tiny_quick, pil_images):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    np.testing.assert_array_equal(model.encode_text(TEXTS), model.encode_text(model.tokenize(TEXTS)))
+    np.testing.assert_array_equal(model.encode_image(IMAGES[:2]), model.encode_image(model.preprocess(pil_images[:2])))
+
+
+def test_batching_does_not_change_results(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    ids = model.tokenize(TEXTS)
+    whole = model.encode_text(ids, batch_size=len(TEXTS))
+    np.testing.assert_allclose(model.encode_text(ids, batch_size=3), whole, rtol=0, atol=1e-6)
+
+
+def test_normalize_option_gives_unit_vectors(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    raw, unit = model.encode_text(TEXTS[:3]), model.encode_text(TEXTS[:3], normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=-1, keepdims=True), atol=1e-7)
+
+
+def test_pooling_without_eos_follows_transformers(tiny_quick):
+    """Ids without eos: transformers pools position 0 (argmax of all-False); so must we."""
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    ids = np.random.default_rng(0).integers(0, 49406, size=(3, 77))
+    _, txt, _ = oracle(tiny_quick, ids, np.zeros((1, 3, 30, 30), np.float32))
+    assert_close(model.encode_text(ids), txt, "text embeddings without eos")
+
+
+def test_legacy_eos_token_id_pools_at_argmax(tmp_path):
+    """Configs with eos_token_id == 2 pool at argmax(ids), as transformers does for legacy checkpoints."""
+    from validate import build_checkpoint, clip_config
+    cfg = clip_config(text=(32, 40, 1, 2), vision=(32, 40, 1, 2, 16, 8), proj=8,
+                      text_overrides=dict(eos_token_id=2, max_position_embeddings=12))
+    ck_model = build_checkpoint(tmp_path, cfg, perturb=0.02)
+    model = tinyclip.load(tmp_path, device=DEVICE)
+    ids = np.random.default_rng(1).integers(0, 49408, size=(4, 12))
+    ids[0, 3] = 49407
+    with torch.no_grad():
+        txt = features(ck_model.get_text_features(input_ids=torch.from_numpy(ids)))
+    assert_close(model.encode_text(ids), txt, "legacy pooling")
+
+
+def test_model_tree_takes_and_returns_tensors(tiny_quick):
+    """Library users can stay on the device: the module tree works on tinygrad Tensors."""
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    ids = model.tokenize(["a photo of a cat"])
+    out = model.model.get_text_features(Tensor(ids.astype(np.int32), device=model.backend.device))
+    assert isinstance(out, Tensor) and out.shape == (1, 24)
+    with model.backend.context():
+        np.testing.assert_allclose(out.numpy(), model.encode_text(ids), atol=1e-6)
+
+
+def test_vit_b32_full_size_matches_transformers(vit_b32, pil_images):
+    model = tinyclip.load(vit_b32.folder, device=DEVICE)
+    ids, pixels = model.tokenize(TEXTS[:3]), model.preprocess(pil_images[:2])
+    img, txt, logits = oracle(vit_b32, ids, pixels)
+    ours_img, ours_txt = model.encode_image(pixels), model.encode_text(ids)
+    assert_close(ours_img, img, "ViT-B/32 image embeddings")
+    assert_close(ours_txt, txt, "ViT-B/32 text embeddings")
+    assert_close(model.logits_from_embeddings(ours_img, ours_txt), logits, "ViT-B/32 logits")

@@ -1,0 +1,58 @@
+"""The `tinyclip` command: one subcommand per module, each registering itself.
+
+    tinyclip backends [--json]
+    tinyclip classify IMAGE... --labels L1 L2 ...
+    tinyclip embed PATH... --out FILE.npz
+    tinyclip search QUERY --images FOLDER_OR_NPZ
+
+Errors print as one line, `tinyclip: error: ...`, with exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import TinyClipError
+
+# Modules that add subcommands: each has register(subparsers), and sets `run` on its parsers.
+COMMAND_MODULES = ("cli_backends", "cli_tasks")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """The options every model-using subcommand shares."""
+    from .hub import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default=None, help="backend name or tinygrad device (default: best available; "
+                   "see `tinyclip backends`)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
+    p.add_argument("--batch-size", type=int, default=32, help="images or texts per forward pass (default: 32)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+    parser = argparse.ArgumentParser(prog="tinyclip", description="CLIP in tinygrad: embeddings, zero-shot "
+                                     "classification and search on CPU, OpenCL, CUDA or Metal.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"tinyclip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except TinyClipError as e:
+        print(f"tinyclip: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("tinyclip: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Check tinyclip against transformers on one checkpoint, on every available backend.
+
+    python validate.py                                   # openai/clip-vit-base-patch32, all backends
+    python validate.py --model path/to/folder --device cpu --device opencl
+    python validate.py --images a.jpg b.png --texts "a cat" "a dog" --dtype float16
+
+For each backend it compares tokens (exact), pixels, image and text
+embeddings and logits with transformers' CLIPTokenizer, CLIPImageProcessor
+and CLIPModel, prints one row per backend (max abs error, max relative error
+= max|ours - theirs| / max|theirs|, minimum cosine) and exits 1 when any
+figure is beyond tolerance.
+
+When the hub cannot be reached and the model is not cached, it says so and
+validates on a locally built checkpoint of the same architecture with random
+weights (transformers' own initialisation): the numbers then prove tinyclip
+computes what transformers computes, not anything about the released weights.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent
+DEFAULT_IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
+DEFAULT_TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut in a white suit", "a cup of coffee",
+                 "a rocket launching at night", "a horse", "a man with a camera", "", "A PHOTO of 2 cats & 1 dog!"]
+# Relative tolerances (max |ours - theirs| / max |theirs|) and minimum cosine per dtype.
+TOLERANCE = {"float32": (1e-5, 0.999999), "float16": (1e-2, 0.9999)}
+PIXEL_ATOL = 1e-5
+
+# Real architectures (openai/clip-vit-*), used to build a random checkpoint when the hub is out of reach.
+ARCHITECTURES = {
+    "openai/clip-vit-base-patch32": dict(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 32), proj=512),
+    "openai/clip-vit-base-patch16": dict(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 16), proj=512),
+    "openai/clip-vit-large-patch14": dict(text=(768, 3072, 12, 12), vision=(1024, 4096, 24, 16, 224, 14), proj=768),
+}
+
+
+def clip_config(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 32), proj=512, **overrides):
+    """A transformers CLIPConfig from (hidden, intermediate, layers, heads[, image, patch]) tuples."""
+    import transformers
+    th, ti, tl, tn = text
+    vh, vi, vl, vn, image, patch = vision
+    t = dict(hidden_size=th, intermediate_size=ti, num_hidden_layers=tl, num_attention_heads=tn)
+    v = dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
+             image_size=image, patch_size=patch)
+    t.update(overrides.pop("text_overrides", {}))
+    v.update(overrides.pop("vision_overrides", {}))
+    return transformers.CLIPConfig(text_config=t, vision_config=v, projection_dim=proj, **overrides)
+
+
+def build_checkpoint(folder, config, seed: int = 0, perturb: float = 0.0):
+    """Save a random-init transformers CLIPModel with the real CLIP tokenizer and a matching
+    preprocessor_config.json into `folder`; returns the torch model (in eval mode).
+
+    `perturb` adds noise of that scale to every parameter, so that LayerNorm weights, biases and
+    logit_scale all differ from their initial constants and a test notices if one is ignored.
+    """
+    import torch
+    import transformers
+    sys.path.insert(0, str(ROOT))
+    from tests.bpe import write_clip_vocab
+    folder = pathlib.Path(folder)
+    torch.manual_seed(seed)
+    model = transformers.CLIPModel(config).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    model.save_pretrained(folder, safe_serialization=True)
+    write_clip_vocab(folder)
+    size = config.vision_config.image_size
+    transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}) \
+        .save_pretrained(folder)
+    return model
+
+
+def features(out):
+    """transformers 5 returns an output object (.pooler_output is the projection); older versions a tensor."""
+    return (out.pooler_output if hasattr(out, "pooler_output") else out).detach().float().numpy()
+
+
+def compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
+    ours, theirs = ours.astype(np.float64), theirs.astype(np.float64)
+    diff = float(np.abs(ours - theirs).max()) if ours.size else 0.0
+    rel = diff / max(float(np.abs(theirs).max()), 1e-30)
+    flat_o, flat_t = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
+    cos = float(np.min(np.sum(flat_o * flat_t, 1) / (np.linalg.norm(flat_o, axis=1) * np.linalg.norm(flat_t, axis=1))))
+    return diff, rel, cos
+
+
+def resolve_model(name: str) -> tuple[pathlib.Path, str]:
+    """(folder, note): the checkpoint, or a locally built random one of the same architecture."""
+    from tinyclip import hub
+    from tinyclip.errors import CheckpointNotFoundError
+    try:
+        return hub.resolve(name), ""
+    except CheckpointNotFoundError as e:
+        if name not in ARCHITECTURES:
+            raise
+        reason = str(e).split(". ")[0]
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="tinyclip-validate-"))
+    print(f"NOTE: {reason}.\n      Validating on a locally built checkpoint with the architecture of {name} and "
+          "RANDOM weights\n      (transformers' initialisation): NOT the released weights.", flush=True)
+    build_checkpoint(folder, clip_config(**ARCHITECTURES[name]))
+    return folder, f"random-init {name} architecture"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--model", default="openai/clip-vit-base-patch32", help="hub id or local folder")
+    ap.add_argument("--device", action="append", help="backend name or tinygrad device (repeatable); "
+                    "default: every available backend")
+    ap.add_argument("--images", nargs="+", default=[str(p) for p in DEFAULT_IMAGES], help="image files")
+    ap.add_argument("--texts", nargs="+", default=DEFAULT_TEXTS, help="texts")
+    ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+    from PIL import Image
+
+    import tinyclip
+    from tinyclip import backend as backends
+
+    folder, note = resolve_model(args.model)
+    images = [Image.open(p) for p in args.images]
+    t0 = time.perf_counter()
+    ref = transformers.CLIPModel.from_pretrained(folder).eval()
+    ref_tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    ref_proc = transformers.CLIPImageProcessor.from_pretrained(folder)
+    context = ref.config.text_config.max_position_embeddings
+    ids = ref_tok(args.texts, padding="max_length", max_length=context, truncation=True, return_tensors="np")["input_ids"]
+    pixels = ref_proc(images, return_tensors="np")["pixel_values"]
+    with torch.no_grad():
+        ref_img = features(ref.get_image_features(pixel_values=torch.from_numpy(pixels)))
+        ref_txt = features(ref.get_text_features(input_ids=torch.from_numpy(ids)))
+        ref_logits = ref(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels)) \
+            .logits_per_image.float().numpy()
+    print(f"transformers {transformers.__version__} (torch {torch.__version__}) reference: "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+
+    devices = args.device or [b.name for b in backends.registered() if b.available]
+    unavailable = [f"{b.name} ({b.unavailable})" for b in backends.registered() if not b.available]
+    rel_tol, cos_tol = TOLERANCE[args.dtype]
+    print(f"model: {args.model}{' [' + note + ']' if note else ''}  folder: {folder}")
+    print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}; tolerance: relative <= {rel_tol:g}, "
+          f"cosine >= {cos_tol}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
+    if unavailable and not args.device:
+        print("not available here: " + "; ".join(unavailable))
+    header = f"{'backend':<10} {'device':<8} {'tokens':>8} {'pixels':>9} " + \
+        " ".join(f"{n + ' abs':>11} {n + ' rel':>10} {'cos':>9}" for n in ("image", "text", "logits")) + "  result"
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for name in devices:
+        try:
+            t0 = time.perf_counter()
+            model = tinyclip.load(folder, device=name, dtype=args.dtype)
+            our_ids = model.tokenize(args.texts)
+            our_pixels = model.preprocess(images)
+            img, txt = model.encode_image(our_pixels), model.encode_text(our_ids)
+            logits = model.logits_from_embeddings(img, txt)
+        except tinyclip.TinyClipError as e:
+            print(f"{name:<10} error: {e}")
+            failed = True
+            continue
+        token_errors = int((our_ids != ids).sum())
+        pixel_err = float(np.abs(our_pixels - pixels).max())
+        cells, ok = [], token_errors == 0 and pixel_err <= PIXEL_ATOL
+        for ours, theirs in ((img, ref_img), (txt, ref_txt), (logits, ref_logits)):
+            diff, rel, cos = compare(ours, theirs)
+            ok &= rel <= rel_tol and cos >= cos_tol
+            cells.append(f"{diff:>11.2e} {rel:>10.2e} {cos:>9.6f}")
+        failed |= not ok
+        print(f"{model.device:<10} {model.backend.device:<8} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
+              f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print("FAILED: beyond tolerance" if failed else "all backends within tolerance")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
