@@ -86,7 +86,7 @@ def test_download_patterns_take_only_safe_files():
     def allowed(name):
         return any(fnmatch.fnmatch(name, p) for p in hub.ALLOW_PATTERNS)
     for name in ("config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                 "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                 "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "preprocessor_config.json"):
         assert allowed(name), name
     for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index", "open_clip_model.pt",

@@ -22,6 +22,7 @@ ALLOW_PATTERNS = [
     "model.safetensors.index.json",
     "vocab.json",
     "merges.txt",
+    "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "preprocessor_config.json",
