@@ -113,3 +113,30 @@ def test_vit_b32_full_size_matches_transformers(vit_b32, pil_images):
     assert_close(ours_img, img, "ViT-B/32 image embeddings")
     assert_close(ours_txt, txt, "ViT-B/32 text embeddings")
     assert_close(model.logits_from_embeddings(ours_img, ours_txt), logits, "ViT-B/32 logits")
+
+
+FAST_REL_TOL = 1e-6     # bucketed, padded, truncated and JIT runs against the plain full-context path
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_fast_path_equals_plain_path(tiny_quick, pil_images, n):
+    """Buckets (padding the batch), text cut to the longest real length, and TinyJit replays
+    give the numbers of the plain path: no padding, full context, no JIT."""
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    texts = (TEXTS * 2)[:n]
+    ids, pixels = model.tokenize(texts), model.preprocess((pil_images * 2)[:n])
+    with model.backend.context():
+        plain_txt = model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
+        plain_img = model.model.get_image_features(Tensor(pixels, device="CPU")).numpy()
+    for _ in range(3):    # the TinyJit captures on the second call and replays from the third
+        fast_txt, fast_img = model.encode_text(ids, batch_size=4), model.encode_image(pixels, batch_size=4)
+        assert np.abs(fast_txt - plain_txt).max() <= FAST_REL_TOL * np.abs(plain_txt).max()
+        assert np.abs(fast_img - plain_img).max() <= FAST_REL_TOL * np.abs(plain_img).max()
+
+
+def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    ids = model.tokenize(["a cat", "a photo of a dog on a sofa"])
+    np.testing.assert_array_equal(model.runner.pool_positions(ids), [3, 9])
+    model.encode_text(ids)
+    assert ("text", 2, 16) in model.runner._jits     # 10 positions, rounded up to a multiple of 8

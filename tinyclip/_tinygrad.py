@@ -40,12 +40,21 @@ def probe_device(device: str, context=None) -> str | None:
     compute is the one honest availability test.
     """
     try:
-        with context if context is not None else Context():
+        # CACHELEVEL=0: compile for real, so a cached binary cannot hide a missing compiler.
+        with context if context is not None else Context(), Context(CACHELEVEL=0):
             got = (Tensor([1.0, 2.0, 3.0], device=device) * 2).tolist()
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{type(e).__name__}: {first}"[:300]
+        return _reason(e)
     return None if got == [2.0, 4.0, 6.0] else f"wrong result {got} from a test kernel"
+
+
+def _reason(e: BaseException) -> str:
+    """One line: the exception's type and first line, and those of each sub-exception of a group
+    (tinygrad raises an ExceptionGroup when none of a device's interfaces opens)."""
+    text = str(e).strip()
+    first = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    subs = "; ".join(_reason(s) for s in getattr(e, "exceptions", ()))
+    return (f"{first} ({subs})" if subs else first)[:300]
 
 
 def supports_half(device: str, context=None) -> bool:
@@ -61,9 +70,9 @@ def to_tensor(array: np.ndarray, device: str) -> Tensor:
     return Tensor(np.ascontiguousarray(array), device=device)
 
 
-def realize_numpy(t: Tensor, context) -> np.ndarray:
-    with context:
-        return t.float().numpy() if t.dtype != dtypes.float32 else t.numpy()
+def as_float32(t: Tensor) -> np.ndarray:
+    """Realize `t` (inside the caller's backend context) as a float32 numpy array."""
+    return (t.float() if t.dtype != dtypes.float32 else t).numpy()
 
 
 def guard_kernel_cache() -> None:

@@ -19,6 +19,7 @@ from .errors import ImageError, TokenizerError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .tokenizer import CLIPTokenizer
+from .runner import Runner
 from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
@@ -54,11 +55,13 @@ class CLIP:
     """A loaded checkpoint: tokenize, preprocess, encode_image, encode_text, logits."""
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
-                 backend: backends.Backend, folder: pathlib.Path):
+                 backend: backends.Backend, folder: pathlib.Path, jit: bool = True):
         self.model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
         self.config = model.config
         self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
+        # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
+        self.runner = Runner(model, backend, jit=jit)
 
     @property
     def device(self) -> str:
@@ -93,7 +96,7 @@ class CLIP:
         (a float array or tinygrad Tensor of shape (N, C, S, S)).
         """
         pixels = self._pixels(images)
-        out = self._batched(self.model.get_image_features, pixels, batch_size)
+        out = self._batched(self.runner.image_features, pixels, batch_size)
         return _normalized(out) if normalize else out
 
     def encode_text(self, texts, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
@@ -102,7 +105,7 @@ class CLIP:
         `texts`: a string, a list of strings, or token ids (an int array or Tensor (N, T)).
         """
         ids = self._ids(texts)
-        out = self._batched(self.model.get_text_features, ids, batch_size)
+        out = self._batched(self.runner.text_features, ids, batch_size)
         return _normalized(out) if normalize else out
 
     def logits(self, images, texts) -> np.ndarray:
@@ -111,9 +114,10 @@ class CLIP:
         return self.logits_from_embeddings(img, txt)
 
     def logits_from_embeddings(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-        logits = self.model.logits(_tinygrad.to_tensor(image_embeds, self.backend.device),
-                                   _tinygrad.to_tensor(text_embeds, self.backend.device))
-        return _tinygrad.realize_numpy(logits, self.backend.context())
+        with self.runner.lock, self.backend.context():
+            logits = self.model.logits(_tinygrad.to_tensor(np.asarray(image_embeds, np.float32), self.backend.device),
+                                       _tinygrad.to_tensor(np.asarray(text_embeds, np.float32), self.backend.device))
+            return _tinygrad.as_float32(logits)
 
     # ---- tasks (tinyclip/tasks.py) ----------------------------------------------------------------
 
@@ -130,18 +134,15 @@ class CLIP:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _batched(self, fn, x, batch_size: int) -> np.ndarray:
-        if not isinstance(batch_size, int) or batch_size < 1:
+    def _batched(self, run, x, batch_size: int) -> np.ndarray:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        n = x.shape[0]
-        if n == 0:
+        if isinstance(x, Tensor):
+            with self.runner.lock, self.backend.context():
+                x = x.numpy()
+        if x.shape[0] == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
-        parts = []
-        for i in range(0, n, batch_size):
-            chunk = x[i:i + batch_size]
-            t = chunk if isinstance(chunk, Tensor) else _tinygrad.to_tensor(chunk, self.backend.device)
-            parts.append(_tinygrad.realize_numpy(fn(t.to(self.backend.device)), self.backend.context()))
-        return np.concatenate(parts).astype(np.float32, copy=False)
+        return run(x, batch_size)
 
     def _pixels(self, images):
         v = self.config.vision_config
