@@ -39,10 +39,16 @@ def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
+@functools.lru_cache(maxsize=1)
+def _file_texts() -> tuple[str, str]:
+    vocab, merges = clip_vocab()
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+
+
 def write_clip_vocab(folder) -> None:
     """Write `vocab.json` and `merges.txt` of the real CLIP tokenizer into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    vocab_text, merges_text = _file_texts()
+    (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
