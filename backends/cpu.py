@@ -1,6 +1,7 @@
-"""The CPU family: tinygrad's CPU device, compiled with clang (default) or LLVM."""
+"""The CPU family: tinygrad's CPU device, kernels compiled by clang (default) or by libLLVM."""
 from __future__ import annotations
 
+import os
 import shutil
 
 from tinygrad.helpers import Context
@@ -17,15 +18,17 @@ class CPU(Backend):
     dtypes = ("float32", "float16")
     description = "tinygrad CPU device, kernels compiled by clang"
     renderer = "CLANG"
-    needs = "clang"
 
     def context(self):
-        # tinygrad 0.14 picks a device's code generator from its DEV setting at compile time.
+        # tinygrad 0.14 picks a device's code generator from its DEV setting at compile time,
+        # not from the device string: without this, CPU kernels use whatever DEV says.
         return Context(DEV=f"CPU:{self.renderer}")
 
     def probe(self) -> str | None:
-        if self.needs and shutil.which(self.needs) is None:
-            return f"{self.needs} is not on PATH (Debian: apt-get install {self.needs})"
+        compiler = os.environ.get("CC", "clang")   # tinygrad runs $CC, default clang
+        if shutil.which(compiler) is None:
+            hint = "Debian: apt-get install clang" if compiler == "clang" else "unset CC to use clang"
+            return f"{compiler} (tinygrad's C compiler, from $CC or clang) is not on PATH ({hint})"
         return _tinygrad.probe_device(self.device, self.context())
 
 
@@ -33,6 +36,12 @@ class CPULLVM(CPU):
     name = "cpu-llvm"
     aliases = ("CPU:LLVM",)
     priority = 9
-    description = "tinygrad CPU device, kernels compiled by libLLVM (needs LLVM >= 15 with opaque pointers)"
+    description = "tinygrad CPU device, kernels compiled in-process by libLLVM (LLVM >= 15)"
     renderer = "LLVM"
-    needs = ""
+
+    def probe(self) -> str | None:
+        why = _tinygrad.probe_device(self.device, self.context())
+        if why and "failed to load library llvm" in why:
+            return ("libLLVM not found (Debian: apt-get install libllvm19; tinygrad needs LLVM 15 or newer; "
+                    "LLVM_PATH=/path/to/libLLVM.so if it is elsewhere)")
+        return why

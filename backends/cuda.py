@@ -1,8 +1,22 @@
 """The NVIDIA family: tinygrad's CUDA device (driver API + nvrtc) and its NV device (direct ioctls)."""
 from __future__ import annotations
 
+import os
+
 from tinyclip import _tinygrad
 from tinyclip.backend import Backend
+
+from . import explain
+
+# What tinygrad's errors mean, in the order they are checked: (text in the error, the reason to give).
+CUDA_REASONS = (
+    ("failed to load library cuda", "no NVIDIA driver: libcuda.so not found (install the NVIDIA driver, "
+                                    "or CUDA_PATH=/path/to/libcuda.so)"),
+    ("failed to load library nvrtc", "the NVIDIA driver is there but not nvrtc, CUDA's runtime compiler "
+                                     "(install the CUDA toolkit's libnvrtc, or NVRTC_PATH=/path/to/libnvrtc.so)"),
+    ("CUDA Error 100", "no NVIDIA GPU visible to the driver (CUDA_ERROR_NO_DEVICE; check CUDA_VISIBLE_DEVICES)"),
+    ("CUDA Error 35", "the NVIDIA driver is older than the CUDA runtime (CUDA_ERROR_INSUFFICIENT_DRIVER)"),
+)
 
 
 class CUDA(Backend):
@@ -13,14 +27,18 @@ class CUDA(Backend):
     description = "tinygrad CUDA device (NVIDIA driver and nvrtc)"
 
     def probe(self) -> str | None:
-        why = _tinygrad.probe_device(self.device)
-        if why and ("libcuda" in why or "cuInit" in why or "nvrtc" in why or "CUDA" in why):
-            return f"no usable NVIDIA CUDA driver ({why})"
-        return why
+        return explain(_tinygrad.probe_device(self.device, self.context()), CUDA_REASONS)
 
 
-class NV(CUDA):
+class NV(Backend):
     name = "nv"
     device = "NV"
-    priority = 101
-    description = "tinygrad NV device (NVIDIA GPU through the kernel driver directly)"
+    priority = 101   # tinygrad's own preference: its NV runtime launches kernels with less overhead than CUDA's
+    dtypes = ("float32", "float16")
+    description = "tinygrad NV device (NVIDIA GPU through the kernel driver directly, no libcuda)"
+
+    def probe(self) -> str | None:
+        why = _tinygrad.probe_device(self.device, self.context())
+        if why and not os.path.exists("/dev/nvidiactl"):
+            return "no NVIDIA kernel driver (/dev/nvidiactl does not exist) and no NVIDIA GPU on PCI for tinygrad"
+        return why

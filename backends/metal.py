@@ -17,4 +17,4 @@ class Metal(Backend):
     def probe(self) -> str | None:
         if sys.platform != "darwin":
             return f"Metal needs macOS (this is {sys.platform})"
-        return _tinygrad.probe_device(self.device)
+        return _tinygrad.probe_device(self.device, self.context())

@@ -7,38 +7,48 @@ import functools
 from tinyclip import _tinygrad
 from tinyclip.backend import Backend
 
+from . import explain
+
 ACCELERATOR_PRIORITY, CPU_PRIORITY = 50, 5
+
+REASONS = (
+    ("failed to load library opencl", "libOpenCL.so not found (Debian: apt-get install ocl-icd-libopencl1 and an "
+                                      "OpenCL driver such as pocl-opencl-icd or a GPU's)"),
+    ("OpenCL Error -1001", "no OpenCL platform: libOpenCL is there but no driver is registered in "
+                           "/etc/OpenCL/vendors (Debian: apt-get install pocl-opencl-icd, or a GPU's OpenCL driver)"),
+    ("CL_DEVICE_NOT_FOUND", "the first OpenCL platform has no device (CL_DEVICE_NOT_FOUND)"),
+)
 
 
 class OpenCL(Backend):
     name = "opencl"
     device = "CL"
     dtypes = ("float32", "float16")
-    description = "tinygrad CL device (OpenCL)"
 
     def probe(self) -> str | None:
-        why = _tinygrad.probe_device(self.device)
-        if why and ("libOpenCL" in why or "OpenCL" in why or "clGetPlatformIDs" in why or "-1001" in why):
-            return f"no OpenCL platform ({why}); install an ICD such as pocl-opencl-icd or a GPU driver"
-        return why
+        return explain(_tinygrad.probe_device(self.device, self.context()), REASONS)
 
     @functools.cached_property
-    def priority(self) -> int:
-        # An OpenCL device that is really the CPU (PoCL) is no accelerator: rank it below the native CPU backend.
-        return CPU_PRIORITY if self.device_type() == "CPU" else ACCELERATOR_PRIORITY
+    def priority(self) -> int:  # type: ignore[override]
+        # An OpenCL device that is really the CPU (PoCL) is no accelerator: rank it below the native CPU backends.
+        return CPU_PRIORITY if self.device_info[1] == "CPU" else ACCELERATOR_PRIORITY
 
-    def device_type(self) -> str | None:
+    @functools.cached_property
+    def device_info(self) -> tuple[str | None, str | None]:
+        """(device name, "GPU" / "CPU" / "OTHER"), or (None, None) when the device does not open."""
         try:
             from tinygrad import Device
             from tinygrad.runtime.autogen import opencl as cl
             dev = Device[self.device]
             kind = ctypes.c_uint64()
             cl.clGetDeviceInfo(dev.cl_dev, cl.CL_DEVICE_TYPE, ctypes.sizeof(kind), ctypes.byref(kind), None)
-            return "GPU" if kind.value & cl.CL_DEVICE_TYPE_GPU else "CPU" if kind.value & cl.CL_DEVICE_TYPE_CPU else "OTHER"
+            k = kind.value
+            kinds = [(cl.CL_DEVICE_TYPE_GPU, "GPU"), (cl.CL_DEVICE_TYPE_CPU, "CPU")]
+            return dev.device_name, next((name for bit, name in kinds if k & bit), "OTHER")
         except Exception:
-            return None
+            return None, None
 
     @property
     def description(self) -> str:  # type: ignore[override]
-        kind = self.device_type() if self.available else None
-        return "tinygrad CL device (OpenCL)" + (f", an OpenCL {kind} device" if kind else "")
+        name, kind = self.device_info if self.available else (None, None)
+        return "tinygrad CL device (OpenCL)" + (f": {name}, an OpenCL {kind} device" if kind else "")

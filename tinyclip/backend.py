@@ -3,8 +3,13 @@
 A backend is a small class (see `Backend`) that a package registers in the
 entry-point group `tinyclip.backends`; tinyclip's own backends (the
 `tinyclip_backends` package, folder `backends/` in the source tree) register
-there exactly as a third party would. Nothing device-specific lives outside
-the backends.
+there exactly as a third party would:
+
+    [options.entry_points]
+    tinyclip.backends =
+        mycpu = mypackage.backend:MyCPU
+
+Nothing device-specific lives outside the backends.
 
 `resolve(device)` turns what a user typed into a usable backend: a backend
 name ("cpu", "opencl"), a raw tinygrad device string ("CPU:LLVM", "CL:1"),
@@ -24,13 +29,18 @@ GROUP = "tinyclip.backends"
 class Backend:
     """What a backend declares. Subclass it and register the class under GROUP.
 
-    name           short user-facing name ("cpu", "cpu-llvm", "opencl", "cuda", "metal")
+    name           short user-facing name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"); must equal
+                   the entry-point name
     device         the tinygrad device string tensors are placed on ("CPU", "CL", "CUDA")
     aliases        raw tinygrad device strings that also select this backend ("CPU:LLVM")
     priority       the default choice is the available backend with the highest priority;
                    accelerators rank above CPUs
-    dtypes         dtype names the backend runs, default_dtype the one used when none is asked for
+    dtypes         dtype names the backend can run where its device works; `usable_dtypes`
+                   checks them here. default_dtype is used when none is asked for
     description    one line for `tinyclip backends`
+
+    A backend overrides `probe()` to say why it cannot run (the default runs
+    one kernel), and `context()` for device-specific tinygrad settings.
     """
 
     name: str = ""
@@ -43,7 +53,8 @@ class Backend:
 
     def probe(self) -> str | None:
         """None when the backend can run here, else the reason it cannot (no driver, no compiler ...)."""
-        return None
+        from . import _tinygrad
+        return _tinygrad.probe_device(self.device, self.context())
 
     def context(self) -> contextlib.AbstractContextManager:
         """Settings (tinygrad Context variables) under which this backend's kernels compile and run.
@@ -62,21 +73,57 @@ class Backend:
     def available(self) -> bool:
         return self.unavailable is None
 
+    @functools.cached_property
+    def usable_dtypes(self) -> tuple[str, ...]:
+        """The declared dtypes that run here, found by running a kernel in each (float32 is the
+        probe's). An unavailable backend runs none; its declared `dtypes` are all we know."""
+        if not self.available:
+            return ()
+        from . import _tinygrad
+        return tuple(d for d in self.dtypes
+                     if d == "float32" or (d == "float16" and _tinygrad.supports_half(self.device, self.context())))
+
+    def check_dtype(self, dtype: str | None) -> str:
+        """The dtype name to load with: `dtype`, or default_dtype for None.
+
+        Raises ValueError for a name tinyclip does not know and BackendError when this
+        backend does not run it here.
+        """
+        from . import _tinygrad
+        dt = _tinygrad.dtype_named(dtype or self.default_dtype)
+        name = next(k for k, v in _tinygrad.DTYPES.items() if v == dt)
+        if name not in self.usable_dtypes:
+            declared = "" if name not in self.dtypes else f" here (a {name} test kernel failed)"
+            raise BackendError(f"backend {self.name} ({self.device}) does not run {name}{declared}; it runs "
+                               f"{', '.join(self.usable_dtypes) or 'nothing here'}. Pass dtype= one of those, "
+                               f"or another device (see `tinyclip backends`).")
+        return name
+
     def __repr__(self) -> str:
         return f"<backend {self.name} ({self.device})>"
 
 
 class RawDevice(Backend):
-    """A tinygrad device string that no registered backend claims, used as given."""
+    """A tinygrad device string that no registered backend claims, used as given.
+
+    "FAMILY:N" is device number N. "FAMILY:RENDERER" (e.g. "CPU:X86") is the
+    family's device compiled by that renderer: tinygrad 0.14 reads the renderer
+    from its DEV setting, not from the device string, so it goes to context().
+    """
+
+    dtypes = ("float32", "float16")
+    description = "a tinygrad device that no tinyclip backend registers"
 
     def __init__(self, device: str):
-        self.name = self.device = device
-        self.dtypes = ("float32", "float16")
-        self.description = "a tinygrad device that no tinyclip backend registers"
+        self.name = device
+        family, _, rest = device.partition(":")
+        self.device, self._dev = (family, device) if rest and not rest.isdigit() else (device, None)
 
-    def probe(self) -> str | None:
-        from . import _tinygrad
-        return _tinygrad.probe_device(self.device)
+    def context(self):
+        if self._dev is None:
+            return contextlib.nullcontext()
+        from tinygrad.helpers import Context
+        return Context(DEV=self._dev)
 
 
 @functools.cache
@@ -89,7 +136,8 @@ def registered() -> tuple[Backend, ...]:
     found: dict[str, Backend] = {}
     for ep in entry_points(group=GROUP):
         try:
-            backend = ep.load()()
+            obj = ep.load()
+            backend = obj() if isinstance(obj, type) else obj
         except Exception as e:
             backend = _Broken(ep.name, f"plugin {ep.value} failed to load: {type(e).__name__}: {e}")
         if not isinstance(backend, Backend) or backend.name != ep.name:
@@ -99,11 +147,21 @@ def registered() -> tuple[Backend, ...]:
 
 
 class _Broken(Backend):
+    """A registered entry point that did not give a Backend: listed, never chosen."""
+
+    dtypes = ()
+
     def __init__(self, name: str, why: str):
         self.name, self.device, self._why = name, "?", why
+        self.description = "a plugin that failed to load"
 
     def probe(self) -> str | None:
         return self._why
+
+
+def default() -> Backend | None:
+    """The available backend with the highest priority, or None."""
+    return _choose(None, registered())
 
 
 def resolve(device: str | Backend | None = None) -> Backend:
@@ -121,20 +179,31 @@ def resolve(device: str | Backend | None = None) -> Backend:
 
 def _choose(device: str | None, backends: tuple[Backend, ...]) -> Backend | None:
     if device is None:
-        return next((b for b in sorted(backends, key=lambda b: -b.priority) if b.available), None)
+        return next((b for b in _by_priority(backends) if b.available), None)
     if not isinstance(device, str) or not device.strip():
         raise BackendError(f"device must be a backend name or a tinygrad device string, got {device!r}")
+    device = device.strip()
     for b in backends:
-        if device == b.name:
+        if device.lower() == b.name.lower():
             return b
     wanted = _canonical(device)
-    for b in backends:
+    # Several backends may share a device ("cpu" and "cpu-llvm" are both CPU): the preferred one wins.
+    for b in _by_priority(backends):
         if wanted in (_canonical(b.device), *map(_canonical, b.aliases)):
             return b
-    family = wanted.split(":")[0]
-    if family in _known_tinygrad_devices():
-        return RawDevice(wanted)      # e.g. "CL:1" or a device no plugin covers
+    if wanted.split(":")[0] in _known_tinygrad_devices():
+        return RawDevice(wanted)      # e.g. "CL:1", "CPU:X86", or a device no plugin covers
     return None
+
+
+def _by_priority(backends):
+    # Asking an unavailable backend its priority is allowed to fail (OpenCL asks the driver).
+    def key(b):
+        try:
+            return -b.priority
+        except Exception:
+            return 0
+    return sorted(backends, key=key)
 
 
 def _canonical(device: str) -> str:
@@ -147,6 +216,10 @@ def _known_tinygrad_devices() -> set[str]:
     return _tinygrad.device_families()
 
 
+def status(b: Backend) -> str:
+    return "available" if b.available else f"unavailable: {b.unavailable}"
+
+
 def _listing(device, backends, chosen) -> str:
     if device is None:
         head = "no tinyclip backend is available on this machine."
@@ -154,7 +227,8 @@ def _listing(device, backends, chosen) -> str:
         head = f"unknown device {device!r}: not a backend name or a tinygrad device string."
     else:
         head = f"device {device!r} ({chosen.name}) is not available: {chosen.unavailable}"
-    rows = [f"  {b.name:<10} {b.device:<10} {'available' if b.available else 'unavailable: ' + str(b.unavailable)}"
-            for b in backends]
+    width = max((len(b.name) for b in backends), default=0)
+    dwidth = max((len(b.device) for b in backends), default=0)
+    rows = [f"  {b.name:<{width}}  {b.device:<{dwidth}}  {status(b)}" for b in backends]
     return "\n".join([head, "Backends (name, tinygrad device, status):", *rows,
                       "Pass one of the available names as device=..., or see `tinyclip backends`."])

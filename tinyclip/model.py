@@ -61,7 +61,9 @@ class Embedding:
         self.weight = _param((num, dim), dtype, device)
 
     def __call__(self, idx: Tensor) -> Tensor:
-        return self.weight[idx]
+        # Gather in float32 (exact) and cast back: tinygrad 0.14 may lower a float16 lookup to a one-hot sum
+        # over the table whose half accumulator fails to compile on the LLVM and OpenCL renderers.
+        return self.weight.float()[idx].cast(self.weight.dtype)
 
 
 class CLIPAttention:

@@ -1,0 +1,18 @@
+"""A third-party tinyclip backend, as another package would ship it: tinygrad's CPU device, clang.
+
+Registered by tinyclip_mycpu-1.0.dist-info/entry_points.txt; tests/test_backends.py puts this
+folder on a subprocess's sys.path, which is all that installing it would do.
+"""
+from tinygrad.helpers import Context
+
+from tinyclip.backend import Backend
+
+
+class MyCPU(Backend):
+    name = "mycpu"
+    device = "CPU"
+    dtypes = ("float32",)
+    description = "a third-party backend from tinyclip's tests"
+
+    def context(self):
+        return Context(DEV="CPU:CLANG")

@@ -1,0 +1,309 @@
+"""Backends: discovery through entry points, selection, the listing error, `tinyclip backends`,
+and parity with transformers on every backend that runs here, in float32 and float16."""
+import json
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tinyclip
+from tinyclip import backend
+from tinyclip.backend import Backend
+from tinyclip.errors import BackendError
+from tests.conftest import ROOT
+
+# float32: as tests/test_parity.py. float16 weights and activations, LayerNorm and softmax in float32:
+REL_TOL = {"float32": 1e-5, "float16": 1e-2}          # max |ours - theirs| / max |theirs|
+COS_TOL = {"float32": 1 - 1e-6, "float16": 0.9999}    # per-row cosine, at least
+BUILTIN = ("cpu", "cpu-llvm", "cuda", "metal", "nv", "opencl")
+IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))[:3]
+TEXTS = ["a photo of a cat", "", "RÉSUMÉ of 3 horses & 2 rockets!! 🚀"]
+PLUGIN_PATH = ROOT / "tests" / "plugin"       # a third-party backend: two *.dist-info folders and modules
+TINYCLIP = [sys.executable, "-m", "tinyclip"]
+
+
+def by_name(name: str) -> Backend:
+    return next(b for b in backend.registered() if b.name == name)
+
+
+def require(name: str, dtype: str = "float32") -> Backend:
+    b = by_name(name)
+    if not b.available:
+        pytest.skip(f"{name} is not available here: {b.unavailable}")
+    if dtype not in b.usable_dtypes:
+        pytest.skip(f"{name} does not run {dtype} here")
+    return b
+
+
+_loaded = {}
+
+
+def loaded(ck, device, dtype="float32"):
+    """One model per (checkpoint, device, dtype) for this module: each load compiles kernels."""
+    key = (str(ck.folder), device, dtype)
+    if key not in _loaded:
+        _loaded[key] = tinyclip.load(ck.folder, device=device, dtype=dtype)
+    return _loaded[key]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_quick):
+    """Token ids, pixel values and transformers' embeddings of them (the oracle)."""
+    model = loaded(tiny_quick, "cpu")
+    ids, pixels = model.tokenize(TEXTS), model.preprocess([Image.open(p) for p in IMAGES])
+    m = tiny_quick.torch_model
+    with torch.no_grad():
+        img = m.get_image_features(pixel_values=torch.from_numpy(pixels))
+        txt = m.get_text_features(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    features = [getattr(o, "pooler_output", o).numpy() for o in (img, txt)]
+    return ids, pixels, *features
+
+
+def errors(ours, theirs):
+    """(max relative error, min cosine) of two (N, D) arrays."""
+    rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
+    cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
+    return float(rel), float(cos.min())
+
+
+# ---- discovery -----------------------------------------------------------------------------------
+
+def test_builtin_backends_register_through_the_entry_point_group():
+    eps = {ep.name: ep.value for ep in entry_points(group=backend.GROUP)}
+    for name in BUILTIN:
+        assert eps[name].startswith("tinyclip_backends."), eps
+    assert {b.name for b in backend.registered()} >= set(BUILTIN)
+
+
+def test_every_backend_declares_what_the_interface_asks():
+    for b in backend.registered():
+        assert b.name and b.device and b.description, b
+        assert b.default_dtype in b.dtypes, b
+        assert set(b.dtypes) <= {"float32", "float16"}, b
+        assert b.available or b.unavailable.strip(), f"{b.name} is unavailable without a reason"
+
+
+def test_dtypes_are_checked_by_running_where_the_backend_is_available():
+    for b in backend.registered():
+        if b.available:
+            assert "float32" in b.usable_dtypes and set(b.usable_dtypes) <= set(b.dtypes), b
+        else:
+            assert b.usable_dtypes == (), b
+
+
+# What the subprocess runs: load through the plugin, save the embeddings, report what it found.
+PLUGIN_USER = """
+import json, sys, numpy as np, tinyclip
+from tinyclip import backend
+folder, work = sys.argv[1:]
+model = tinyclip.load(folder, device="mycpu")
+np.save(f"{work}/txt.npy", model.encode_text(np.load(f"{work}/ids.npy")))
+np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/pixels.npy")))
+print(json.dumps({"device": model.device, "backends": {b.name: b.unavailable for b in backend.registered()}}))
+"""
+
+
+def _env_with_plugin():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN_PATH), str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def test_a_third_party_backend_installed_by_its_dist_info_loads_models(tiny_quick, inputs, tmp_path):
+    """tests/plugin holds what pip would install for a plugin package: *.dist-info with METADATA and
+    entry_points.txt, and the module. A subprocess with it on sys.path must find "mycpu" (and list,
+    not crash on, a plugin that fails to import) and compute the built-in cpu backend's embeddings."""
+    ids, pixels, _, _ = inputs
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "pixels.npy", pixels)
+    done = subprocess.run([sys.executable, "-c", PLUGIN_USER, str(tiny_quick.folder), str(tmp_path)],
+                          env=_env_with_plugin(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["device"] == "mycpu"
+    assert got["backends"]["mycpu"] is None
+    assert "failed to load" in got["backends"]["broken"] and "broken on purpose" in got["backends"]["broken"]
+    assert set(BUILTIN) <= set(got["backends"])
+    builtin = loaded(tiny_quick, "cpu")
+    np.testing.assert_array_equal(np.load(tmp_path / "txt.npy"), builtin.encode_text(ids))
+    np.testing.assert_array_equal(np.load(tmp_path / "img.npy"), builtin.encode_image(pixels))
+
+
+def test_the_third_party_plugin_is_invisible_to_this_process():
+    assert "mycpu" not in {b.name for b in backend.registered()}
+
+
+# ---- selection -----------------------------------------------------------------------------------
+
+def test_unknown_device_error_lists_every_backend_and_its_status():
+    with pytest.raises(BackendError) as e:
+        backend.resolve("nosuchdevice")
+    msg = str(e.value)
+    assert "unknown device 'nosuchdevice'" in msg
+    lines = msg.splitlines()
+    for b in backend.registered():
+        row = next((line for line in lines if line.split()[:2] == [b.name, b.device]), None)
+        assert row is not None, f"{b.name} missing from:\n{msg}"
+        assert row.endswith("available" if b.available else f"unavailable: {b.unavailable}"), row
+
+
+def test_load_with_unknown_device_raises_the_listing(tiny_quick):
+    with pytest.raises(BackendError, match=r"(?s)unknown device 'nosuchdevice'.*cpu-llvm.*opencl"):
+        tinyclip.load(tiny_quick.folder, device="nosuchdevice")
+
+
+@pytest.mark.parametrize("name", ["cuda", "metal"])
+def test_unavailable_backend_error_gives_its_reason(name, tiny_quick):
+    b = by_name(name)
+    if b.available:
+        pytest.skip(f"{name} is available here")
+    with pytest.raises(BackendError) as e:
+        tinyclip.load(tiny_quick.folder, device=name)
+    assert f"device {name!r} ({name}) is not available: {b.unavailable}" in str(e.value)
+    assert "cpu" in str(e.value)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Metal may run here")
+def test_metal_says_it_needs_macos():
+    assert "needs macOS" in by_name("metal").unavailable
+
+
+@pytest.mark.parametrize("device, name", [("CPU", "cpu"), ("cpu", "cpu"), ("CPU:0", "cpu"), ("CPU:CLANG", "cpu"),
+                                          ("CPU:LLVM", "cpu-llvm"), ("cpu:llvm", "cpu-llvm"),
+                                          ("CL", "opencl"), ("CL:0", "opencl"), ("OpenCL", "opencl")])
+def test_names_and_raw_tinygrad_devices_select_their_backend(device, name):
+    require(name)
+    assert backend.resolve(device).name == name
+
+
+def test_raw_device_with_a_renderer_compiles_with_that_renderer():
+    """tinygrad 0.14 reads the renderer from DEV, not from the device string: "CPU:X86" must set it."""
+    from tinygrad import Device
+    chosen = backend._choose("CPU:X86", backend.registered())
+    assert (chosen.name, chosen.device) == ("CPU:X86", "CPU")
+    with chosen.context():
+        assert type(Device["CPU"].renderer).__name__ == "X86Renderer"
+
+
+def test_raw_device_of_an_unknown_family_is_unknown():
+    with pytest.raises(BackendError, match="unknown device 'NOSUCH:1'"):
+        backend.resolve("NOSUCH:1")
+
+
+def test_each_backend_compiles_with_its_own_renderer():
+    from tinygrad import Device
+    for name, renderer in [("cpu", "ClangRenderer"), ("cpu-llvm", "CPULLVMRenderer")]:
+        with require(name).context():
+            assert type(Device["CPU"].renderer).__name__ == renderer
+
+
+def test_default_is_the_native_cpu_backend_not_opencl_on_the_cpu(tiny_quick):
+    accelerators = [b.name for b in backend.registered() if b.available and b.priority > by_name("cpu").priority]
+    if accelerators:
+        pytest.skip(f"accelerators available here: {accelerators}")
+    require("cpu")
+    assert backend.resolve(None).name == "cpu"
+    assert tinyclip.load(tiny_quick.folder).device == "cpu"
+
+
+def test_opencl_on_a_cpu_ranks_below_the_cpu_backends():
+    cl = require("opencl")
+    if cl.device_info[1] != "CPU":
+        pytest.skip(f"the OpenCL device here is a {cl.device_info[1]}")
+    assert cl.priority < by_name("cpu-llvm").priority < by_name("cpu").priority
+
+
+def test_model_device_names_the_backend(tiny_quick):
+    require("cpu")
+    model = tinyclip.load(tiny_quick.folder, device="CPU")
+    assert model.device == "cpu" and model.backend.device == "CPU"
+
+
+class Float32Only(Backend):
+    name, device, description = "f32-only", "CPU", "a backend without float16"
+
+    def context(self):
+        return by_name("cpu").context()
+
+
+def test_dtype_a_backend_does_not_declare_is_an_error(tiny_quick):
+    with pytest.raises(BackendError, match=r"backend f32-only \(CPU\) does not run float16; it runs float32"):
+        tinyclip.load(tiny_quick.folder, device=Float32Only(), dtype="float16")
+
+
+def test_declared_dtype_that_fails_here_is_an_error(tiny_quick, monkeypatch):
+    from tinyclip import _tinygrad
+    monkeypatch.setattr(_tinygrad, "supports_half", lambda device, context=None: False)
+    fresh = type(by_name("cpu"))()     # the registered instance has its dtypes checked already
+    assert fresh.usable_dtypes == ("float32",)
+    with pytest.raises(BackendError, match=r"does not run float16 here \(a float16 test kernel failed\)"):
+        tinyclip.load(tiny_quick.folder, device=fresh, dtype="float16")
+
+
+def test_unknown_dtype_name_is_an_error(tiny_quick):
+    with pytest.raises(ValueError, match="dtype 'bfloat16' is not supported"):
+        tinyclip.load(tiny_quick.folder, device="cpu", dtype="bfloat16")
+
+
+def test_a_backend_instance_is_used_as_given(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=Float32Only())
+    assert model.device == "f32-only"
+
+
+# ---- parity --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", BUILTIN)
+def test_backend_matches_transformers(name, dtype, tiny_quick, inputs):
+    require(name, dtype)
+    ids, pixels, img, txt = inputs
+    model = loaded(tiny_quick, name, dtype)
+    assert model.dtype == dtype
+    for what, ours, theirs in [("image", model.encode_image(pixels), img), ("text", model.encode_text(ids), txt)]:
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape
+        rel, cos = errors(ours, theirs)
+        print(f"{name} {dtype} {what}: max relative error {rel:.3g}, 1 - min cosine {1 - cos:.3g}")
+        assert rel <= REL_TOL[dtype], f"{name} {dtype} {what} embeddings: relative error {rel:.3g} > {REL_TOL[dtype]}"
+        assert cos >= COS_TOL[dtype], f"{name} {dtype} {what} embeddings: cosine {cos} < {COS_TOL[dtype]}"
+
+
+# ---- tinyclip backends ---------------------------------------------------------------------------
+
+def test_cli_json_describes_every_backend():
+    done = subprocess.run([*TINYCLIP, "backends", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert set(rows) == {b.name for b in backend.registered()}
+    for b in backend.registered():
+        r = rows[b.name]
+        assert (r["device"], r["available"], r["reason"]) == (b.device, b.available, b.unavailable)
+        assert (r["default_dtype"], r["description"]) == (b.default_dtype, b.description)
+        assert r["dtypes"] == list(b.usable_dtypes if b.available else b.dtypes)
+    assert [name for name, r in rows.items() if r["default"]] == [backend.resolve(None).name]
+
+
+def test_cli_table_shows_each_backend_and_why_not():
+    done = subprocess.run([*TINYCLIP, "backends"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.splitlines()[0].split() == ["NAME", "DEVICE", "AVAILABLE", "DEFAULT", "DTYPE", "DTYPES", "DESCRIPTION"]
+    for b in backend.registered():
+        row = next(line for line in out.splitlines() if line[2:].split()[:1] == [b.name])
+        assert row[2:].split()[:3] == [b.name, b.device, "yes" if b.available else "no"], row
+        if not b.available:
+            assert f"why not: {b.unavailable}" in out
+    assert f"* the default (device=None): {backend.resolve(None).name}" in out
+
+
+def test_cli_lists_third_party_backends():
+    done = subprocess.run([*TINYCLIP, "backends", "--json"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=_env_with_plugin())
+    assert done.returncode == 0, done.stderr
+    rows = {r["name"]: r for r in json.loads(done.stdout)}
+    assert rows["mycpu"]["available"] and rows["mycpu"]["dtypes"] == ["float32"]
+    assert not rows["broken"]["available"]

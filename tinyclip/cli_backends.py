@@ -1,0 +1,59 @@
+"""`tinyclip backends`: every registered backend, whether it runs here, and why not.
+
+    tinyclip backends          # a table; the default choice is marked with *
+    tinyclip backends --json   # the same as a JSON list, for scripts
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+COLUMNS = (("name", "NAME"), ("device", "DEVICE"), ("available", "AVAILABLE"), ("default_dtype", "DEFAULT DTYPE"),
+           ("dtypes", "DTYPES"), ("description", "DESCRIPTION"))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "backends", help="list the backends, whether each runs here, and why not",
+        description="List every backend registered under the entry-point group tinyclip.backends: its "
+                    "tinygrad device, whether it runs on this machine (each is probed with a test kernel) or "
+                    "why not, and its dtypes (checked by running where the backend is available, as declared "
+                    "elsewhere).")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
+    p.set_defaults(run=run)
+
+
+def describe(b, default) -> dict:
+    """One backend as plain data: what --json prints for it."""
+    return {"name": b.name, "device": b.device, "aliases": list(b.aliases), "available": b.available,
+            "reason": b.unavailable, "default": b is default, "default_dtype": b.default_dtype,
+            "dtypes": list(b.usable_dtypes if b.available else b.dtypes), "description": b.description}
+
+
+def table(rows: list[dict]) -> str:
+    """Aligned columns, the default backend marked with *, and under each unavailable backend the reason."""
+    cells = [[h for _, h in COLUMNS]] + [
+        [r["name"], r["device"], "yes" if r["available"] else "no", r["default_dtype"], ", ".join(r["dtypes"]),
+         r["description"]] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+
+    def line(mark, c):
+        return f"{mark} " + "  ".join(f"{v:<{w}}" for v, w in zip(c, widths)).rstrip()
+
+    lines = [line(" ", cells[0])]
+    for r, c in zip(rows, cells[1:]):
+        lines.append(line("*" if r["default"] else " ", c))
+        if not r["available"]:
+            lines.append(" " * (4 + widths[0]) + f"why not: {r['reason']}")
+    default = next((r["name"] for r in rows if r["default"]), None)
+    lines.append(f"\n* the default (device=None): {default}" if default else "\nno backend is available here")
+    lines.append("device= and --device also take a tinygrad device string (CPU, CPU:LLVM, CL:1, CUDA).")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import backend
+    default = backend.default()
+    rows = [describe(b, default) for b in backend.registered()]
+    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    return 0
