@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""tinyclip against transformers on the same machine, same checkpoint, same process.
+
+    python benchmarks/speed.py                      # random-init ViT-B/32 built locally, cpu backend
+    python benchmarks/speed.py --model FOLDER --device cpu-llvm --repeats 5
+
+Prints median throughputs and the tinyclip/transformers ratio (above 1 means
+tinyclip is faster) for: images at batch 1 and 32, texts at batch 32 on
+realistic prompts ("a photo of a {label}.", transformers padded to the
+longest as its tokenizer does with padding=True); then the time a fresh
+process takes to import, load and give its first embedding, with tinygrad's
+kernel cache warm and cold (a new, empty cache file), and each process's
+peak RSS. Runs alternate between the two libraries so drift hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LABELS = ["cat", "dog", "car", "airplane", "horse", "ship", "truck", "bird", "frog", "deer", "astronaut",
+          "rocket", "cup of coffee", "camera", "tree", "house"]
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+lib, folder, device = sys.argv[1], sys.argv[2], sys.argv[3]
+import numpy as np
+pixels = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+if lib == "tinyclip":
+    import tinyclip
+    m = tinyclip.load(folder, device=device)
+    m.encode_image(pixels)
+else:
+    import torch, transformers
+    m = transformers.CLIPModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        m.get_image_features(pixel_values=torch.from_numpy(pixels))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent process.
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": hwm / 1024}))
+"""
+
+
+def timed(fn, repeats):
+    fn()                                    # warm-up: compile, capture the JIT
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def fresh_process(lib, folder, device, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    r = subprocess.run([sys.executable, "-c", CHILD, lib, str(folder), device], env=env, capture_output=True,
+                       text=True, timeout=3600)
+    if r.returncode:
+        raise RuntimeError(f"{lib} child failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (default: a random-init ViT-B/32 built once in a temp dir)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-start", action="store_true", help="skip the fresh-process start-up measurements")
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT))
+    import tinyclip
+    from validate import ARCHITECTURES, build_checkpoint, clip_config
+
+    folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
+    if not (folder / "config.json").exists():
+        build_checkpoint(folder, clip_config(**ARCHITECTURES["openai/clip-vit-base-patch32"]))
+    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}; tinyclip on {args.device}; checkpoint {folder}")
+
+    ours = tinyclip.load(folder, device=args.device)
+    ref = transformers.CLIPModel.from_pretrained(folder).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    prompts = [f"a photo of a {LABELS[i % len(LABELS)]}." for i in range(32)]
+    rows = []
+
+    def bench(name, unit_count, run_ours, run_ref):
+        t_ours = timed(run_ours, args.repeats)
+        t_ref = timed(run_ref, args.repeats)
+        rows.append((name, unit_count / t_ours, unit_count / t_ref))
+        print(f"{name:<22} tinyclip {unit_count / t_ours:8.2f}/s   transformers {unit_count / t_ref:8.2f}/s   "
+              f"ratio {t_ref / t_ours:5.2f}x", flush=True)
+
+    with torch.no_grad():
+        for batch in (1, 32):
+            px = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+            bench(f"images, batch {batch}", batch, lambda: ours.encode_image(px, batch_size=batch),
+                  lambda: ref.get_image_features(pixel_values=torch.from_numpy(px)))
+        ids = ours.tokenize(prompts)
+        ref_ids = tok(prompts, padding=True, return_tensors="pt")["input_ids"]
+        bench("texts, batch 32", 32, lambda: ours.encode_text(ids, batch_size=32),
+              lambda: ref.get_text_features(input_ids=ref_ids))
+
+    if not args.skip_start:
+        with tempfile.TemporaryDirectory() as cold:
+            for label, env in (("cold kernel cache", {"CACHEDB": os.path.join(cold, "cache.db")}),
+                               ("warm kernel cache", {})):
+                a = fresh_process("tinyclip", folder, args.device, env)
+                b = fresh_process("transformers", folder, args.device)
+                print(f"fresh start, {label:<17} tinyclip {a['seconds']:6.1f}s   transformers {b['seconds']:6.1f}s   "
+                      f"ratio {a['seconds'] / b['seconds']:5.2f} (target <= 0.5)   peak RSS "
+                      f"{a['peak_rss_mb']:.0f} MB vs {b['peak_rss_mb']:.0f} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
