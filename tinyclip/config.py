@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from dataclasses import dataclass, field
 
@@ -17,6 +18,9 @@ from .errors import ConfigError
 # Activations tinyclip implements; model.py maps each name to its function.
 # "gelu" is the exact erf GELU, "gelu_new"/"gelu_pytorch_tanh" the tanh one.
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+# The model is built before its weights are read, and each layer costs ~6 ms and a few kB of
+# Python objects even unrealized: a corrupt count of millions would hang. The largest CLIPs have 48.
+MAX_LAYERS = 256
 
 
 @dataclass
@@ -84,8 +88,11 @@ class CLIPConfig:
                               "transformers' save_pretrained writes")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # ValueError: also integers longer than sys.get_int_max_str_digits(); RecursionError: "[[[[..."
+        except (ValueError, RecursionError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
         return cls.from_dict(d, str(path))
 
     def validate(self, source: str = "config.json") -> None:
@@ -96,8 +103,13 @@ class CLIPConfig:
             if sub.hidden_size % sub.num_attention_heads:
                 raise ConfigError(f"{source}: {prefix}hidden_size {sub.hidden_size} is not a multiple of "
                                   f"num_attention_heads {sub.num_attention_heads}")
-            if not sub.layer_norm_eps > 0:
-                raise ConfigError(f"{source}: {prefix}layer_norm_eps must be > 0, got {sub.layer_norm_eps}")
+            if not 0 < sub.layer_norm_eps < math.inf:
+                raise ConfigError(f"{source}: {prefix}layer_norm_eps must be a finite number > 0, "
+                                  f"got {sub.layer_norm_eps}")
+            if sub.num_hidden_layers > MAX_LAYERS:
+                raise ConfigError(f"{source}: {prefix}num_hidden_layers is {sub.num_hidden_layers}; tinyclip "
+                                  f"builds at most {MAX_LAYERS} (the largest CLIP models have 48): the file is "
+                                  "corrupt or not a CLIP config")
         v = self.vision_config
         if v.image_size % v.patch_size:
             raise ConfigError(f"{source}: vision_config.image_size {v.image_size} is not a multiple of "

@@ -23,6 +23,10 @@ Deliberate differences from transformers:
 - a (H, W) uint8 array is accepted as grayscale, the same as (H, W, 1);
   transformers rejects 2-D arrays.
 - strings are file paths only: URLs and base64 strings are not fetched.
+- ``PIL.Image.MAX_IMAGE_PIXELS`` is a hard limit: a file with more pixels is
+  refused before decoding (Pillow only warns below twice the limit), and so is
+  a resize whose output would exceed it (a 200000x1 image resized by its short
+  side). transformers decodes and resizes both.
 """
 from __future__ import annotations
 
@@ -89,14 +93,21 @@ def load_image(image) -> Image.Image:
     -------
     PIL.Image.Image
         The fully decoded image, turned upright by its EXIF orientation and
-        converted to RGB. As in transformers, that conversion drops an alpha band
-        rather than compositing it onto white (only images passed as PIL objects
-        are composited).
+        converted to RGB, as transformers' ``load_image`` does (which its image
+        processors apply to paths, but not to PIL images passed in: those keep
+        their pixels as stored, in transformers and in `ImageProcessor`). As in
+        transformers, that conversion drops an alpha band rather than
+        compositing it onto white (only images passed as PIL objects are
+        composited). An animated file (GIF, APNG, WebP) gives its first frame.
 
     Raises
     ------
     ImageError
-        The file is missing, empty, unreadable, not an image, truncated or corrupt.
+        The file is missing, empty, unreadable, not an image, truncated or corrupt,
+        or has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` (Pillow's guard
+        against decompression bombs). Pillow itself only warns up to twice that
+        limit, and transformers decodes such a file; tinyclip refuses it before
+        decoding. Raise the limit, or set it to None, if you trust your files.
     """
     if isinstance(image, Image.Image):
         return _upright_rgb(image, "the PIL image")
@@ -114,7 +125,19 @@ def load_image(image) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise ImageError(f"{path}: the file is empty (0 bytes), not an image")
-        with Image.open(path) as opened:
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageError(_bomb_message(path, None)) from None
+        except (UnidentifiedImageError, OSError):
+            raise
+        except Exception as e:   # a damaged header can trip a format plugin (ValueError, EOFError, ...)
+            raise ImageError(f"{path}: not an image Pillow can read (damaged header: {type(e).__name__}: {e})") \
+                from None
+        with opened:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and opened.width * opened.height > limit:
+                raise ImageError(_bomb_message(path, opened.size))
             try:
                 opened.load()
             # Pillow's decoders report corrupt data with many exception types (OSError, SyntaxError,
@@ -126,6 +149,14 @@ def load_image(image) -> Image.Image:
         raise ImageError(f"{path}: not an image Pillow can read (unknown format, or a damaged header)") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read the file ({e.strerror or e})") from None
+
+
+def _bomb_message(path: str, size: tuple[int, int] | None) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else f"more than {2 * limit:,} pixels"
+    return (f"{path}: the image has {what}, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{limit:,}. If you trust the file, raise the limit (PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{size[0] * size[1] if size else 4 * limit}) or switch it off (= None)")
 
 
 def _upright_rgb(image: Image.Image, what: str) -> Image.Image:
@@ -368,6 +399,13 @@ class ImageProcessor:
             if height <= 0 or width <= 0:
                 raise ImageError(f"image {i} ({pixels.shape[1]}x{pixels.shape[0]}) would be resized to "
                                  f"{width}x{height} under size {self.size}")
+            # A thin image (say 100000x1) resized by its short side would need gigabytes before the crop.
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and height * width > limit:
+                raise ImageError(f"image {i} ({pixels.shape[1]}x{pixels.shape[0]}) would be resized to "
+                                 f"{width}x{height} under size {self.size}, more than PIL.Image.MAX_IMAGE_PIXELS "
+                                 f"= {limit:,} pixels; crop it to a less extreme aspect ratio first, or raise "
+                                 "the limit if you have the memory")
             resized = Image.fromarray(pixels).resize((width, height), resample=Image.Resampling(self.resample))
             pixels = np.asarray(resized)
         if self.do_center_crop:
@@ -493,7 +531,7 @@ def _channel_values(key: str, value) -> tuple:
 def _read_json(path: pathlib.Path) -> dict:
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # ValueError includes JSONDecodeError and UnicodeDecodeError
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None

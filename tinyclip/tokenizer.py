@@ -28,6 +28,7 @@ where they differ from Python 3.11's Unicode 14 (or from a later Python's).
 from __future__ import annotations
 
 import functools
+import heapq
 import html
 import json
 import re
@@ -93,6 +94,8 @@ _LAST_LETTER_PLANE_END = 0x40000
 CLEAN_MODES = ("hf", "openai")
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SIGMA = "\u03a3"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_CACHED_WORD = 256  # longer words are not cached: a cache entry per hostile megabyte word would grow without bound
 _SPECIAL_WORDS = {"<|startoftext|>": ["<|", "startoftext", "|>"], "<|endoftext|>": ["<|", "endoftext", "|>"]}
 
 
@@ -354,30 +357,40 @@ class CLIPTokenizer:
 
     def pre_tokenize(self, text: str) -> list[str]:
         """Words in the BPE alphabet (transformers: `backend_tokenizer.pre_tokenizer.pre_tokenize_str`)."""
+        return list(self._words(text))
+
+    def _words(self, text: str):
         u = _unicode()
-        words = []
-        for word in u.pre_tokenizer.findall(text):
+        for match in u.pre_tokenizer.finditer(text):
             # The ByteLevel step re-splits each word with GPT-2's regex; that only
             # changes the two special-token alternatives: "<|" "endoftext" "|>".
-            if word in _SPECIAL_WORDS:
-                words += _SPECIAL_WORDS[word]
-            else:
-                words.append(word)
-        return [w.encode("utf-8").decode("latin-1").translate(u.byte_symbols) for w in words]
+            word = match.group()
+            for w in _SPECIAL_WORDS.get(word, (word,)):
+                yield w.encode("utf-8").decode("latin-1").translate(u.byte_symbols)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start/end tokens, truncation or padding."""
+        _check_text(text, "the text")
+        return self._encode(text, None)
+
+    def _encode(self, text: str, limit: int | None) -> list[int]:
+        """`encode`, stopping once more than `limit` ids are known (None: never); words are
+        independent, so the first ids do not depend on what follows."""
         ids = []
         for raw, token_id in _split(text, self._raw_tokens, self._token_ids):
             if token_id is not None:
                 ids.append(token_id)
-                continue
-            for piece, token_id in _split(self._normalize(raw), self._normalized_tokens, self._normalized_ids):
-                if token_id is not None:
-                    ids.append(token_id)
-                else:
-                    for word in self.pre_tokenize(piece):
+            else:
+                for piece, token_id in _split(self._normalize(raw), self._normalized_tokens, self._normalized_ids):
+                    if token_id is not None:
+                        ids.append(token_id)
+                        continue
+                    for word in self._words(piece):
                         ids += self._bpe(word)
+                        if limit is not None and len(ids) > limit:
+                            return ids
+            if limit is not None and len(ids) > limit:
+                return ids
         return ids
 
     def __call__(self, texts: str | Sequence[str], *, truncate: bool = True) -> np.ndarray:
@@ -399,12 +412,10 @@ class CLIPTokenizer:
         rows = np.full((len(texts), self.context_length), self.pad_token_id, dtype=np.int64)
         room = self.context_length - 2
         for i, text in enumerate(texts):
-            try:
-                ids = self.encode(text)
-            except UnicodeEncodeError as e:
-                at = next(j for j, c in enumerate(text) if "\ud800" <= c <= "\udfff")
-                raise TokenizerError(f"texts[{i}] holds a lone surrogate at index {at}, which is not text; "
-                                     "decode the bytes with errors='replace' or drop it") from e
+            _check_text(text, f"texts[{i}]")
+            # With truncation only the first `room` ids are kept: stop there (a megabyte of text
+            # then costs what a sentence does); without it the full count goes into the error.
+            ids = self._encode(text, room if truncate else None)
             if len(ids) > room and not truncate:
                 raise TokenizerError(f"texts[{i}] has {len(ids) + 2} tokens with start and end, more than "
                                      f"context_length={self.context_length}; shorten it or pass truncate=True")
@@ -413,26 +424,49 @@ class CLIPTokenizer:
         return rows
 
     def _bpe(self, word: str) -> list[int]:
-        """Merge the symbols of one word, lowest rank first and leftmost on ties:
-        the order of tokenizers' priority queue (`models/bpe/word.rs`, `merge_all`)."""
+        """Merge the symbols of one word, lowest rank first and leftmost on ties, with
+        tokenizers' priority queue (`models/bpe/word.rs`, `merge_all`), stale entries and
+        all: O(n log n), so a 100,000-letter word takes a fraction of a second."""
         if (ids := self._cache.get(word)) is not None:
             return ids
         vocab, unk = self.vocab, self.unk_token_id
         ids = [vocab.get(c, unk) for c in word[:-1]] + [vocab.get(word[-1] + "</w>", unk)]
         merges = self._merges
-        while len(ids) > 1:
-            best = None
-            for i in range(len(ids) - 1):
-                merge = merges.get((ids[i], ids[i + 1]))
-                if merge is not None and (best is None or merge[0] < best[0]):
-                    best, at = merge, i
-            if best is None:
-                break
-            ids[at:at + 2] = [best[1]]
-        if len(self._cache) > 100_000:  # bounded, like tokenizers' own word cache
-            self._cache.clear()
-        self._cache[word] = ids
+        n = len(ids)
+        # A doubly linked list over the symbols; a merge keeps the left one and kills the right.
+        after, before, alive = [*range(1, n), -1], [*range(-1, n - 1)], [True] * n
+        queue = [(m[0], i, m[1]) for i in range(n - 1) if (m := merges.get((ids[i], ids[i + 1])))]
+        heapq.heapify(queue)  # (rank, position of the left symbol, merged id)
+        while queue:
+            _, pos, new_id = heapq.heappop(queue)
+            right = after[pos]
+            if not alive[pos] or right == -1:
+                continue
+            current = merges.get((ids[pos], ids[right]))
+            if current is None or current[1] != new_id:  # the pair changed since it was queued
+                continue
+            ids[pos], alive[right] = new_id, False
+            after[pos] = nxt = after[right]
+            if nxt != -1:
+                before[nxt] = pos
+            if (prev := before[pos]) != -1 and (m := merges.get((ids[prev], new_id))):
+                heapq.heappush(queue, (m[0], prev, m[1]))
+            if nxt != -1 and (m := merges.get((new_id, ids[nxt]))):
+                heapq.heappush(queue, (m[0], pos, m[1]))
+        ids = [t for t, keep in zip(ids, alive) if keep]
+        if len(word) <= MAX_CACHED_WORD:
+            if len(self._cache) > 100_000:  # bounded, like tokenizers' own word cache
+                self._cache.clear()
+            self._cache[word] = ids
         return ids
+
+
+def _check_text(text: str, what: str) -> None:
+    """A lone surrogate (from bytes decoded with errors="surrogateescape", or a broken UTF-16
+    pair) is not text and has no UTF-8 bytes; transformers raises a TypeError for it."""
+    if not text.isascii() and (bad := _SURROGATE.search(text)):
+        raise TokenizerError(f"{what} holds a lone surrogate at index {bad.start()}, which is not text; "
+                             "decode the bytes with errors='replace' or drop it")
 
 
 def _read_json(path: Path):
@@ -441,8 +475,11 @@ def _read_json(path: Path):
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    # ValueError: also integers longer than sys.get_int_max_str_digits(); RecursionError: "[[[[..."
+    except (ValueError, RecursionError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e}); restore it from the checkpoint") from e
+    except OSError as e:
+        raise TokenizerError(f"{path} cannot be read ({e.strerror or e})") from None
 
 
 def _missing(path: Path) -> TokenizerError:
@@ -486,6 +523,8 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path} is not UTF-8 text ({e}); restore it from the checkpoint") from e
+    except OSError as e:
+        raise TokenizerError(f"{path} cannot be read ({e.strerror or e})") from None
     if lines[-1] == "":
         lines.pop()
     merges = []

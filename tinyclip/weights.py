@@ -2,7 +2,7 @@
 
 tinygrad's own `safe_load` trusts the header (offsets, sizes); this module
 parses and checks it first, with plain Python on a bounded read, and only then
-lets tinygrad map the checked byte ranges of the file onto the target device.
+reads the checked byte ranges (read-only) and copies them onto the target device.
 Nothing here ever unpickles: a folder with only pytorch_model.bin is refused.
 """
 from __future__ import annotations
@@ -11,7 +11,9 @@ import json
 import math
 import os
 import pathlib
+import stat
 
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.nn.state import get_state_dict
@@ -28,7 +30,10 @@ NON_PARAMETERS = ("text_model.embeddings.position_ids", "vision_model.embeddings
 # safetensors dtype name -> (tinygrad dtype, bytes per element); floats only: CLIP's parameters are floats.
 SAFE_DTYPES = {"F16": (dtypes.float16, 2), "BF16": (dtypes.bfloat16, 2), "F32": (dtypes.float32, 4),
                "F64": (dtypes.float64, 8)}
+# How the bytes are read: little-endian, as safetensors stores them; BF16 as its raw 16 bits.
+FILE_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 KNOWN_NON_FLOAT = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2")
+MAX_SHOWN = 120     # characters of a header value quoted in an error message
 
 
 class TensorInfo:
@@ -38,17 +43,37 @@ class TensorInfo:
         self.path, self.key, self.dtype, self.shape, self.start, self.end = path, key, dtype, shape, start, end
 
     def load(self, device: str, dtype: DType) -> Tensor:
-        """The tensor on `device` in `dtype`, read straight from the file's checked byte range."""
-        src_dtype, _ = SAFE_DTYPES[self.dtype]
-        disk = Tensor(self.path)[self.start:self.end]
-        t = disk.bitcast(src_dtype).reshape(self.shape).to(device)
-        return t if src_dtype == dtype else t.cast(dtype)
+        """The tensor on `device` in `dtype`, from the file's checked byte range.
+
+        The bytes are read with a plain read-only open. tinygrad's DISK device would open the
+        file read-write (failing on a read-only checkpoint, and extending a file shorter than
+        asked for) and keeps one mapping per path for the whole process.
+        """
+        array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.start)
+                got = f.readinto(memoryview(array).cast("B"))
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {_short(self.key)} ({e.strerror or e})") from None
+        if got != self.end - self.start:
+            raise CheckpointError(f"{self.path}: ended after {got} of the {self.end - self.start} bytes of tensor "
+                                  f"{_short(self.key)}; the file changed while it was being read. Load it again.")
+        t = Tensor(array.astype(array.dtype.newbyteorder("="), copy=False).reshape(self.shape), device=device)
+        if self.dtype == "BF16":
+            # clang's C target has no __bf16, so tinygrad cannot convert it on CPU; putting the
+            # 16 bits at the top of a float32 is exact and works on every device.
+            t = (t.cast(dtypes.uint32) * 65536).bitcast(dtypes.float32)
+        return t if t.dtype == dtype else t.cast(dtype)
 
 
 def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; every problem names the file and the key."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):   # a FIFO or device would block or never end
+            raise CheckpointError(f"{path}: not a regular file; a checkpoint's weights are a safetensors file")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -66,8 +91,13 @@ def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except RecursionError:   # "[[[[..." nested deeper than the JSON parser's recursion limit
+        raise CheckpointError(f"{path}: the safetensors header nests too deeply to be a tensor table; "
+                              "the file is corrupt") from None
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e}); the file is corrupt") from None
+        # ValueError also covers integers of more than sys.get_int_max_str_digits() digits.
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({_short(e)}); "
+                              "the file is corrupt") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object; the file is corrupt")
 
@@ -80,40 +110,69 @@ def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     spans = sorted((i.start, i.end, i.key) for i in infos.values() if i.end > i.start)
     for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
         if s1 < e0:
-            raise CheckpointError(f"{path}: tensors {k0!r} and {k1!r} overlap in the file (bytes {s0}-{e0} and "
-                                  f"{s1}-{e1}); the header is corrupt")
+            raise CheckpointError(f"{path}: tensors {_short(k0)} and {_short(k1)} overlap in the file (bytes "
+                                  f"{s0}-{e0} and {s1}-{e1}); the header is corrupt")
     return infos
 
 
 def _no_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    if len(keys) != len(set(keys)):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}")
+    seen = set()
+    for k, _ in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {_short(k)}")
+        seen.add(k)
     return dict(pairs)
 
 
+def _short(value) -> str:
+    """repr(value) for an error message, cut to MAX_SHOWN characters (see `_cut`)."""
+    try:
+        return _cut(str(value) if isinstance(value, BaseException) else repr(value))
+    except ValueError:   # an integer with more digits than sys.get_int_max_str_digits() allows
+        return f"<{type(value).__name__} too long to print>"
+
+
+def _cut(text: str) -> str:
+    """`text`, cut to MAX_SHOWN characters: a hostile header can hold megabyte-long names and shapes."""
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text)} characters)"
+
+
+def _stored_size(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes that `shape` needs, or None when that exceeds `limit`; stops multiplying as soon as
+    the product passes the limit, so a shape of a million huge dimensions costs no more than a read."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > limit:
+            return None
+    return n
+
+
 def _check_entry(path, key, entry, data_start, data_len) -> TensorInfo:
-    where = f"{path}: tensor {key!r}"
+    where = f"{path}: tensor {_short(key)}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFE_DTYPES:
         kind = "a non-float dtype" if dtype in KNOWN_NON_FLOAT else "an unknown dtype"
-        raise CheckpointError(f"{where} has {kind} {dtype!r}; CLIP parameters must be one of {', '.join(SAFE_DTYPES)}")
+        raise CheckpointError(f"{where} has {kind} {_short(dtype)}; CLIP parameters must be one of "
+                              f"{', '.join(SAFE_DTYPES)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise CheckpointError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and
             all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise CheckpointError(f"{where}: data_offsets {offsets!r} is not a pair of integers")
+        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} is not a pair of integers")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
-        raise CheckpointError(f"{where}: data_offsets {offsets} lie outside the {data_len} data bytes of the file; "
-                              "the file is truncated or its header is corrupt")
-    want = math.prod(shape) * SAFE_DTYPES[dtype][1]
-    if end - begin != want:
-        raise CheckpointError(f"{where}: {end - begin} bytes stored but dtype {dtype} and shape {shape} need {want}; "
-                              "the header is corrupt")
+        raise CheckpointError(f"{where}: data_offsets {_short(offsets)} lie outside the {data_len} data bytes of "
+                              "the file; the file is truncated or its header is corrupt")
+    want = _stored_size(shape, SAFE_DTYPES[dtype][1], data_len)
+    if want != end - begin:
+        need = f"need {want}" if want is not None else f"need more than the file's {data_len}"
+        raise CheckpointError(f"{where}: {end - begin} bytes stored but dtype {dtype} and shape {_short(shape)} "
+                              f"{need}; the header is corrupt")
     return TensorInfo(path, key, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -121,9 +180,9 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
     if single.is_file():
-        return [single]
+        return [_inside(single, folder)]
     if index.is_file():
-        return _shards(index)
+        return [_inside(shard, folder) for shard in _shards(_inside(index, folder))]
     unsafe = [name for name in UNSAFE_FORMATS if (folder / name).exists()]
     if unsafe:
         raise CheckpointError(
@@ -133,11 +192,43 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face CLIPModel folder?")
 
 
+def _inside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """`path`, after checking that it does not lead out of the checkpoint through a symbolic link.
+
+    A file may resolve anywhere inside the folder or, when the folder is a snapshot in a Hugging
+    Face cache (`.../models--org--name/snapshots/<commit>/`), anywhere inside that repository's
+    `models--org--name/` folder: the cache stores snapshot files as links to `../../blobs/<hash>`.
+    """
+    real = path.resolve()
+    roots = _checkpoint_roots(folder)
+    if not any(real.is_relative_to(root) for root in roots):
+        raise CheckpointError(
+            f"{path}: is a symbolic link to {real}, outside the checkpoint folder {roots[0]}"
+            + (f" and its Hugging Face cache repository {roots[-1]}" if len(roots) > 1 else "")
+            + "; tinyclip reads weights only from inside the checkpoint. If you trust the file, copy it in.")
+    return path
+
+
+def _checkpoint_roots(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The folder (resolved), then the `models--*` folder of the hub cache it is a snapshot in, if any."""
+    roots = [folder.resolve()]
+    for candidate in (pathlib.Path(os.path.abspath(folder)), roots[0]):
+        parts = candidate.parts
+        for i in range(len(parts) - 2, 0, -1):     # "snapshots" must have the snapshot folder below it
+            if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+                repo = pathlib.Path(*parts[:i]).resolve()
+                if repo not in roots:
+                    roots.append(repo)
+                break
+    return roots
+
+
 def _shards(index: pathlib.Path) -> list[pathlib.Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index (JSON with a 'weight_map' object): {e}") from None
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index (JSON with a 'weight_map' object): "
+                              f"{_short(e)}") from None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
     names = []
@@ -160,7 +251,7 @@ def read_headers(files: list[pathlib.Path]) -> dict[str, TensorInfo]:
     for path in files:
         for key, info in read_header(path).items():
             if key in infos:
-                raise CheckpointError(f"tensor {key!r} appears in both {infos[key].path} and {path}")
+                raise CheckpointError(f"tensor {_short(key)} appears in both {infos[key].path} and {path}")
             infos[key] = info
     return infos
 
@@ -175,8 +266,9 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     params = get_state_dict(model)
     where = files[0].name if len(files) == 1 else f"{INDEX_FILE} ({len(files)} shards)"
     missing = sorted(k for k in params if k not in infos)
-    unexpected = sorted(k for k in infos if k not in params and k not in NON_PARAMETERS)
-    misshaped = sorted(f"{k}: checkpoint {list(infos[k].shape)}, config.json implies {list(params[k].shape)}"
+    unexpected = sorted(_cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
+    misshaped = sorted(f"{k}: checkpoint {_cut(str(list(infos[k].shape)))}, config.json implies "
+                       f"{list(params[k].shape)}"
                        for k in params if k in infos and not _same_shape(infos[k].shape, params[k].shape))
     if missing or unexpected or misshaped:
         parts = [f"{folder / where} does not match config.json:"]
