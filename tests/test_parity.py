@@ -140,3 +140,44 @@ def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
     np.testing.assert_array_equal(model.runner.pool_positions(ids), [3, 9])
     model.encode_text(ids)
     assert ("text", 2, 16) in model.runner._jits     # 10 positions, rounded up to a multiple of 8
+
+
+@pytest.mark.parametrize("ids, match", [
+    (np.full((1, 5), -1), r"token ids must lie in \[0, 49408\), got values from -1 to -1"),
+    (np.full((1, 5), 49408), r"token ids must lie in \[0, 49408\)"),
+    (np.zeros((1, 78), np.int64), r"token ids have length 78; this checkpoint takes 1 to 77"),
+    (np.zeros((5,), np.int64), r"token ids must be an integer array \(N, T\), got int64 \(5,\)"),
+    (np.zeros((1, 5), np.float32), r"token ids must be an integer array \(N, T\), got float32"),
+    ([[1, 2, 3]], r"texts must be a string, a list of strings or token ids \(N, T\); got list \(item 0 is list\)"),
+    (42, r"texts must be a string, a list of strings or token ids \(N, T\); got int"),
+])
+def test_bad_token_ids_are_refused(tiny_quick, ids, match):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    with pytest.raises(tinyclip.TokenizerError, match=match):
+        model.encode_text(ids)
+
+
+@pytest.mark.parametrize("pixels, match", [
+    (np.zeros((1, 3, 224, 224), np.float32), r"pixel values must have shape \(N, 3, 30, 30\) for this checkpoint, "
+                                             r"got \(1, 3, 224, 224\); pass images to preprocess\(\) first"),
+    (np.zeros((3, 30, 30), np.float32), r"pixel values must have shape \(N, 3, 30, 30\)"),
+    (np.full((1, 3, 30, 30), np.nan, np.float32), r"pixel values contain NaN or infinity"),
+])
+def test_bad_pixel_values_are_refused(tiny_quick, pixels, match):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    with pytest.raises(tinyclip.ImageError, match=match):
+        model.encode_image(pixels)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_bad_batch_size_is_refused(tiny_quick, batch_size):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer"):
+        model.encode_text(["a cat"], batch_size=batch_size)
+
+
+def test_tensor_inputs_are_accepted(tiny_quick, pil_images):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    ids, pixels = model.tokenize(["a cat", "a dog"]), model.preprocess(pil_images[:2])
+    np.testing.assert_array_equal(model.encode_text(Tensor(ids.astype(np.int32), device="CPU")), model.encode_text(ids))
+    np.testing.assert_array_equal(model.encode_image(Tensor(pixels, device="CPU")), model.encode_image(pixels))

@@ -18,8 +18,8 @@ from .config import CLIPConfig
 from .errors import ImageError, TokenizerError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
-from .tokenizer import CLIPTokenizer
 from .runner import Runner
+from .tokenizer import CLIPTokenizer
 from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
@@ -137,51 +137,46 @@ class CLIP:
     def _batched(self, run, x, batch_size: int) -> np.ndarray:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(x, Tensor):
-            with self.runner.lock, self.backend.context():
-                x = x.numpy()
         if x.shape[0] == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
         return run(x, batch_size)
 
-    def _pixels(self, images):
+    def _numpy(self, t: Tensor) -> np.ndarray:
+        with self.runner.lock, self.backend.context():
+            return t.numpy()
+
+    def _pixels(self, images) -> np.ndarray:
         v = self.config.vision_config
         want = (v.num_channels, v.image_size, v.image_size)
-        if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4
-                                          and images.dtype.kind == "f"):
-            if len(images.shape) != 4 or tuple(images.shape[1:]) != want:
-                raise ImageError(f"pixel values must have shape (N, {', '.join(map(str, want))}) for this "
-                                 f"checkpoint, got {tuple(images.shape)}; pass images to preprocess() first")
-            if isinstance(images, np.ndarray):
-                if not np.isfinite(images).all():
-                    raise ImageError("pixel values contain NaN or infinity")
-                return images.astype(np.float32, copy=False)
-            return images
-        return self.preprocess(images)
+        if isinstance(images, Tensor):
+            images = self._numpy(images)
+        if not (isinstance(images, np.ndarray) and images.dtype.kind == "f"):
+            return self.preprocess(images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ImageError(f"pixel values must have shape (N, {', '.join(map(str, want))}) for this "
+                             f"checkpoint, got {tuple(images.shape)}; pass images to preprocess() first")
+        if not np.isfinite(images).all():
+            raise ImageError("pixel values contain NaN or infinity")
+        return images.astype(np.float32, copy=False)
 
-    def _ids(self, texts):
+    def _ids(self, texts) -> np.ndarray:
         if isinstance(texts, str) or (isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts)):
             return self.tokenize(texts)
-        t = self.config.text_config
         if isinstance(texts, Tensor):
-            if len(texts.shape) != 2 or not dtypes.is_int(texts.dtype):
-                raise TokenizerError(f"token ids must be an integer Tensor (N, T), got {texts.dtype} {texts.shape}")
-            arr = None
-        else:
-            arr = np.asarray(texts) if isinstance(texts, np.ndarray) else None
-            if arr is None:
-                raise TokenizerError(f"texts must be a string, a list of strings or token ids (N, T); "
-                                     f"got {type(texts).__name__}" + _first_bad(texts))
-            if arr.ndim != 2 or arr.dtype.kind not in "iu":
-                raise TokenizerError(f"token ids must be an integer array (N, T), got {arr.dtype} {arr.shape}")
-            if arr.size and (arr.min() < 0 or arr.max() >= t.vocab_size):
-                raise TokenizerError(f"token ids must lie in [0, {t.vocab_size}), got values from {arr.min()} "
-                                     f"to {arr.max()}")
-        T = texts.shape[1]
-        if not 1 <= T <= t.max_position_embeddings:
-            raise TokenizerError(f"token ids have length {T}; this checkpoint takes 1 to "
+            texts = self._numpy(texts)
+        if not isinstance(texts, np.ndarray):
+            raise TokenizerError(f"texts must be a string, a list of strings or token ids (N, T); "
+                                 f"got {type(texts).__name__}" + _first_bad(texts))
+        t = self.config.text_config
+        if texts.ndim != 2 or texts.dtype.kind not in "iu":
+            raise TokenizerError(f"token ids must be an integer array (N, T), got {texts.dtype} {texts.shape}")
+        if texts.size and (texts.min() < 0 or texts.max() >= t.vocab_size):
+            raise TokenizerError(f"token ids must lie in [0, {t.vocab_size}), got values from {texts.min()} "
+                                 f"to {texts.max()}")
+        if not 1 <= texts.shape[1] <= t.max_position_embeddings:
+            raise TokenizerError(f"token ids have length {texts.shape[1]}; this checkpoint takes 1 to "
                                  f"{t.max_position_embeddings} (text_config.max_position_embeddings)")
-        return arr.astype(np.int32) if arr is not None else texts
+        return texts.astype(np.int32)
 
 
 def _first_bad(texts) -> str:
