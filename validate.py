@@ -19,7 +19,9 @@ computes what transformers computes, not anything about the released weights.
 from __future__ import annotations
 
 import argparse
+import atexit
 import pathlib
+import shutil
 import sys
 import tempfile
 import time
@@ -106,6 +108,7 @@ def resolve_model(name: str) -> tuple[pathlib.Path, str]:
             raise
         reason = str(e).split(". ")[0]
     folder = pathlib.Path(tempfile.mkdtemp(prefix="tinyclip-validate-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)     # ~600 MB of random weights
     print(f"NOTE: {reason}.\n      Validating on a locally built checkpoint with the architecture of {name} and "
           "RANDOM weights\n      (transformers' initialisation): NOT the released weights.", flush=True)
     build_checkpoint(folder, clip_config(**ARCHITECTURES[name]))
