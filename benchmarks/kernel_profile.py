@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where the image tower's time goes: tinygrad's per-kernel times (DEBUG=2), grouped.
 
-    python benchmarks/profile.py [--model FOLDER] [--batch 1] [--device cpu]
+    python benchmarks/kernel_profile.py [--model FOLDER] [--batch 1] [--device cpu]
 
 Runs one warm forward pass of the vision tower under DEBUG=2, parses
 tinygrad's per-kernel lines and prints the kernels that take the most time,
