@@ -65,6 +65,20 @@ def supports_half(device: str, context=None) -> bool:
         return False
 
 
+def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
+    """table[idx], gathered in float32 (exact) and cast back: tinygrad 0.14 may lower a float16
+    lookup to a one-hot sum over the table whose half accumulator fails to compile on the LLVM
+    and OpenCL renderers."""
+    return table.float()[idx].cast(table.dtype)
+
+
+def bf16_bits_to_float32(bits: Tensor) -> Tensor:
+    """bfloat16 values given as their raw 16 bits -> float32. clang's C target has no __bf16, so
+    tinygrad cannot cast bfloat16 on the CPU; the 16 bits at the top of a float32 are exact
+    everywhere."""
+    return (bits.cast(dtypes.uint32) * 65536).bitcast(dtypes.float32)
+
+
 def to_tensor(array: np.ndarray, device: str) -> Tensor:
     """A numpy array onto a device (copied once; tinygrad may keep a view otherwise)."""
     return Tensor(np.ascontiguousarray(array), device=device)

@@ -18,6 +18,7 @@ import math
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
+from . import _tinygrad
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 
@@ -61,9 +62,7 @@ class Embedding:
         self.weight = _param((num, dim), dtype, device)
 
     def __call__(self, idx: Tensor) -> Tensor:
-        # Gather in float32 (exact) and cast back: tinygrad 0.14 may lower a float16 lookup to a one-hot sum
-        # over the table whose half accumulator fails to compile on the LLVM and OpenCL renderers.
-        return self.weight.float()[idx].cast(self.weight.dtype)
+        return _tinygrad.gather_rows(self.weight, idx)
 
 
 class CLIPAttention:

@@ -14,10 +14,11 @@ import pathlib
 import stat
 
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 from tinygrad.dtype import DType
 from tinygrad.nn.state import get_state_dict
 
+from . import _tinygrad
 from .errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -27,10 +28,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024       # the safetensors reference implement
 # Buffers that transformers saved in older checkpoints; they are not parameters.
 NON_PARAMETERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
-# safetensors dtype name -> (tinygrad dtype, bytes per element); floats only: CLIP's parameters are floats.
-SAFE_DTYPES = {"F16": (dtypes.float16, 2), "BF16": (dtypes.bfloat16, 2), "F32": (dtypes.float32, 4),
-               "F64": (dtypes.float64, 8)}
-# How the bytes are read: little-endian, as safetensors stores them; BF16 as its raw 16 bits.
+# safetensors dtype name -> how its bytes are read: little-endian, as safetensors stores them; BF16 as
+# its raw 16 bits. Floats only: CLIP's parameters are floats.
 FILE_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 KNOWN_NON_FLOAT = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2")
 MAX_SHOWN = 120     # characters of a header value quoted in an error message
@@ -61,9 +60,7 @@ class TensorInfo:
                                   f"{_short(self.key)}; the file changed while it was being read. Load it again.")
         t = Tensor(array.astype(array.dtype.newbyteorder("="), copy=False).reshape(self.shape), device=device)
         if self.dtype == "BF16":
-            # clang's C target has no __bf16, so tinygrad cannot convert it on CPU; putting the
-            # 16 bits at the top of a float32 is exact and works on every device.
-            t = (t.cast(dtypes.uint32) * 65536).bitcast(dtypes.float32)
+            t = _tinygrad.bf16_bits_to_float32(t)
         return t if t.dtype == dtype else t.cast(dtype)
 
 
@@ -155,10 +152,10 @@ def _check_entry(path, key, entry, data_start, data_len) -> TensorInfo:
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in SAFE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FILE_DTYPES:
         kind = "a non-float dtype" if dtype in KNOWN_NON_FLOAT else "an unknown dtype"
         raise CheckpointError(f"{where} has {kind} {_short(dtype)}; CLIP parameters must be one of "
-                              f"{', '.join(SAFE_DTYPES)}")
+                              f"{', '.join(FILE_DTYPES)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise CheckpointError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and
@@ -168,7 +165,7 @@ def _check_entry(path, key, entry, data_start, data_len) -> TensorInfo:
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(f"{where}: data_offsets {_short(offsets)} lie outside the {data_len} data bytes of "
                               "the file; the file is truncated or its header is corrupt")
-    want = _stored_size(shape, SAFE_DTYPES[dtype][1], data_len)
+    want = _stored_size(shape, FILE_DTYPES[dtype].itemsize, data_len)
     if want != end - begin:
         need = f"need {want}" if want is not None else f"need more than the file's {data_len}"
         raise CheckpointError(f"{where}: {end - begin} bytes stored but dtype {dtype} and shape {_short(shape)} "
