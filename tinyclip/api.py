@@ -27,7 +27,7 @@ DEFAULT_BATCH_SIZE = 32
 
 def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-         local_files_only: bool = False) -> "CLIP":
+         local_files_only: bool = False, graph_cache: bool = True) -> "CLIP":
     """Load a Hugging Face CLIPModel checkpoint.
 
     Parameters
@@ -37,6 +37,8 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), or None for the best available.
     dtype : "float32" (the default on every backend) or "float16".
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
+    graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
+        tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
     """
     _tinygrad.guard_kernel_cache()
     chosen = backends.resolve(device)
@@ -46,22 +48,24 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     model = CLIPModel(config, dtype=dt, device=chosen.device)
     with chosen.context():
         load_weights(model, folder, dt, chosen.device)
+        if chosen.panel_kernels:
+            model.to_panels()
     tokenizer = CLIPTokenizer.from_pretrained(folder, context_length=config.text_config.max_position_embeddings)
     processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
-    return CLIP(model, tokenizer, processor, chosen, folder)
+    return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache)
 
 
 class CLIP:
     """A loaded checkpoint: tokenize, preprocess, encode_image, encode_text, logits."""
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
-                 backend: backends.Backend, folder: pathlib.Path, jit: bool = True):
+                 backend: backends.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True):
         self.model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
         self.config = model.config
         self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
         # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
-        self.runner = Runner(model, backend, jit=jit)
+        self.runner = Runner(model, backend, jit=jit, cache=graph_cache)
 
     @property
     def device(self) -> str:

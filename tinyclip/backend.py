@@ -38,6 +38,8 @@ class Backend:
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
                    checks them here. default_dtype is used when none is asked for
     description    one line for `tinyclip backends`
+    panel_kernels  True where tinyclip's hand-tiled CPU matmul (tinyclip.kernels) should run the
+                   float32 linear layers; their weights are then stored as panels
 
     A backend overrides `probe()` to say why it cannot run (the default runs
     one kernel), and `context()` for device-specific tinygrad settings.
@@ -50,6 +52,7 @@ class Backend:
     dtypes: tuple[str, ...] = ("float32",)
     default_dtype: str = "float32"
     description: str = ""
+    panel_kernels: bool = False
 
     def probe(self) -> str | None:
         """None when the backend can run here, else the reason it cannot (no driver, no compiler ...)."""

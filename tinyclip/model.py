@@ -18,7 +18,7 @@ import math
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
-from . import _tinygrad
+from . import _tinygrad, kernels
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
 
@@ -40,12 +40,25 @@ def activation(name: str):
 
 
 class Linear:
+    """y = x @ weight.T + bias. `weight` is (out, in) as in the checkpoint, until to_panels()
+    stores it as (out/P, in, P) panels for tinyclip.kernels' CPU matmul (same sums)."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: DType, device: str):
         self.weight = _param((out_features, in_features), dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
+        self.panels = False
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.panels:
+            return kernels.panel_linear(x, self.weight, self.bias)
         return x.linear(self.weight.T, self.bias)
+
+    def to_panels(self) -> None:
+        width = kernels.panel_width(self.weight.shape[0])
+        if self.panels or width is None or self.weight.dtype != dtypes.float32:
+            return
+        self.weight = kernels.to_panels(self.weight, width).realize()
+        self.panels = True
 
 
 class LayerNorm:
@@ -175,18 +188,31 @@ class CLIPVisionEmbeddings:
 
 class Conv2dPatch:
     """A Conv2d whose stride equals its kernel and has no bias (weight (out, C, p, p)),
-    computed as one matmul over the non-overlapping patches: same sums, faster kernels."""
+    computed as one matmul over the non-overlapping patches: same sums, faster kernels.
+    to_panels() stores the weight as tinyclip.kernels panels, like Linear's."""
 
     def __init__(self, channels: int, hidden: int, patch: int, dtype: DType, device: str):
         self.weight = _param((hidden, channels, patch, patch), dtype, device)
+        self.patch, self.panels = patch, False
 
     def __call__(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        D, _, p, _ = self.weight.shape
+        p = self.patch
         g_h, g_w = H // p, W // p
         x = x.reshape(B, C, g_h, p, g_w, p).permute(0, 2, 4, 1, 3, 5)                 # (B, gh, gw, C, p, p)
         x = x.reshape(B, g_h * g_w, C * p * p)
+        if self.panels:
+            return kernels.panel_linear(x, self.weight, None)                         # (B, gh*gw, hidden)
+        D = self.weight.shape[0]
         return x @ self.weight.reshape(D, C * p * p).T                                # (B, gh*gw, hidden)
+
+    def to_panels(self) -> None:
+        D = self.weight.shape[0]
+        width = kernels.panel_width(D)
+        if self.panels or width is None or self.weight.dtype != dtypes.float32:
+            return
+        self.weight = kernels.to_panels(self.weight.reshape(D, -1), width).realize()
+        self.panels = True
 
 
 class CLIPVisionTransformer:
@@ -215,6 +241,12 @@ class CLIPModel:
         self.text_projection = Linear(config.text_config.hidden_size, config.projection_dim, False, dtype, device)
         self.logit_scale = _param((), dtype, device)
 
+    def to_panels(self) -> None:
+        """Store every float32 Linear's weight as panels for tinyclip.kernels (after loading)."""
+        for layer in _walk(self):
+            if isinstance(layer, (Linear, Conv2dPatch)):
+                layer.to_panels()
+
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, C, S, S) -> (B, projection_dim), projected and not normalised."""
         return self.visual_projection(self.vision_model(pixel_values))
@@ -233,3 +265,13 @@ class CLIPModel:
 
     def __call__(self, input_ids: Tensor, pixel_values: Tensor) -> Tensor:
         return self.logits(self.get_image_features(pixel_values), self.get_text_features(input_ids))
+
+
+def _walk(obj):
+    """obj and every module below it (attributes and lists, as get_state_dict walks them)."""
+    yield obj
+    for value in vars(obj).values():
+        for item in (value if isinstance(value, list) else [value]):
+            if hasattr(item, "__dict__") and not isinstance(item, (Tensor, type)) and type(item).__module__ == __name__:
+                yield from _walk(item)
+

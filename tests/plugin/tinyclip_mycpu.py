@@ -13,6 +13,7 @@ class MyCPU(Backend):
     device = "CPU"
     dtypes = ("float32",)
     description = "a third-party backend from tinyclip's tests"
+    panel_kernels = True   # opts into tinyclip's CPU matmul, as the built-in cpu backend does
 
     def context(self):
         return Context(DEV="CPU:CLANG")

@@ -1,0 +1,99 @@
+"""tinyclip.kernels: the hand-tiled CPU matmul gives the numbers tinygrad's default kernel gives.
+
+Both sum each output in float32, in different orders (the default kernel unrolls the reduction
+in fours), so they agree to float32 rounding: within 4e-6 of the largest output for 768-long
+sums of unit normals, as each is of the float64 product. A model
+whose linear layers run on panels equals the same model on tinygrad's default kernels and
+transformers.
+"""
+import numpy as np
+import pytest
+from tinygrad import Tensor
+from tinygrad.helpers import Context
+
+import tinyclip
+from tinyclip import kernels
+from tinyclip.backend import RawDevice
+from tinyclip.model import Conv2dPatch, Linear, _walk
+from validate import build_checkpoint, clip_config
+
+RENDERERS = ["CPU:CLANG", "CPU:LLVM"]
+
+# (rows, in, out): row counts that are and are not multiples of the 4-row tile, one panel and many,
+# panel counts that do and do not split between two threads, ViT-B/32's fc1 at batch 1.
+SHAPES = [(1, 8, 16), (4, 8, 16), (3, 8, 32), (5, 12, 48), (8, 7, 16), (9, 12, 64), (50, 768, 3072),
+          (2, 768, 512), (197, 33, 96)]
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("rows,fan_in,fan_out", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_panel_linear_equals_the_default_kernel(renderer, rows, fan_in, fan_out, bias):
+    rng = np.random.default_rng(rows * 1000 + fan_out)
+    x = rng.standard_normal((rows, fan_in), dtype=np.float32)
+    w = rng.standard_normal((fan_out, fan_in), dtype=np.float32)
+    b = rng.standard_normal(fan_out, dtype=np.float32) if bias else None
+    with Context(DEV=renderer):
+        wt, bt = Tensor(w, device="CPU"), (Tensor(b, device="CPU") if bias else None)
+        panels = kernels.to_panels(wt, kernels.panel_width(fan_out)).realize()
+        got = kernels.panel_linear(Tensor(x, device="CPU"), panels, bt).numpy()
+        default = Tensor(x, device="CPU").linear(wt.T, bt).numpy()
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
+    scale = np.abs(exact).max()
+    assert got.shape == (rows, fan_out)
+    assert np.abs(got - default).max() <= 4e-6 * scale
+    assert np.abs(got - exact).max() <= 4e-6 * scale
+
+
+def test_panel_linear_keeps_leading_dimensions():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 5, 8), dtype=np.float32)
+    w = rng.standard_normal((32, 8), dtype=np.float32)
+    with Context(DEV="CPU:CLANG"):
+        got = kernels.panel_linear(Tensor(x, device="CPU"), kernels.to_panels(Tensor(w, device="CPU"), 16), None).numpy()
+    assert got.shape == (2, 3, 5, 32)
+    np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_panel_linear_refuses_a_mismatched_input():
+    with Context(DEV="CPU:CLANG"):
+        panels = kernels.to_panels(Tensor.zeros(32, 8, device="CPU"), 16)
+        with pytest.raises(ValueError, match="input has 9 features, weight expects 8"):
+            kernels.panel_linear(Tensor.zeros(4, 9, device="CPU"), panels, None)
+
+
+def test_only_divisible_widths_get_panels():
+    assert kernels.panel_width(3072) == 16 and kernels.panel_width(16) == 16
+    assert kernels.panel_width(24) is None and kernels.panel_width(17) is None
+
+
+@pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """Every width a multiple of 16, so every linear layer and the patch embedding run on panels."""
+    folder = tmp_path_factory.mktemp("tiny16")
+    torch_model = build_checkpoint(folder, clip_config(text=(32, 64, 2, 2), vision=(32, 64, 2, 2, 32, 16), proj=16),
+                                   seed=5, perturb=0.02)
+    return folder, torch_model
+
+
+def test_a_model_on_panels_equals_the_same_model_on_default_kernels_and_transformers(tiny16):
+    import torch
+    folder, torch_model = tiny16
+    fast = tinyclip.load(folder, device="cpu")
+    plain = tinyclip.load(folder, device=RawDevice("CPU:CLANG"))   # a raw device: tinygrad's kernels
+    layers = [m for m in _walk(fast.model) if isinstance(m, (Linear, Conv2dPatch))]
+    assert layers and all(m.panels for m in layers)
+    assert not any(m.panels for m in _walk(plain.model) if isinstance(m, (Linear, Conv2dPatch)))
+
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
+    ids = fast.tokenize(["a photo of a cat", "two dogs", ""])
+    for encode, x, oracle in (("encode_image", pixels, "get_image_features"), ("encode_text", ids, "get_text_features")):
+        got = getattr(fast, encode)(x, normalize=False)
+        ref = getattr(plain, encode)(x, normalize=False)
+        with torch.no_grad():
+            out = getattr(torch_model, oracle)(torch.from_numpy(x.astype(np.int64) if x.dtype != np.float32 else x))
+        truth = (out.pooler_output if hasattr(out, "pooler_output") else out).numpy()
+        scale = np.abs(truth).max()
+        assert np.abs(got - ref).max() <= 1e-6 * scale, encode
+        assert np.abs(got - truth).max() <= 1e-5 * scale, encode

@@ -1,0 +1,105 @@
+"""Hand-chosen kernels for the CPU's hot matrix products.
+
+Profiling ViT-B/32 (benchmarks/kernel_profile.py) puts about 89% of the image
+tower's time in its linear layers, and tinygrad 0.14's default CPU kernel for
+`x @ W.T` runs them at 3-5 GFLOPS. Two things cost most:
+
+- Layout. With W as (out, in) or (in, out), a register tile of 16 outputs walks
+  16 rows of W, or one row 12 KB apart per step of the reduction: every step
+  touches new cache lines and pages. Stored as panels, (out/P, in, P), the P
+  weights one step needs are 64 contiguous bytes and a panel is read front to
+  back.
+- Tiling. The default heuristic upcasts a 4x3 tile and unrolls the
+  reduction; here the kernel keeps a 4-row x P-column tile of accumulators in
+  registers (UPCAST), and splits panels between the CPU threads (THREAD).
+
+Measured on the 1600x768 @ 768x3072 product of ViT-B/32 at batch 32 (2 cores,
+float32): default kernel about 5 GFLOPS, this one 32-38 GFLOPS. tinygrad's C
+renderer emits at most 4-wide float vectors, so the FMAs are 128-bit: that,
+not the tiling, is the ceiling here (torch reaches ~140 with 256-bit FMAs).
+
+The kernel is written with tinygrad's UOp custom-kernel API
+(`Tensor.custom_kernel`, `UOp.range`, `KernelInfo(opts_to_apply=...)`), which
+tinygrad marks alpha; this module is the only user of it.
+"""
+from __future__ import annotations
+
+import math
+
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
+
+PANEL = 16      # output columns per panel: four 4-wide vectors of accumulators per row
+ROWS = 4        # output rows per register tile
+
+
+def panel_width(out_features: int) -> int | None:
+    """The panel width for a weight with this many outputs, None when it does not divide."""
+    return PANEL if out_features % PANEL == 0 else None
+
+
+def to_panels(weight: Tensor, width: int) -> Tensor:
+    """A linear layer's (out, in) weight as contiguous panels (out/width, in, width)."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features // width, width, in_features).permute(0, 2, 1).contiguous()
+
+
+def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ W.T + bias for W stored by to_panels; float32, any leading dimensions.
+
+    Rows are padded to a multiple of ROWS (zeros, dropped from the output), so the
+    register tile always fits; each output is one float32 sum over the inputs in
+    order, like the default kernel's."""
+    *lead, K = x.shape
+    n_panels, K2, P = panels.shape
+    if K != K2:
+        raise ValueError(f"panel_linear: input has {K} features, weight expects {K2}")
+    M, N = math.prod(lead), n_panels * P
+    Mp = -(-M // ROWS) * ROWS
+    rows = x.reshape(M, K)
+    if Mp != M:
+        rows = rows.pad(((0, Mp - M), (0, 0)))
+    opts = _opts(Mp // ROWS, n_panels, P, _threads(x.device))
+    name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "")
+
+    def kernel(C: UOp, A: UOp, B: UOp, *bias_uop: UOp) -> UOp:
+        m = UOp.range(Mp, 0, AxisType.WEAK)
+        panel = UOp.range(n_panels, 1, AxisType.WEAK)
+        col = UOp.range(P, 2, AxisType.WEAK)
+        k = UOp.range(K, 3, AxisType.REDUCE)
+        acc = (A[m * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
+        if bias_uop:
+            acc = acc + bias_uop[0][panel * P + col]
+        store = C[m * N + panel * P + col].store(acc).end(m, panel, col)
+        return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
+
+    out = Tensor.empty(Mp * N, dtype=dtypes.float32, device=x.device)
+    inputs = [rows.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else [])
+    out = out.custom_kernel(*inputs, fxn=kernel)[0].reshape(Mp, N)
+    if Mp != M:
+        out = out[:M]
+    return out.reshape(*lead, N)
+
+
+def _opts(row_tiles: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
+    """Upcast the panel's columns and ROWS rows into registers, then split row tiles or panels
+    between threads. Opt axes count the kernel's loops of size > 1, in order (rows, panels,
+    columns), and a loop that an upcast uses up entirely drops out of that count."""
+    loops = [name for name, size in (("rows", row_tiles * ROWS), ("panels", n_panels), ("cols", width)) if size > 1]
+    opts = [Opt(OptOps.UPCAST, loops.index("cols"), 0)]
+    loops.remove("cols")
+    opts.append(Opt(OptOps.UPCAST, loops.index("rows"), ROWS))
+    if row_tiles == 1:
+        loops.remove("rows")
+    if threads > 1:
+        if n_panels % threads == 0 and "panels" in loops:
+            opts.append(Opt(OptOps.THREAD, loops.index("panels"), threads))
+        elif row_tiles % threads == 0 and "rows" in loops:
+            opts.append(Opt(OptOps.THREAD, loops.index("rows"), threads))
+    return tuple(opts)
+
+
+def _threads(device: str) -> int:
+    limit = getattr(Device[device].renderer, "global_max", None)
+    return int(limit[0]) if limit and getattr(Device[device].renderer, "has_threads", False) else 1
