@@ -21,7 +21,7 @@ RENDERERS = ["CPU:CLANG", "CPU:LLVM"]
 
 # (rows, in, out): row counts that are and are not multiples of the 4-row tile, one panel and many,
 # panel counts that do and do not split between two threads, ViT-B/32's fc1 at batch 1.
-SHAPES = [(1, 8, 16), (4, 8, 16), (3, 8, 32), (5, 12, 48), (8, 7, 16), (9, 12, 64), (50, 768, 3072),
+SHAPES = [(1, 8, 8), (4, 8, 16), (3, 8, 24), (5, 12, 48), (8, 7, 8), (9, 12, 64), (50, 768, 3072),
           (2, 768, 512), (197, 33, 96)]
 
 
@@ -50,26 +50,26 @@ def test_panel_linear_keeps_leading_dimensions():
     x = rng.standard_normal((2, 3, 5, 8), dtype=np.float32)
     w = rng.standard_normal((32, 8), dtype=np.float32)
     with Context(DEV="CPU:CLANG"):
-        got = kernels.panel_linear(Tensor(x, device="CPU"), kernels.to_panels(Tensor(w, device="CPU"), 16), None).numpy()
+        got = kernels.panel_linear(Tensor(x, device="CPU"), kernels.to_panels(Tensor(w, device="CPU"), 8), None).numpy()
     assert got.shape == (2, 3, 5, 32)
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
 def test_panel_linear_refuses_a_mismatched_input():
     with Context(DEV="CPU:CLANG"):
-        panels = kernels.to_panels(Tensor.zeros(32, 8, device="CPU"), 16)
+        panels = kernels.to_panels(Tensor.zeros(32, 8, device="CPU"), 8)
         with pytest.raises(ValueError, match="input has 9 features, weight expects 8"):
             kernels.panel_linear(Tensor.zeros(4, 9, device="CPU"), panels, None)
 
 
 def test_only_divisible_widths_get_panels():
-    assert kernels.panel_width(3072) == 16 and kernels.panel_width(16) == 16
-    assert kernels.panel_width(24) is None and kernels.panel_width(17) is None
+    assert kernels.panel_width(3072) == kernels.PANEL and kernels.panel_width(8) == kernels.PANEL
+    assert kernels.panel_width(36) is None and kernels.panel_width(17) is None
 
 
 @pytest.fixture(scope="module")
 def tiny16(tmp_path_factory):
-    """Every width a multiple of 16, so every linear layer and the patch embedding run on panels."""
+    """Every width a multiple of 8, so every linear layer and the patch embedding run on panels."""
     folder = tmp_path_factory.mktemp("tiny16")
     torch_model = build_checkpoint(folder, clip_config(text=(32, 64, 2, 2), vision=(32, 64, 2, 2, 32, 16), proj=16),
                                    seed=5, perturb=0.02)
