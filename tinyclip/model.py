@@ -91,7 +91,7 @@ class CLIPAttention:
         scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)                       # (B, nh, T, T)
         if mask is not None:
             scores = scores + mask
-        attn = scores.float().softmax(-1).cast(v.dtype)
+        attn = scores.float().softmax(-1).cast(v.dtype).contiguous()   # once, not per output column
         out = (attn @ v).transpose(1, 2).reshape(B, T, C)                               # (B, T, C)
         return self.out_proj(out)
 
