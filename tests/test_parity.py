@@ -63,7 +63,9 @@ def test_batching_does_not_change_results(tiny_quick):
     model = tinyclip.load(tiny_quick.folder, device=DEVICE)
     ids = model.tokenize(TEXTS)
     whole = model.encode_text(ids, batch_size=len(TEXTS))
-    np.testing.assert_allclose(model.encode_text(ids, batch_size=3), whole, rtol=0, atol=1e-6)
+    # batches of 3 run shorter texts (their own longest), so kernels may sum in another order:
+    # float32 rounding, 1e-6 of the largest value
+    assert np.abs(model.encode_text(ids, batch_size=3) - whole).max() <= 1e-6 * np.abs(whole).max()
 
 
 def test_normalize_option_gives_unit_vectors(tiny_quick):
@@ -102,7 +104,8 @@ def test_model_tree_takes_and_returns_tensors(tiny_quick):
     out = model.model.get_text_features(Tensor(ids.astype(np.int32), device=model.backend.device))
     assert isinstance(out, Tensor) and out.shape == (1, 24)
     with model.backend.context():
-        np.testing.assert_allclose(out.numpy(), model.encode_text(ids), atol=1e-6)
+        full = out.numpy()   # all 77 positions; encode_text runs 8, so sums may round differently
+    assert np.abs(full - model.encode_text(ids)).max() <= 1e-6 * np.abs(full).max()
 
 
 def test_vit_b32_full_size_matches_transformers(vit_b32, pil_images):
