@@ -58,3 +58,18 @@ def tiny_quick(tmp_path_factory) -> Checkpoint:
 @pytest.fixture(scope="session")
 def vit_b32(tmp_path_factory) -> Checkpoint:
     return checkpoint("openai/clip-vit-base-patch32", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _graph_cache_in_a_temp_folder(tmp_path_factory):
+    """Compiled graphs the tests save go to a temp folder, not the user's ~/.cache/tinyclip.
+    Set in os.environ, so subprocesses the tests start inherit it."""
+    import os
+    folder = tmp_path_factory.mktemp("tinyclip-cache")
+    old = os.environ.get("TINYCLIP_CACHE_DIR")
+    os.environ["TINYCLIP_CACHE_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("TINYCLIP_CACHE_DIR", None)
+    else:
+        os.environ["TINYCLIP_CACHE_DIR"] = old

@@ -4,6 +4,7 @@
     tinyclip classify IMAGE... --labels L1 L2 ...
     tinyclip embed PATH... --out FILE.npz
     tinyclip search QUERY --images FOLDER_OR_NPZ
+    tinyclip tune [MODEL] [--batch 1,32] [--text-length 8,16] [--beam 2]
 
 Errors print as one line, `tinyclip: error: ...`, with exit code 1.
 """
@@ -15,7 +16,7 @@ import sys
 from .errors import TinyClipError
 
 # Modules that add subcommands: each has register(subparsers), and sets `run` on its parsers.
-COMMAND_MODULES = ("cli_backends", "cli_tasks")
+COMMAND_MODULES = ("cli_backends", "cli_tasks", "cli_tune")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,5 @@
 """Running the encoders fast and exactly: shape buckets, a TinyJit per bucket,
-and text cut to the longest real length.
+text cut to the longest real length, and compiled graphs kept on disk.
 
 - Batches are padded up to a power-of-two bucket (1, 2, 4, ... up to the batch
   size), so any batch size reuses a compiled graph; padded rows are dropped
@@ -9,17 +9,21 @@ and text cut to the longest real length.
   sees a later one, so the states up to there are exactly those of the full
   context.
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
-  its second call; tinygrad's kernel cache keeps the compiled kernels on disk
-  between processes.
+  its first call (tinygrad's default would run the encoder plain once and
+  capture on the second, scheduling every kernel twice).
+- The graph cache (tinyclip/graph_cache.py) saves each captured graph, without
+  the weights, and a later process loads it instead of capturing: its first
+  embedding skips tinygrad's scheduling and code generation. `tinyclip tune`
+  (Runner.tune) stores beam-searched graphs under the same keys.
 """
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
-from tinygrad import Tensor, TinyJit
 
-from . import _tinygrad
+from . import _tinygrad, graph_cache
 
 TEXT_STEP = 8
 
@@ -32,23 +36,68 @@ def bucket(n: int, limit: int) -> int:
     return min(b, max(limit, n))
 
 
+def text_lengths(context: int) -> list[int]:
+    """The lengths a text batch runs at: multiples of TEXT_STEP below the context length, and it."""
+    return list(range(TEXT_STEP, context, TEXT_STEP)) + [context]
+
+
 class Runner:
     """Encodes numpy batches with a model; one per loaded CLIP, guarded by a lock
-    because tinygrad's scheduler and JIT are not thread-safe."""
+    because tinygrad's scheduler and JIT are not thread-safe.
 
-    def __init__(self, model, backend, jit: bool = True):
+    jit=False runs every call plain (no TinyJit, no graph cache). cache=False, or the
+    environment variable TINYCLIP_GRAPH_CACHE=0, keeps compiled graphs in memory only.
+    """
+
+    def __init__(self, model, backend, jit: bool = True, cache: bool = True):
         self.model, self.backend, self.jit = model, backend, jit
+        self.graphs = graph_cache.GraphStore(model, backend) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
         self.lock = threading.RLock()
 
-    def _run(self, key: tuple, fn, x: np.ndarray) -> np.ndarray:
+    def _encoder(self, key: tuple):
+        return self.model.get_image_features if key[0] == "image" else self.model.get_text_features
+
+    def _run(self, key: tuple, x: np.ndarray) -> np.ndarray:
         with self.lock, self.backend.context():
             t = _tinygrad.to_tensor(x, self.backend.device)
             if not self.jit:
-                return _tinygrad.as_float32(fn(t))
-            if key not in self._jits:
-                self._jits[key] = TinyJit(lambda inp: fn(inp).float().realize())
-            return self._jits[key](t).numpy().copy()
+                return _tinygrad.as_float32(self._encoder(key)(t))
+            if (jit := self._jits.get(key)) is not None:
+                return jit(t).numpy().copy()
+            if (out := self._run_cached(key, t)) is not None:
+                return out
+            return self._capture(key, t)[0]
+
+    def _run_cached(self, key: tuple, t) -> np.ndarray | None:
+        """The output of the graph cached on disk for `key`, or None when there is none that runs."""
+        if self.graphs is None or (jit := self.graphs.load(key)) is None:
+            return None
+        try:
+            out = jit(t).numpy().copy()
+        except _tinygrad.jit_error():   # raised before anything runs
+            self.graphs.discard(key, "it was captured for inputs of another shape, dtype or device (JitError)")
+            return None
+        except Exception as e:   # a program that will not load or run here: capture afresh
+            self.graphs.discard(key, f"{type(e).__name__}: {e}")
+            return None
+        self._jits[key] = jit
+        return out
+
+    def _capture(self, key: tuple, t, beam: int | None = None):
+        """Capture a JIT for `key` on this call (under BEAM=beam when given), keep it and save it.
+        Returns (the output, the graph file written or None)."""
+        encoder = self._encoder(key)
+        jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
+        if beam is None:
+            out = jit(t).numpy().copy()
+            beam = _tinygrad.beam_setting()
+        else:
+            with _tinygrad.beam_context(beam):
+                out = jit(t).numpy().copy()
+        self._jits[key] = jit
+        saved = self.graphs.save(key, jit, tuned=beam > 0, beam=beam) if self.graphs is not None else None
+        return out, saved
 
     def image_features(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         out = []
@@ -57,7 +106,7 @@ class Runner:
             b = bucket(len(chunk), batch_size)
             padded = np.zeros((b, *chunk.shape[1:]), np.float32)
             padded[:len(chunk)] = chunk
-            out.append(self._run(("image", b), self.model.get_image_features, padded)[:len(chunk)])
+            out.append(self._run(("image", b), padded)[:len(chunk)])
         return np.concatenate(out)
 
     def text_features(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
@@ -70,7 +119,7 @@ class Runner:
             padded = np.zeros((b, length), np.int32)
             padded[:len(chunk)] = chunk[:, :length]
             padded[len(chunk):] = chunk[0, :length]   # any valid row; dropped below
-            out.append(self._run(("text", b, length), self.model.get_text_features, padded)[:len(chunk)])
+            out.append(self._run(("text", b, length), padded)[:len(chunk)])
         return np.concatenate(out)
 
     def pool_positions(self, ids: np.ndarray) -> np.ndarray:
@@ -78,3 +127,17 @@ class Runner:
         eos = self.model.config.text_config.eos_token_id
         hit = ids == (ids.max(-1, keepdims=True) if eos == 2 else eos)
         return np.where(hit.any(-1), hit.argmax(-1), 0)
+
+    def tune(self, key: tuple, beam: int) -> tuple[float, object]:
+        """Beam-search the kernels of the graph for `key` (("image", batch) or ("text", batch, length)),
+        keep it for this process and store it in the graph cache marked tuned, replacing any graph
+        there. Returns (seconds taken, the file written or None when the cache is off)."""
+        if key[0] == "image":
+            v = self.model.config.vision_config
+            x = np.zeros((key[1], v.num_channels, v.image_size, v.image_size), np.float32)
+        else:
+            x = np.zeros((key[1], key[2]), np.int32)
+        with self.lock, self.backend.context():
+            start = time.perf_counter()
+            _, saved = self._capture(key, _tinygrad.to_tensor(x, self.backend.device), beam=beam)
+            return time.perf_counter() - start, saved

@@ -1,0 +1,119 @@
+"""`tinyclip tune`: a beam-searched graph stored in the graph cache, marked tuned, and run by later
+processes without searching.
+
+The search compiles and times dozens of candidates per kernel, so the test tunes one graph (image
+tower, batch 1) of a checkpoint smaller than tiny-quick, with --beam 1 and tinygrad's
+BEAM_MIN_PROGRESS raised so that each kernel gets one round of candidates.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinyclip
+from tinyclip import cli, graph_cache
+from tinyclip.api import CLIP
+from tests.conftest import ROOT
+
+from validate import build_checkpoint, clip_config
+
+TUNED_REL_TOL = 1e-5    # beam search may split or reorder a reduction's sums: max |tuned - plain| / max |plain|
+SEARCH_ENV = {"BEAM_MIN_PROGRESS": "1000"}    # microseconds: stop each kernel's search after one round
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """One layer per tower, width 16, 8x8 images, context length 16."""
+    folder = tmp_path_factory.mktemp("micro")
+    build_checkpoint(folder, clip_config(text=(16, 32, 1, 2), vision=(16, 32, 1, 2, 8, 4), proj=8,
+                                         text_overrides=dict(max_position_embeddings=16)), seed=3, perturb=0.02)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tuned(micro, tmp_path_factory):
+    """(the cache root, tune's --json report) after tuning the image graph of batch 1."""
+    root = tmp_path_factory.mktemp("tune-cache")
+    done = subprocess.run([sys.executable, "-m", "tinyclip", "tune", str(micro), "--device", "cpu", "--beam", "1",
+                           "--batch", "1", "--only", "image", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **SEARCH_ENV, "TINYCLIP_CACHE_DIR": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return root, json.loads(done.stdout)
+
+
+def pixels():
+    return np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+
+
+def test_tune_stores_the_graph_marked_tuned(tuned):
+    root, report = tuned
+    [entry] = report
+    assert (entry["tower"], entry["batch"], entry["beam"]) == ("image", 1, 1)
+    assert entry["path"].startswith(str(root / "graphs"))
+    header = graph_cache.read_header(entry["path"])
+    assert header["tuned"] is True and header["beam"] == 1
+    assert header["key"]["graph"] == ["image", 1] and header["key"]["backend"] == "cpu"
+
+
+# What a later process runs: embed a batch of one, report whether the graph came from the cache, tuned.
+CHILD = """
+import json, sys, warnings
+import numpy as np
+import tinyclip
+from tinyclip.graph_cache import GraphCacheWarning
+warnings.simplefilter("error", GraphCacheWarning)
+folder, work = sys.argv[1:]
+model = tinyclip.load(folder, device="cpu")
+np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/pixels.npy"), batch_size=1))
+header = getattr(model.runner._jits[("image", 1)], "graph_header", None)
+print(json.dumps(header and header["tuned"]))
+"""
+
+
+def test_a_later_process_runs_the_tuned_graph_and_matches_the_plain_path(tuned, micro, tmp_path):
+    root, [entry] = tuned
+    before = open(entry["path"], "rb").read()
+    np.save(tmp_path / "pixels.npy", pixels())
+    done = subprocess.run([sys.executable, "-c", CHILD, str(micro), str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "TINYCLIP_CACHE_DIR": str(root)}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is True, "the tuned graph was not loaded"
+    m = tinyclip.load(micro, device="cpu", graph_cache=False)
+    want = CLIP(m.model, m.tokenizer, m.processor, m.backend, m.folder, jit=False).encode_image(pixels())
+    got = np.load(tmp_path / "img.npy")
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    assert rel <= TUNED_REL_TOL, f"relative error {rel:.3g} > {TUNED_REL_TOL}"
+    assert open(entry["path"], "rb").read() == before, "an ordinary run rewrote the tuned graph"
+
+
+def test_an_untuned_capture_never_replaces_a_tuned_graph(tuned, micro, tmp_path, monkeypatch):
+    root, [entry] = tuned
+    shutil.copytree(root, tmp_path / "cache")
+    monkeypatch.setenv("TINYCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    untuned = tinyclip.load(micro, device="cpu", graph_cache=False)
+    untuned.encode_image(pixels(), batch_size=1)
+    jit = untuned.runner._jits[("image", 1)]
+    store = tinyclip.load(micro, device="cpu").runner.graphs
+    path = store.path(("image", 1))
+    before = path.read_bytes()
+    assert store.save(("image", 1), jit) is None
+    assert path.read_bytes() == before
+    assert store.save(("image", 1), jit, tuned=True, beam=1) == path, "tune must replace what is there"
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--beam", "0"], {}, "--beam must be at least 1"),
+    (["--batch", "0,4"], {}, "--batch 0,4: expected comma-separated positive numbers"),
+    (["--text-length", "12"], {}, "--text-length 12: texts of this model run at lengths 8, 16"),
+    ([], {"TINYCLIP_GRAPH_CACHE": "0"}, "the graph cache is switched off"),
+])
+def test_bad_arguments_fail_in_one_line_before_the_model_loads(micro, capsys, monkeypatch, args, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["tune", str(micro), "--device", "cpu", *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinyclip: error: ") and message in err[0], err

@@ -1,0 +1,143 @@
+"""`tinyclip tune`: beam-search the encoders' kernels once, and keep the tuned graphs.
+
+    tinyclip tune                                        # the default model, best backend, batches 1 and 32
+    tinyclip tune ./my-clip --device cpu --batch 1,8,32 --text-length 8,16 --beam 2
+
+Each chosen graph (image tower per batch bucket, text tower per batch bucket and text length) is
+captured under tinygrad's BEAM=n, which times candidate kernels on the device and keeps the
+fastest, and is stored in the graph cache (tinyclip/graph_cache.py) marked tuned. Later processes
+with the same model architecture, backend and dtype load the tuned graphs and search nothing; an
+ordinary run never replaces a tuned graph with an untuned one, and running tune again does.
+tinygrad also keeps the search results in its own kernel cache.
+
+Arguments are checked before the model loads, so a typo fails at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .tasks import UsageError
+
+DEFAULT_BATCHES = "1,32"
+DEFAULT_TEXT_LENGTHS = "8,16"
+DEFAULT_BEAM = 2
+
+EPILOG = f"""\
+examples:
+  tinyclip tune                                          # default model and backend, BEAM=2
+  tinyclip tune ./my-clip --device cpu --batch 1,8,32
+  tinyclip tune openai/clip-vit-base-patch32 --only text --text-length 8,16,24 --beam 4
+
+A batch of n runs in the graph of the smallest power of two >= n, capped at the --batch-size it is
+run with (`tinyclip embed --batch-size 32` with 32 images: 32; with 5: 8); tune the batches you
+run. A text runs at the length up to its end token rounded up to a multiple of 8, or at the
+context length (77 for OpenAI's CLIPs): prompts like "a photo of a dog" run at 8, most captions
+at 16 or 24. Graphs are stored per model architecture, backend and dtype under
+$TINYCLIP_CACHE_DIR/graphs (default: ~/.cache/tinyclip/graphs); a search takes minutes per
+graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --text-length {DEFAULT_TEXT_LENGTHS},
+--beam {DEFAULT_BEAM}.
+"""
+
+
+def register(subparsers) -> None:
+    from .hub import DEFAULT_MODEL
+    p = subparsers.add_parser("tune", help="beam-search the kernels once and keep the tuned graphs",
+                              description="Search for faster kernels (tinygrad's BEAM) for the chosen batch "
+                                          "sizes and text lengths, and store the tuned graphs so that later "
+                                          "runs use them without searching.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help=f"hub id or local folder (default: {DEFAULT_MODEL}; --model also works)")
+    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--device", "--backend", dest="device", default=None,
+                   help="backend name or tinygrad device (default: best available; see `tinyclip backends`)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
+    p.add_argument("--batch", default=DEFAULT_BATCHES, metavar="N,N,...",
+                   help=f"batch buckets to tune (default: {DEFAULT_BATCHES})")
+    p.add_argument("--text-length", default=DEFAULT_TEXT_LENGTHS, metavar="L,L,...",
+                   help=f"text lengths to tune: multiples of 8, or the context length, or 'all' "
+                        f"(default: {DEFAULT_TEXT_LENGTHS})")
+    p.add_argument("--beam", type=int, default=DEFAULT_BEAM, metavar="N",
+                   help=f"beam width: larger searches longer for faster kernels (default: {DEFAULT_BEAM})")
+    p.add_argument("--only", choices=["image", "text"], default=None, help="tune one tower only")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the tuned graphs")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from . import graph_cache
+    from .hub import DEFAULT_MODEL
+    if args.model and args.model_option and args.model != args.model_option:
+        raise UsageError(f"two models given: {args.model} and --model {args.model_option}; give one")
+    name = args.model or args.model_option or DEFAULT_MODEL
+    batches = _positive_ints(args.batch, "--batch")
+    if args.beam < 1:
+        raise UsageError(f"--beam must be at least 1, got {args.beam}")
+    if not graph_cache.enabled():
+        raise UsageError(f"the graph cache is switched off ({graph_cache.ENV_DISABLE}="
+                         f"{os.environ.get(graph_cache.ENV_DISABLE)}); tune stores its result there")
+    lengths = None if args.text_length.strip().lower() == "all" else _positive_ints(args.text_length, "--text-length")
+    from . import hub
+    from .api import load
+    from .config import CLIPConfig
+    folder = hub.resolve(name)
+    keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
+    model = load(folder, device=args.device, dtype=args.dtype)
+
+    done, failed = [], 0
+    for key in keys:
+        what = _describe(key)
+        print(f"tuning {what} (BEAM={args.beam}) ...", file=sys.stderr, flush=True)
+        seconds, path = model.runner.tune(key, args.beam)
+        if path is None:
+            failed += 1
+            print(f"tinyclip: warning: {what}: tuned in {seconds:.1f} s but not stored (see the warning above)",
+                  file=sys.stderr)
+            continue
+        size = path.stat().st_size
+        done.append({"tower": key[0], "batch": key[1], "text_length": key[2] if key[0] == "text" else None,
+                     "beam": args.beam, "seconds": round(seconds, 2), "path": str(path), "bytes": size})
+        if not args.json:
+            print(f"{what}: tuned in {seconds:.1f} s -> {path} ({size / 1e6:.1f} MB)", flush=True)
+    if args.json:
+        print(json.dumps(done, indent=2))
+    elif done:
+        print(f"later runs of {name} on {model.device} ({model.dtype}) load these {len(done)} tuned graphs")
+    if failed:
+        raise UsageError(f"{failed} of {len(keys)} tuned graphs could not be stored in {model.runner.graphs.folder}")
+    return 0
+
+
+def _keys(config, batches: list[int], lengths: list[int] | None, only: str | None) -> list[tuple]:
+    """The runner keys to tune, after checking the text lengths against the config's context length."""
+    from .runner import text_lengths
+    context = config.text_config.max_position_embeddings
+    valid = text_lengths(context)
+    if lengths is None:
+        lengths = valid
+    for length in lengths:
+        if length not in valid:
+            raise UsageError(f"--text-length {length}: texts of this model run at lengths "
+                             f"{', '.join(map(str, valid))} (multiples of 8 below the context length {context}, "
+                             "and it)")
+    keys = [] if only == "text" else [("image", b) for b in batches]
+    if only != "image":
+        keys += [("text", b, length) for b in batches for length in lengths]
+    return keys
+
+
+def _describe(key: tuple) -> str:
+    return f"image batch {key[1]}" if key[0] == "image" else f"text batch {key[1]} length {key[2]}"
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} {text}: expected comma-separated whole numbers, e.g. 1,32") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text}: expected comma-separated positive numbers, e.g. 1,32")
+    return list(dict.fromkeys(values))
