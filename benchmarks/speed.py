@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-start", action="store_true", help="skip the fresh-process start-up measurements")
+    ap.add_argument("--only-start", action="store_true", help="only the fresh-process start-up measurements")
     args = ap.parse_args(argv)
 
     import torch
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     print(f"machine: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}; tinyclip on {args.device}; checkpoint {folder}")
 
+    if args.only_start:
+        return start_up(folder, args)
     ours = tinyclip.load(folder, device=args.device)
     ref = transformers.CLIPModel.from_pretrained(folder).eval()
     tok = transformers.CLIPTokenizer.from_pretrained(folder)
@@ -120,19 +123,24 @@ def main(argv=None) -> int:
               lambda: ref.get_text_features(input_ids=ref_ids))
 
     if not args.skip_start:
-        # Caches in a fresh temp dir: the first tinyclip process fills tinygrad's kernel cache and
-        # tinyclip's graph cache (cold); the next ones find both (warm).
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {"CACHEDB": os.path.join(tmp, "kernels.db"), "TINYCLIP_CACHE_DIR": os.path.join(tmp, "tinyclip")}
-            for label, runs in (("cold caches", 1), ("warm caches", args.repeats)):
-                pairs = [(fresh_process("tinyclip", folder, args.device, env), fresh_process("transformers", folder, args.device))
-                         for _ in range(runs)]
-                a = statistics.median(p[0]["seconds"] for p in pairs)
-                b = statistics.median(p[1]["seconds"] for p in pairs)
-                rss_a = max(p[0]["peak_rss_mb"] for p in pairs)
-                rss_b = max(p[1]["peak_rss_mb"] for p in pairs)
-                print(f"fresh start, {label:<12} tinyclip {a:6.1f}s   transformers {b:6.1f}s   "
-                      f"ratio {a / b:5.2f} (target <= 0.5)   peak RSS {rss_a:.0f} MB vs {rss_b:.0f} MB", flush=True)
+        start_up(folder, args)
+    return 0
+
+
+def start_up(folder, args) -> int:
+    """Fresh processes, caches in a new temp dir: the first tinyclip process fills tinygrad's
+    kernel cache and tinyclip's graph cache (cold); the next ones find both (warm)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"CACHEDB": os.path.join(tmp, "kernels.db"), "TINYCLIP_CACHE_DIR": os.path.join(tmp, "tinyclip")}
+        for label, runs in (("cold caches", 1), ("warm caches", args.repeats)):
+            pairs = [(fresh_process("tinyclip", folder, args.device, env), fresh_process("transformers", folder, args.device))
+                     for _ in range(runs)]
+            a = statistics.median(p[0]["seconds"] for p in pairs)
+            b = statistics.median(p[1]["seconds"] for p in pairs)
+            rss_a = max(p[0]["peak_rss_mb"] for p in pairs)
+            rss_b = max(p[1]["peak_rss_mb"] for p in pairs)
+            print(f"fresh start, {label:<12} tinyclip {a:6.1f}s   transformers {b:6.1f}s   "
+                  f"ratio {a / b:5.2f} (target <= 0.5)   peak RSS {rss_a:.0f} MB vs {rss_b:.0f} MB", flush=True)
     return 0
 
 

@@ -40,9 +40,13 @@ def probe_device(device: str, context=None) -> str | None:
     compute is the one honest availability test.
     """
     try:
-        # CACHELEVEL=0: compile for real, so a cached binary cannot hide a missing compiler.
-        with context if context is not None else Context(), Context(CACHELEVEL=0):
-            got = (Tensor([1.0, 2.0, 3.0], device=device) * 2).tolist()
+        with context if context is not None else Context():
+            Device[device]   # open it first: its own start-up programs may come from the kernel cache
+            x = Tensor([1.0, 2.0, 3.0], device=device).realize()
+            # CACHELEVEL=0: compile the test kernel for real, so a cached binary cannot hide a
+            # missing compiler.
+            with Context(CACHELEVEL=0):
+                got = (x * 2).tolist()
     except Exception as e:
         return _reason(e)
     return None if got == [2.0, 4.0, 6.0] else f"wrong result {got} from a test kernel"
@@ -72,11 +76,47 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
     return table.float()[idx].cast(table.dtype)
 
 
-def bf16_bits_to_float32(bits: Tensor) -> Tensor:
-    """bfloat16 values given as their raw 16 bits -> float32. clang's C target has no __bf16, so
-    tinygrad cannot cast bfloat16 on the CPU; the 16 bits at the top of a float32 are exact
-    everywhere."""
-    return (bits.cast(dtypes.uint32) * 65536).bitcast(dtypes.float32)
+def numpy_dtype(dtype: DType) -> np.dtype:
+    """The numpy dtype of a compute dtype (float32 or float16)."""
+    return np.dtype(np.float16) if dtype == dtypes.float16 else np.dtype(np.float32)
+
+
+def from_numpy(array: np.ndarray, device: str) -> Tensor:
+    """A realized tensor holding a copy of a float32 or float16 array, copied by the device's
+    allocator into a new buffer. `Tensor(array).realize()` would go through tinygrad's scheduler,
+    and Buffer.copy_from through a compiled copy, milliseconds each: for the ~400 weights of a
+    checkpoint that was most of a load. (Allocator._copyin/_copyout are tinygrad internals.)"""
+    dtype = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16}[array.dtype]
+    if array.size == 0:   # no buffer to allocate
+        return Tensor.empty(*array.shape, dtype=dtype, device=device)
+    t = Tensor.empty(*array.shape, dtype=dtype, device=device)
+    buf = t.uop.buffer.allocate()
+    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+    return t
+
+
+def host_tensor(shape: tuple[int, ...], dtype: DType, device: str) -> tuple[Tensor, memoryview | None]:
+    """A new realized tensor and, where its buffer is host memory (the CPU device), a writable
+    byte view of that buffer to read into; (None, None) elsewhere. (Allocator._as_buffer is a
+    tinygrad internal.)"""
+    if device.split(":")[0] != "CPU" or 0 in shape:
+        return None, None
+    t = Tensor.empty(*shape, dtype=dtype, device=device)
+    buf = t.uop.buffer.allocate()
+    if not hasattr(buf.allocator, "_as_buffer"):
+        return None, None
+    return t, buf.allocator._as_buffer(buf._buf).cast("B")
+
+
+def buffer_numpy(t: Tensor) -> np.ndarray:
+    """A copy of a realized, contiguous tensor (as from_numpy makes them), read straight from its
+    buffer by the allocator, without scheduling anything."""
+    base = t.uop.base
+    if not base.is_realized or (buf := base.buffer).size != t.numel() or buf.offset:
+        return t.numpy()
+    out = np.empty(t.shape, numpy_dtype(t.dtype))
+    buf.allocator._copyout(memoryview(out.reshape(-1)).cast("B"), buf._buf)
+    return out
 
 
 def to_tensor(array: np.ndarray, device: str) -> Tensor:

@@ -31,6 +31,8 @@ from tinygrad import Device, Tensor, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
 
+from . import _tinygrad
+
 PANEL = 8       # output columns per panel: two 4-wide vectors of accumulators per row
 ROWS = 4        # output rows per register tile
 
@@ -41,9 +43,11 @@ def panel_width(out_features: int) -> int | None:
 
 
 def to_panels(weight: Tensor, width: int) -> Tensor:
-    """A linear layer's (out, in) weight as contiguous panels (out/width, in, width)."""
+    """A linear layer's (out, in) weight as contiguous panels (out/width, in, width), realized.
+    Rearranged in numpy: a tinygrad kernel per layer would cost a schedule each at load time."""
     out_features, in_features = weight.shape
-    return weight.reshape(out_features // width, width, in_features).permute(0, 2, 1).contiguous()
+    rows = _tinygrad.buffer_numpy(weight).reshape(out_features // width, width, in_features)
+    return _tinygrad.from_numpy(rows.transpose(0, 2, 1), weight.device)
 
 
 def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:

@@ -53,11 +53,19 @@ class Linear:
             return kernels.panel_linear(x, self.weight, self.bias)
         return x.linear(self.weight.T, self.bias)
 
+    @property
+    def dense_weight(self) -> Tensor:
+        """The weight as the checkpoint has it, (out, in), whichever way it is stored."""
+        if not self.panels:
+            return self.weight
+        n_panels, fan_in, width = self.weight.shape
+        return self.weight.permute(0, 2, 1).reshape(n_panels * width, fan_in)
+
     def to_panels(self) -> None:
         width = kernels.panel_width(self.weight.shape[0])
         if self.panels or width is None or self.weight.dtype != dtypes.float32:
             return
-        self.weight = kernels.to_panels(self.weight, width).realize()
+        self.weight = kernels.to_panels(self.weight, width)
         self.panels = True
 
 
@@ -211,7 +219,7 @@ class Conv2dPatch:
         width = kernels.panel_width(D)
         if self.panels or width is None or self.weight.dtype != dtypes.float32:
             return
-        self.weight = kernels.to_panels(self.weight.reshape(D, -1), width).realize()
+        self.weight = kernels.to_panels(self.weight.reshape(D, -1), width)
         self.panels = True
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import stat
+import sys
 
 import numpy as np
 from tinygrad import Tensor
@@ -48,20 +49,31 @@ class TensorInfo:
         file read-write (failing on a read-only checkpoint, and extending a file shorter than
         asked for) and keeps one mapping per path for the whole process.
         """
-        array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
+        same = {"F32": np.float32, "F16": np.float16}.get(self.dtype) == _tinygrad.numpy_dtype(dtype) \
+            and sys.byteorder == "little"
+        # Bytes already in the compute dtype go straight into the device buffer where the device
+        # is host memory; anything else is read into numpy, converted, and copied over.
+        tensor, view = _tinygrad.host_tensor(self.shape, dtype, device) if same else (None, None)
+        array = None if view is not None else np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
+        self._read_into(view if view is not None else memoryview(array).cast("B"))
+        if view is not None:
+            return tensor
+        array = array.astype(array.dtype.newbyteorder("="), copy=False)
+        if self.dtype == "BF16":   # bfloat16's 16 bits are the top half of a float32: exact
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        # numpy rounds to nearest even when narrowing, as tinygrad's casts do
+        return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False).reshape(self.shape), device)
+
+    def _read_into(self, target: memoryview) -> None:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.start)
-                got = f.readinto(memoryview(array).cast("B"))
+                got = f.readinto(target)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {_short(self.key)} ({e.strerror or e})") from None
         if got != self.end - self.start:
             raise CheckpointError(f"{self.path}: ended after {got} of the {self.end - self.start} bytes of tensor "
                                   f"{_short(self.key)}; the file changed while it was being read. Load it again.")
-        t = Tensor(array.astype(array.dtype.newbyteorder("="), copy=False).reshape(self.shape), device=device)
-        if self.dtype == "BF16":
-            t = _tinygrad.bf16_bits_to_float32(t)
-        return t if t.dtype == dtype else t.cast(dtype)
 
 
 def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
@@ -278,7 +290,7 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
                      "CLIPTextModel alone) and that config.json belongs to these weights.")
         raise CheckpointError("\n".join(parts))
     for key, param in params.items():
-        param.replace(infos[key].load(device, dtype).reshape(param.shape)).realize()
+        param.replace(infos[key].load(device, dtype).reshape(param.shape))
 
 
 def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
