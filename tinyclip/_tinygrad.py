@@ -87,11 +87,10 @@ def from_numpy(array: np.ndarray, device: str) -> Tensor:
     and Buffer.copy_from through a compiled copy, milliseconds each: for the ~400 weights of a
     checkpoint that was most of a load. (Allocator._copyin/_copyout are tinygrad internals.)"""
     dtype = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16}[array.dtype]
-    if array.size == 0:   # no buffer to allocate
-        return Tensor.empty(*array.shape, dtype=dtype, device=device)
     t = Tensor.empty(*array.shape, dtype=dtype, device=device)
-    buf = t.uop.buffer.allocate()
-    buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
+    if array.size:   # an empty tensor has no buffer to allocate
+        buf = t.uop.buffer.allocate()
+        buf.allocator._copyin(buf._buf, memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B"))
     return t
 
 
@@ -135,17 +134,11 @@ def guard_kernel_cache() -> None:
     cache off (CACHELEVEL=0) for this process, with a warning that says why."""
     from tinygrad import helpers
     path = helpers.CACHEDB
-    reason = _untrusted(path) or _untrusted(os.path.dirname(path))
+    reason = untrusted(path) or untrusted(os.path.dirname(path))
     if reason:
         helpers.CACHELEVEL.value = 0
         warnings.warn(f"tinygrad's kernel cache {path} is not safe to read ({reason}); tinyclip disabled it "
                       "for this process. Remove it or set CACHEDB to a file only you can write.", stacklevel=2)
-
-
-def untrusted(path) -> str | None:
-    """Why a file or folder that tinyclip would read with pickle is not safe to read (it belongs to
-    another user, or group or others may write to it), or None when it is safe or does not exist."""
-    return _untrusted(os.fspath(path))
 
 
 # ---- TinyJit internals (tinygrad/engine/jit.py) ------------------------------------------------------
@@ -193,7 +186,9 @@ def beam_setting() -> int:
     return int(getenv("JITBEAM", BEAM.value))
 
 
-def _untrusted(path: str) -> str | None:
+def untrusted(path) -> str | None:
+    """Why a file or folder that tinyclip would read with pickle is not safe to read (it belongs to
+    another user, or group or others may write to it), or None when it is safe or does not exist."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -204,7 +199,7 @@ def _untrusted(path: str) -> str | None:
 
 
 def untrusted_stat(st: os.stat_result, path) -> str | None:
-    """_untrusted for a file already open (os.fstat), so that what is checked is what is read."""
+    """untrusted() for a file already open (os.fstat), so that what is checked is what is read."""
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
         return f"{path} is owned by uid {st.st_uid}, not by you"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

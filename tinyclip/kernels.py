@@ -55,7 +55,7 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
 
     Rows are padded to a multiple of ROWS (zeros, dropped from the output), so the
     register tile always fits; each output is one float32 sum over the inputs in
-    order, like the default kernel's."""
+    order (tinygrad's default kernel sums in another order: float32 rounding apart)."""
     *lead, K = x.shape
     n_panels, K2, P = panels.shape
     if K != K2:

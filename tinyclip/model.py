@@ -41,7 +41,8 @@ def activation(name: str):
 
 class Linear:
     """y = x @ weight.T + bias. `weight` is (out, in) as in the checkpoint, until to_panels()
-    stores it as (out/P, in, P) panels for tinyclip.kernels' CPU matmul (same sums)."""
+    stores it as (out/P, in, P) panels for tinyclip.kernels' CPU matmul (same products, summed
+    in float32 in another order)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: DType, device: str):
         self.weight = _param((out_features, in_features), dtype, device)
@@ -62,11 +63,16 @@ class Linear:
         return self.weight.permute(0, 2, 1).reshape(n_panels * width, fan_in)
 
     def to_panels(self) -> None:
-        width = kernels.panel_width(self.weight.shape[0])
-        if self.panels or width is None or self.weight.dtype != dtypes.float32:
-            return
-        self.weight = kernels.to_panels(self.weight, width)
-        self.panels = True
+        _store_panels(self, self.weight)
+
+
+def _store_panels(layer, dense: Tensor) -> None:
+    """Replace layer.weight by tinyclip.kernels panels of `dense` (the weight as (out, in)), once,
+    where the weight is float32 and its outputs divide into panels."""
+    width = kernels.panel_width(layer.weight.shape[0])
+    if layer.panels or width is None or layer.weight.dtype != dtypes.float32:
+        return
+    layer.weight, layer.panels = kernels.to_panels(dense, width), True
 
 
 class LayerNorm:
@@ -215,12 +221,7 @@ class Conv2dPatch:
         return x @ self.weight.reshape(D, C * p * p).T                                # (B, gh*gw, hidden)
 
     def to_panels(self) -> None:
-        D = self.weight.shape[0]
-        width = kernels.panel_width(D)
-        if self.panels or width is None or self.weight.dtype != dtypes.float32:
-            return
-        self.weight = kernels.to_panels(self.weight.reshape(D, -1), width)
-        self.panels = True
+        _store_panels(self, self.weight.reshape(self.weight.shape[0], -1))
 
 
 class CLIPVisionTransformer:

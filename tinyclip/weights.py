@@ -49,15 +49,16 @@ class TensorInfo:
         file read-write (failing on a read-only checkpoint, and extending a file shorter than
         asked for) and keeps one mapping per path for the whole process.
         """
-        same = {"F32": np.float32, "F16": np.float16}.get(self.dtype) == _tinygrad.numpy_dtype(dtype) \
-            and sys.byteorder == "little"
-        # Bytes already in the compute dtype go straight into the device buffer where the device
-        # is host memory; anything else is read into numpy, converted, and copied over.
-        tensor, view = _tinygrad.host_tensor(self.shape, dtype, device) if same else (None, None)
-        array = None if view is not None else np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
-        self._read_into(view if view is not None else memoryview(array).cast("B"))
-        if view is not None:
-            return tensor
+        if {"F32": np.float32, "F16": np.float16}.get(self.dtype) == _tinygrad.numpy_dtype(dtype) \
+                and sys.byteorder == "little":
+            # Bytes already in the compute dtype go straight into the device buffer where the
+            # device is host memory.
+            tensor, view = _tinygrad.host_tensor(self.shape, dtype, device)
+            if view is not None:
+                self._read_into(view)
+                return tensor
+        array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
+        self._read_into(memoryview(array).cast("B"))
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         if self.dtype == "BF16":   # bfloat16's 16 bits are the top half of a float32: exact
             array = (array.astype(np.uint32) << 16).view(np.float32)
