@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Where the image tower's time goes: tinygrad's per-kernel times (DEBUG=2), grouped.
+"""Where an encoder's time goes: tinygrad's per-kernel times (DEBUG=2), grouped.
 
-    python benchmarks/kernel_profile.py [--model FOLDER] [--batch 1] [--device cpu]
+    python benchmarks/kernel_profile.py [--model FOLDER] [--batch 1] [--device cpu] [--text LENGTH]
 
-Runs one warm forward pass of the vision tower under DEBUG=2, parses
+Runs one warm forward pass of the vision tower (or, with --text, of the text
+tower on a batch of LENGTH tokens) under DEBUG=2, parses
 tinygrad's per-kernel lines and prints the kernels that take the most time,
 with their GFLOPS, and the total.
 """
@@ -29,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--model")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--text", type=int, metavar="LENGTH", help="profile the text tower at this many positions")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import tinyclip
@@ -41,8 +43,13 @@ def main(argv=None):
     m = tinyclip.load(folder, device=args.device)
     s = m.config.vision_config.image_size
     px = np.random.default_rng(0).standard_normal((args.batch, 3, s, s)).astype(np.float32)
+    ids = np.random.default_rng(0).integers(1, 1000, (args.batch, args.text or 1)).astype(np.int32)
+    tower = f"text tower at {args.text} positions" if args.text else "image tower"
     with m.backend.context():
-        run = lambda: m.model.get_image_features(Tensor(px, device=m.backend.device)).numpy()
+        if args.text:
+            run = lambda: m.model.get_text_features(Tensor(ids, device=m.backend.device)).numpy()
+        else:
+            run = lambda: m.model.get_image_features(Tensor(px, device=m.backend.device)).numpy()
         run()
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf), Context(DEBUG=2):
@@ -55,7 +62,7 @@ def main(argv=None):
             e[1] += float(k["t"]) * SCALE[k["unit"]]
             e[2] = int(k["gflops"])
     total = sum(e[1] for e in kernels.values())
-    print(f"image tower, batch {args.batch}, {args.device}: {sum(e[0] for e in kernels.values())} kernel runs, "
+    print(f"{tower}, batch {args.batch}, {args.device}: {sum(e[0] for e in kernels.values())} kernel runs, "
           f"{total / 1e3:.0f} ms in kernels")
     print(f"{'kernel':<48} {'runs':>5} {'ms':>9} {'share':>6} {'GFLOPS':>7}")
     for name, (n, us, gf) in sorted(kernels.items(), key=lambda kv: -kv[1][1])[:12]:

@@ -20,9 +20,10 @@ from validate import build_checkpoint, clip_config
 RENDERERS = ["CPU:CLANG", "CPU:LLVM"]
 
 # (rows, in, out): row counts that are and are not multiples of the 4-row tile, one panel and many,
-# panel counts that do and do not split between two threads, ViT-B/32's fc1 at batch 1.
+# panel counts that do and do not split between two threads, 8- and 16-column panels, ViT-B/32's
+# fc1 at batch 1 (panels looped outside rows) and an input over PANELS_OUTER_BYTES (rows outside).
 SHAPES = [(1, 8, 8), (4, 8, 16), (3, 8, 24), (5, 12, 48), (8, 7, 8), (9, 12, 64), (50, 768, 3072),
-          (2, 768, 512), (197, 33, 96)]
+          (2, 768, 512), (197, 33, 96), (258, 1040, 48)]
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
@@ -63,7 +64,8 @@ def test_panel_linear_refuses_a_mismatched_input():
 
 
 def test_only_divisible_widths_get_panels():
-    assert kernels.panel_width(3072) == kernels.PANEL and kernels.panel_width(8) == kernels.PANEL
+    assert kernels.panel_width(3072) == 16 and kernels.panel_width(48) == 16
+    assert kernels.panel_width(8) == 8 and kernels.panel_width(24) == 8
     assert kernels.panel_width(36) is None and kernels.panel_width(17) is None
 
 
@@ -97,3 +99,35 @@ def test_a_model_on_panels_equals_the_same_model_on_default_kernels_and_transfor
         scale = np.abs(truth).max()
         assert np.abs(got - ref).max() <= 1e-6 * scale, encode
         assert np.abs(got - truth).max() <= 1e-5 * scale, encode
+
+
+WIDE_SCRIPT = """
+import sys
+from tinygrad import Tensor
+from tinygrad.helpers import Context
+from tinyclip import kernels
+with Context(DEV=sys.argv[1]):
+    panels = kernels.to_panels(Tensor.ones(32, 16, device="CPU").contiguous().realize(), 16)
+    x = Tensor.ones(8, 16, device="CPU") * 2     # more kernels in one schedule: compiled by the worker pool
+    print("sum", kernels.panel_linear(x, panels, None).sum().item())
+"""
+
+
+@pytest.mark.parametrize("renderer,vector", [("CPU:CLANG", "float8 "), ("CPU:LLVM", "<8 x float>")])
+@pytest.mark.parametrize("parallel", ["0", "2"])
+def test_panel_kernels_use_8_lane_vectors_in_process_and_in_compile_workers(renderer, vector, parallel):
+    """tinyclip's coalescing pass (tinyclip/_tinygrad.py) reaches tinygrad's spawned compile workers
+    too: the panel kernel's source (DEBUG=4) loads and stores 8-lane vectors."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, DEBUG="4", PARALLEL=parallel, CACHELEVEL="0")
+    r = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, renderer], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "sum 8192.0" in out     # 8 rows x 32 outputs x (16 inputs x 2 x 1)
+    header = "void panel_linear_8_32_16(" if renderer == "CPU:CLANG" else "@panel_linear_8_32_16("
+    source = out[out.index(header):]
+    source = source[:source.index("\n}")]
+    assert vector in source

@@ -205,3 +205,96 @@ def untrusted_stat(st: os.stat_result, path) -> str | None:
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"{path} is writable by group or others"
     return None
+
+
+# ---- 8-lane float vectors for tinyclip's CPU kernels (tinygrad/codegen/late/coalesce.py) -------------
+# tinygrad 0.14 groups consecutive float loads and stores into vectors of at most 4 lanes
+# (memory_coalescing, called from tinygrad.codegen.full_rewrite_to_sink): on x86-64 that makes every
+# FMA 128 bits wide, half of what AVX2 does. For kernels whose name starts with WIDE_PREFIX, on CPU
+# renderers, the pass below groups float32 accesses into 8 lanes (256 bits) instead; every other kernel
+# goes through tinygrad's own pass unchanged. Only the width of the vectors changes, not the
+# arithmetic: each output is the same sum in the same order.
+# tinygrad compiles in spawned worker processes, which start from a fresh import: the pool's
+# initializer (tinygrad.engine.worker._init_worker, looked up when the pool is made) is replaced by
+# one that installs the pass there too. A pool made before tinyclip was imported compiles 4-lane
+# kernels: slower, same results.
+WIDE_PREFIX = "panel_"
+WIDE_LANES = (8, 4, 2, 1)
+
+
+def use_wide_vectors() -> None:
+    """Install the 8-lane pass for WIDE_PREFIX kernels, in this process and in compile workers."""
+    import tinygrad.codegen as codegen
+    import tinygrad.engine.worker as worker
+    if getattr(codegen.memory_coalescing, "tinyclip_wide", False):
+        return
+    tinygrad_pass = codegen.memory_coalescing
+
+    def memory_coalescing(sink, ren):
+        name = getattr(sink.arg, "name", "") or ""
+        if ren is not None and ren.target.device == "CPU" and name.startswith(WIDE_PREFIX):
+            return _coalesce_wide(sink)
+        return tinygrad_pass(sink, ren)
+
+    memory_coalescing.tinyclip_wide = True
+    codegen.memory_coalescing = memory_coalescing
+    if worker._init_worker is not _init_compile_worker:
+        global _tinygrad_init_worker
+        _tinygrad_init_worker = worker._init_worker
+        worker._init_worker = _init_compile_worker
+
+
+_tinygrad_init_worker = None
+
+
+def _init_compile_worker():
+    """Initializer of tinygrad's compile workers: tinygrad's own set-up, then the 8-lane pass."""
+    import tinygrad.engine.worker as worker
+    use_wide_vectors()
+    (_tinygrad_init_worker or worker._init_worker)()
+
+
+def _coalesce_wide(sink):
+    """Replace runs of float32 loads (or stores) at consecutive constant offsets from one index
+    expression with vector accesses of 8, 4 or 2 lanes, each starting at an offset its width
+    divides (so it is aligned like tinygrad's own vectors). Other accesses are left as they are."""
+    from collections import defaultdict
+    from tinygrad.uop.ops import AddrSpace, Ops, UOp
+    runs = defaultdict(dict)   # (op, buffer, base index, valid) -> {constant offset: [accesses]}
+    for u in sink.toposort():
+        if u.op not in (Ops.LOAD, Ops.STORE) or u.src[0].op is not Ops.INDEX:
+            continue
+        buf, index = u.src[0].src
+        if buf.addrspace == AddrSpace.REG or buf.dtype != dtypes.float32 or len(u.src) != (1 if u.op is Ops.LOAD else 2):
+            continue
+        idx, valid = index.get_idx(), index.get_valid()
+        base, const = idx, 0
+        if idx.op is Ops.ADD and idx.src[1].op is Ops.CONST:
+            base, const = idx.src[0], idx.src[1].arg
+        elif idx.op is Ops.CONST:
+            base, const = None, idx.arg
+        if not isinstance(const, int):
+            continue
+        runs[(u.op, buf, base, valid)].setdefault(const, []).append(u)
+    replace = {}
+    for (op, buf, base, valid), at in runs.items():
+        offsets = sorted(at)
+        i = 0
+        while i < len(offsets):
+            start = offsets[i]
+            first = UOp.const(start) if base is None else base + start
+            n = next(n for n in WIDE_LANES if offsets[i:i + n] == list(range(start, start + n)) and
+                     (n == 1 or first.divides(n) is not None))
+            if n == 1 or (op is Ops.STORE and any(len(at[o]) != 1 for o in offsets[i:i + n])):
+                i += 1
+                continue
+            where = first.valid(valid) if valid is not None else first
+            vec = UOp(Ops.SHRINK, src=(buf, where, UOp.const(n)))
+            if op is Ops.STORE:
+                store = vec.store(UOp.stack(*[at[o][0].src[1] for o in offsets[i:i + n]]))
+                replace.update({at[o][0]: store for o in offsets[i:i + n]})
+            else:
+                load = vec.load()
+                replace.update({u: load.index(lane) for lane, o in enumerate(offsets[i:i + n]) for u in at[o]})
+            i += n
+    return sink.substitute(replace, name="tinyclip 8-lane coalescing")

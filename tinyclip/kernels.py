@@ -2,22 +2,26 @@
 
 Profiling ViT-B/32 (benchmarks/kernel_profile.py) puts about 89% of the image
 tower's time in its linear layers, and tinygrad 0.14's default CPU kernel for
-`x @ W.T` runs them at 3-5 GFLOPS. Two things cost most:
+`x @ W.T` runs them at 3-5 GFLOPS. Four things matter:
 
 - Layout. With W as (out, in) or (in, out), a register tile of P outputs walks
   P rows of W, or one row 12 KB apart per step of the reduction: every step
   touches new cache lines and pages. Stored as panels, (out/P, in, P), the P
   weights one step needs are contiguous and a panel is read front to back.
 - Tiling. The default heuristic upcasts a 4x3 tile and unrolls the
-  reduction; here the kernel keeps a 4-row x 8-column tile of accumulators in
-  registers (UPCAST: eight 4-wide vectors, so with the operands it fits the 16
-  vector registers of x86-64; a 4x16 tile spills and runs at 21 GFLOPS), and
-  splits panels between the CPU threads (THREAD).
+  reduction; here the kernel keeps a 4-row x 16-column tile of accumulators in
+  registers (UPCAST: eight 8-lane vectors, which with the operands fit the 16
+  vector registers of AVX2), and splits panels between the CPU threads (THREAD).
+- Vector width. tinygrad's C and LLVM renderers group float loads into vectors
+  of at most 4 lanes, so every FMA would be 128 bits wide: half of AVX2. For
+  kernels named panel_*, tinyclip/_tinygrad.py groups them into 8 lanes.
+- Loop order. With few rows (batch 1) each row tile would sweep the whole
+  weight from memory; those loop over panels outside rows instead.
 
 Measured on the 1600x768 @ 768x3072 product of ViT-B/32 at batch 32 (2 cores,
-float32): default kernel about 5 GFLOPS, this one 32-38 GFLOPS. tinygrad's C
-renderer emits at most 4-wide float vectors, so the FMAs are 128-bit: that,
-not the tiling, is the ceiling here (torch reaches ~140 with 256-bit FMAs).
+float32): default kernel about 5 GFLOPS; panels with 4-lane vectors and 4x8
+tiles 32-38; 8-lane vectors and 4x16 tiles 60-77 (torch: about 140). At batch
+1 (50 rows) the panels-outside order takes 35 to 55 GFLOPS.
 
 The kernel is written with tinygrad's UOp custom-kernel API
 (`Tensor.custom_kernel`, `UOp.range`, `KernelInfo(opts_to_apply=...)`), which
@@ -33,13 +37,16 @@ from tinygrad.uop.ops import AxisType, KernelInfo, Ops, UOp
 
 from . import _tinygrad
 
-PANEL = 8       # output columns per panel: two 4-wide vectors of accumulators per row
-ROWS = 4        # output rows per register tile
+PANELS = (16, 8)   # output columns per panel, widest first: 16 is two 8-lane vectors per row
+ROWS = 4           # output rows per register tile
+PANELS_OUTER_BYTES = 1 << 20   # inputs up to this size: loop over panels outside rows (see panel_linear)
+
+_tinygrad.use_wide_vectors()   # 8-lane float vectors for the panel_* kernels on CPU renderers
 
 
 def panel_width(out_features: int) -> int | None:
-    """The panel width for a weight with this many outputs, None when it does not divide."""
-    return PANEL if out_features % PANEL == 0 else None
+    """The widest panel that divides this many outputs, None when none does."""
+    return next((width for width in PANELS if out_features % width == 0), None)
 
 
 def to_panels(weight: Tensor, width: int) -> Tensor:
@@ -65,12 +72,16 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
     rows = x.reshape(M, K)
     if Mp != M:
         rows = rows.pad(((0, Mp - M), (0, 0)))
-    opts = _opts(Mp // ROWS, n_panels, P, _threads(x.device))
+    # A few rows (batch 1) sweep the weight once per row tile, from memory: then the loop over
+    # panels goes outside, so each panel stays in cache while every row tile uses it. Many rows do
+    # better the other way round, their tile's inputs staying in cache while the panels stream past.
+    order = ("panels", "rows") if Mp * K * 4 <= PANELS_OUTER_BYTES else ("rows", "panels")
+    opts = _opts(order, Mp // ROWS, n_panels, P, _threads(x.device))
     name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "")
 
     def kernel(C: UOp, A: UOp, B: UOp, *bias_uop: UOp) -> UOp:
-        m = UOp.range(Mp, 0, AxisType.WEAK)
-        panel = UOp.range(n_panels, 1, AxisType.WEAK)
+        m = UOp.range(Mp, order.index("rows"), AxisType.WEAK)
+        panel = UOp.range(n_panels, order.index("panels"), AxisType.WEAK)
         col = UOp.range(P, 2, AxisType.WEAK)
         k = UOp.range(K, 3, AxisType.REDUCE)
         acc = (A[m * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
@@ -87,11 +98,12 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None) -> Tensor:
     return out.reshape(*lead, N)
 
 
-def _opts(row_tiles: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
+def _opts(order: tuple[str, str], row_tiles: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
     """Upcast the panel's columns and ROWS rows into registers, then split row tiles or panels
-    between threads. Opt axes count the kernel's loops of size > 1, in order (rows, panels,
+    between threads. Opt axes count the kernel's loops of size > 1, in order (`order`, then
     columns), and a loop that an upcast uses up entirely drops out of that count."""
-    loops = [name for name, size in (("rows", row_tiles * ROWS), ("panels", n_panels), ("cols", width)) if size > 1]
+    sizes = {"rows": row_tiles * ROWS, "panels": n_panels, "cols": width}
+    loops = [name for name in (*order, "cols") if sizes[name] > 1]
     opts = [Opt(OptOps.UPCAST, loops.index("cols"), 0)]
     loops.remove("cols")
     opts.append(Opt(OptOps.UPCAST, loops.index("rows"), ROWS))
