@@ -131,3 +131,20 @@ def test_panel_kernels_use_8_lane_vectors_in_process_and_in_compile_workers(rend
     source = out[out.index(header):]
     source = source[:source.index("\n}")]
     assert vector in source
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_quick_gelu_in_the_panel_kernel_equals_the_formula(renderer):
+    """kernels.quick_gelu (branch-free exp2) run in the kernel's epilogue, on values from -200 to
+    200 (through an identity weight, so the kernel's input is its output), against float64."""
+    x = np.concatenate([np.linspace(-200, 200, 4001), np.linspace(-3, 3, 4001), [0.0, 1e-30, -1e-30]])
+    x = np.resize(x, (-(-len(x) // 16), 16)).astype(np.float32)
+    with Context(DEV=renderer):
+        panels = kernels.to_panels(Tensor(np.eye(16, dtype=np.float32), device="CPU"), 16)
+        got = kernels.panel_linear(Tensor(x, device="CPU"), panels, None, kernels.quick_gelu).numpy()
+    x64 = x.astype(np.float64)
+    exact = x64 / (1 + np.exp(-1.702 * x64))
+    # float32 holds the exponent 1.702 x to a relative 2**-24, which exp turns into a relative error
+    # of |1.702 x| 2**-24 in the result (torch's own float32 sigmoid has the same); 3e-7 on top.
+    bound = (3e-7 + np.abs(1.702 * x64) * 2.0 ** -23) * np.abs(exact) + 1e-30
+    assert np.all(np.abs(got - exact) <= bound)

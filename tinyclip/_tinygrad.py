@@ -14,6 +14,7 @@ import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import Context
+from tinygrad.uop.ops import Ops
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16}
 
@@ -52,6 +53,18 @@ def probe_device(device: str, context=None) -> str | None:
     return None if got == [2.0, 4.0, 6.0] else f"wrong result {got} from a test kernel"
 
 
+def open_device(device: str, context=None) -> str | None:
+    """None when tinygrad opens `device`, else why not. Lighter than probe_device: no kernel of
+    tinyclip's is scheduled, compiled or run (tinygrad's first schedule in a process costs a few
+    hundred ms of pattern compiling)."""
+    try:
+        with context if context is not None else Context():
+            Device[device]
+    except Exception as e:
+        return _reason(e)
+    return None
+
+
 def _reason(e: BaseException) -> str:
     """One line: the exception's type and first line, and those of each sub-exception of a group
     (tinygrad raises an ExceptionGroup when none of a device's interfaces opens)."""
@@ -81,12 +94,21 @@ def numpy_dtype(dtype: DType) -> np.dtype:
     return np.dtype(np.float16) if dtype == dtypes.float16 else np.dtype(np.float32)
 
 
+NUMPY_DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16,
+                np.dtype(np.int32): dtypes.int32}
+
+
 def from_numpy(array: np.ndarray, device: str) -> Tensor:
-    """A realized tensor holding a copy of a float32 or float16 array, copied by the device's
-    allocator into a new buffer. `Tensor(array).realize()` would go through tinygrad's scheduler,
-    and Buffer.copy_from through a compiled copy, milliseconds each: for the ~400 weights of a
-    checkpoint that was most of a load. (Allocator._copyin/_copyout are tinygrad internals.)"""
-    dtype = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16}[array.dtype]
+    """A realized tensor holding a copy of a float32, float16 or int32 array (any strides), in a new
+    buffer: written in place in one pass where the buffer is host memory, else copied in by the
+    device's allocator. `Tensor(array).realize()` would go through tinygrad's scheduler, and
+    Buffer.copy_from through a compiled copy, milliseconds each: for the ~400 weights of a
+    checkpoint that was most of a load. (Allocator._copyin is a tinygrad internal.)"""
+    dtype = NUMPY_DTYPES[array.dtype]
+    t, view = host_tensor(array.shape, dtype, device)
+    if view is not None:
+        np.copyto(np.frombuffer(view, array.dtype).reshape(array.shape), array)
+        return t
     t = Tensor.empty(*array.shape, dtype=dtype, device=device)
     if array.size:   # an empty tensor has no buffer to allocate
         buf = t.uop.buffer.allocate()
@@ -107,20 +129,30 @@ def host_tensor(shape: tuple[int, ...], dtype: DType, device: str) -> tuple[Tens
     return t, buf.allocator._as_buffer(buf._buf).cast("B")
 
 
-def buffer_numpy(t: Tensor) -> np.ndarray:
-    """A copy of a realized, contiguous tensor (as from_numpy makes them), read straight from its
-    buffer by the allocator, without scheduling anything."""
+def host_array(t: Tensor) -> np.ndarray:
+    """The values of a realized tensor as numpy: the tensor's own host buffer, not a copy, where
+    it has one and is laid out as `t` (as from_numpy and host_tensor make them; valid while `t`
+    lives, and not to be written), else a copy made by t.numpy()."""
     base = t.uop.base
-    if not base.is_realized or (buf := base.buffer).size != t.numel() or buf.offset:
+    plain = t.uop is base or (t.uop.op is Ops.RESHAPE and t.uop.src[0] is base)
+    if not plain or not base.is_realized or (buf := base.buffer).size != t.numel() or buf.offset \
+            or not hasattr(buf.allocator, "_as_buffer"):
         return t.numpy()
-    out = np.empty(t.shape, numpy_dtype(t.dtype))
-    buf.allocator._copyout(memoryview(out.reshape(-1)).cast("B"), buf._buf)
-    return out
+    return np.frombuffer(buf.allocator._as_buffer(buf._buf), numpy_dtype(t.dtype)).reshape(t.shape)
 
 
 def to_tensor(array: np.ndarray, device: str) -> Tensor:
-    """A numpy array onto a device (copied once; tinygrad may keep a view otherwise)."""
+    """A numpy array onto a device, copied once. float32, float16 and int32 arrays (the encoders'
+    inputs) go by from_numpy, without tinygrad's scheduler: a new process's first schedule costs
+    it a few hundred ms of pattern compiling."""
+    if array.dtype in NUMPY_DTYPES:
+        return from_numpy(array, device)
     return Tensor(np.ascontiguousarray(array), device=device)
+
+
+def to_numpy(t: Tensor) -> np.ndarray:
+    """A copy of a realized tensor's values (an encoder's output, whose buffer the JIT reuses)."""
+    return host_array(t).copy()
 
 
 def as_float32(t: Tensor) -> np.ndarray:

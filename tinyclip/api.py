@@ -7,6 +7,7 @@ use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pathlib
 
@@ -46,11 +47,17 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     folder = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device)
-    with chosen.context():
-        load_weights(model, folder, dt, chosen.device)
-        if chosen.panel_kernels:
-            model.to_panels()
-    tokenizer = CLIPTokenizer.from_pretrained(folder, context_length=config.text_config.max_position_embeddings)
+    # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
+    # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
+    # those of the weights, as when it was read after them.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(CLIPTokenizer.from_pretrained, folder,
+                              context_length=config.text_config.max_position_embeddings)
+        with chosen.context():
+            load_weights(model, folder, dt, chosen.device)
+            if chosen.panel_kernels:
+                model.to_panels()
+        tokenizer = reading.result()
     processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache)
 

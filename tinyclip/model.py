@@ -49,10 +49,15 @@ class Linear:
         self.bias = _param((out_features,), dtype, device) if bias else None
         self.panels = False
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, act: str | None = None) -> Tensor:
+        """The layer, then the activation `act` (a config hidden_act name) when given: on panels
+        CLIP's quick_gelu runs inside the matmul kernel (kernels.quick_gelu)."""
         if self.panels:
-            return kernels.panel_linear(x, self.weight, self.bias)
-        return x.linear(self.weight.T, self.bias)
+            fused = kernels.quick_gelu if act == "quick_gelu" else None
+            y = kernels.panel_linear(x, self.weight, self.bias, fused)
+            return y if fused or act is None else activation(act)(y)
+        y = x.linear(self.weight.T, self.bias)
+        return y if act is None else activation(act)(y)
 
     @property
     def dense_weight(self) -> Tensor:
@@ -112,12 +117,13 @@ class CLIPAttention:
 
 class CLIPMLP:
     def __init__(self, hidden: int, intermediate: int, act: str, dtype: DType, device: str):
-        self.act = activation(act)
+        activation(act)   # an unknown name fails here, not at the first call
+        self.act = act
         self.fc1 = Linear(hidden, intermediate, True, dtype, device)
         self.fc2 = Linear(intermediate, hidden, True, dtype, device)
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1(x, act=self.act))
 
 
 class CLIPEncoderLayer:

@@ -64,7 +64,7 @@ class Runner:
             if not self.jit:
                 return _tinygrad.as_float32(self._encoder(key)(t))
             if (jit := self._jits.get(key)) is not None:
-                return jit(t).numpy().copy()
+                return _tinygrad.to_numpy(jit(t))
             if (out := self._run_cached(key, t)) is not None:
                 return out
             return self._capture(key, t)[0]
@@ -74,7 +74,7 @@ class Runner:
         if self.graphs is None or (jit := self.graphs.load(key)) is None:
             return None
         try:
-            out = jit(t).numpy().copy()
+            out = _tinygrad.to_numpy(jit(t))
         except _tinygrad.jit_error():   # raised before anything runs
             self.graphs.discard(key, "it was captured for inputs of another shape, dtype or device (JitError)")
             return None
@@ -90,11 +90,11 @@ class Runner:
         encoder = self._encoder(key)
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
         if beam is None:
-            out = jit(t).numpy().copy()
+            out = _tinygrad.to_numpy(jit(t))
             beam = _tinygrad.beam_setting()
         else:
             with _tinygrad.beam_context(beam):
-                out = jit(t).numpy().copy()
+                out = _tinygrad.to_numpy(jit(t))
         self._jits[key] = jit
         saved = self.graphs.save(key, jit, tuned=beam > 0, beam=beam) if self.graphs is not None else None
         return out, saved

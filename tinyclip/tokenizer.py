@@ -315,12 +315,14 @@ class CLIPTokenizer:
 
         # (left id, right id) -> (rank, merged id); a repeated pair keeps its last rank, as in tokenizers.
         self._merges = {}
+        get = vocab.get
         for rank, (a, b) in enumerate(merges):
-            absent = [t for t in (a, b, a + b) if t not in vocab]
-            if absent:
+            left, right, merged = get(a), get(b), get(a + b)
+            if left is None or right is None or merged is None:
+                absent = [t for t in (a, b, a + b) if t not in vocab]
                 raise TokenizerError(f"merge {rank + 1} ({a!r} {b!r}) needs {absent}, which vocab.json lacks; "
                                      "vocab.json and merges.txt come from different tokenizers")
-            self._merges[(vocab[a], vocab[b])] = (rank, vocab[a + b])
+            self._merges[(left, right)] = (rank, merged)
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -529,6 +531,10 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
         lines.pop()
     merges = []
     for number, line in enumerate(lines, start=1):
+        parts = line.split(" ")
+        if len(parts) == 2 and not parts[1].endswith("\r") and not parts[0].startswith("#version"):   # most lines
+            merges.append((parts[0], parts[1]))
+            continue
         line = line.removesuffix("\r")
         if line.startswith("#version"):
             continue
