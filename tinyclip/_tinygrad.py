@@ -89,13 +89,15 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
     return table.float()[idx].cast(table.dtype)
 
 
-def numpy_dtype(dtype: DType) -> np.dtype:
-    """The numpy dtype of a compute dtype (float32 or float16)."""
-    return np.dtype(np.float16) if dtype == dtypes.float16 else np.dtype(np.float32)
-
-
+# numpy dtype -> tinygrad dtype, for the arrays tinyclip moves to and from devices itself
 NUMPY_DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16,
                 np.dtype(np.int32): dtypes.int32}
+_TO_NUMPY = {v: k for k, v in NUMPY_DTYPES.items()}
+
+
+def numpy_dtype(dtype: DType) -> np.dtype:
+    """The numpy dtype of a tinygrad dtype in NUMPY_DTYPES (float32, float16, int32)."""
+    return _TO_NUMPY[dtype]
 
 
 def from_numpy(array: np.ndarray, device: str) -> Tensor:
@@ -135,8 +137,8 @@ def host_array(t: Tensor) -> np.ndarray:
     lives, and not to be written), else a copy made by t.numpy()."""
     base = t.uop.base
     plain = t.uop is base or (t.uop.op is Ops.RESHAPE and t.uop.src[0] is base)
-    if not plain or not base.is_realized or (buf := base.buffer).size != t.numel() or buf.offset \
-            or not hasattr(buf.allocator, "_as_buffer"):
+    if not plain or t.dtype not in _TO_NUMPY or not base.is_realized or (buf := base.buffer).size != t.numel() \
+            or buf.offset or not hasattr(buf.allocator, "_as_buffer"):
         return t.numpy()
     return np.frombuffer(buf.allocator._as_buffer(buf._buf), numpy_dtype(t.dtype)).reshape(t.shape)
 
@@ -280,10 +282,10 @@ _tinygrad_init_worker = None
 
 
 def _init_compile_worker():
-    """Initializer of tinygrad's compile workers: tinygrad's own set-up, then the 8-lane pass."""
-    import tinygrad.engine.worker as worker
+    """Initializer of tinygrad's compile workers: the 8-lane pass (which keeps tinygrad's own
+    initializer in _tinygrad_init_worker), then tinygrad's own set-up."""
     use_wide_vectors()
-    (_tinygrad_init_worker or worker._init_worker)()
+    _tinygrad_init_worker()
 
 
 def _coalesce_wide(sink):
@@ -291,7 +293,7 @@ def _coalesce_wide(sink):
     expression with vector accesses of 8, 4 or 2 lanes, each starting at an offset its width
     divides (so it is aligned like tinygrad's own vectors). Other accesses are left as they are."""
     from collections import defaultdict
-    from tinygrad.uop.ops import AddrSpace, Ops, UOp
+    from tinygrad.uop.ops import AddrSpace, UOp
     runs = defaultdict(dict)   # (op, buffer, base index, valid) -> {constant offset: [accesses]}
     for u in sink.toposort():
         if u.op not in (Ops.LOAD, Ops.STORE) or u.src[0].op is not Ops.INDEX:

@@ -52,11 +52,9 @@ class Linear:
     def __call__(self, x: Tensor, act: str | None = None) -> Tensor:
         """The layer, then the activation `act` (a config hidden_act name) when given: on panels
         CLIP's quick_gelu runs inside the matmul kernel (kernels.quick_gelu)."""
-        if self.panels:
-            fused = kernels.quick_gelu if act == "quick_gelu" else None
-            y = kernels.panel_linear(x, self.weight, self.bias, fused)
-            return y if fused or act is None else activation(act)(y)
-        y = x.linear(self.weight.T, self.bias)
+        if self.panels and act == "quick_gelu":
+            return kernels.panel_linear(x, self.weight, self.bias, kernels.quick_gelu)
+        y = kernels.panel_linear(x, self.weight, self.bias) if self.panels else x.linear(self.weight.T, self.bias)
         return y if act is None else activation(act)(y)
 
     @property

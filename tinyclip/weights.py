@@ -49,8 +49,7 @@ class TensorInfo:
         file read-write (failing on a read-only checkpoint, and extending a file shorter than
         asked for) and keeps one mapping per path for the whole process.
         """
-        if {"F32": np.float32, "F16": np.float16}.get(self.dtype) == _tinygrad.numpy_dtype(dtype) \
-                and sys.byteorder == "little":
+        if FILE_DTYPES[self.dtype] == _tinygrad.numpy_dtype(dtype) and sys.byteorder == "little":
             # Bytes already in the compute dtype go straight into the device buffer where the
             # device is host memory.
             tensor, view = _tinygrad.host_tensor(self.shape, dtype, device)
