@@ -142,7 +142,7 @@ def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
     ids = model.tokenize(["a cat", "a photo of a dog on a sofa"])
     np.testing.assert_array_equal(model.runner.pool_positions(ids), [3, 9])
     model.encode_text(ids)
-    assert ("text", 2, 16) in model.runner._jits     # 10 positions, rounded up to a multiple of 8
+    assert ("text", 2, 12) in model.runner._jits     # 10 positions, rounded up to a multiple of 4
 
 
 @pytest.mark.parametrize("ids, match", [
