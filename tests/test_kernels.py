@@ -148,3 +148,67 @@ def test_quick_gelu_in_the_panel_kernel_equals_the_formula(renderer):
     # of |1.702 x| 2**-24 in the result (torch's own float32 sigmoid has the same); 3e-7 on top.
     bound = (3e-7 + np.abs(1.702 * x64) * 2.0 ** -23) * np.abs(exact) + 1e-30
     assert np.all(np.abs(got - exact) <= bound)
+
+
+def _attention_float64(q, k, v, heads, causal):
+    B, T, C = q.shape
+    q, k, v = (t.astype(np.float64).reshape(B, T, heads, C // heads).transpose(0, 2, 1, 3) for t in (q, k, v))
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // heads)
+    if causal:
+        scores = scores + np.triu(np.full((T, T), -np.inf), 1)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    return (weights / weights.sum(-1, keepdims=True) @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+# (batch, positions, width, heads, causal): ViT-B/32's 50 positions (8-key tiles, padded query rows),
+# a text length with 16-key tiles, 77 positions, a head width of 12 (4-lane value tiles), one batch
+# and one head.
+ATTENTION_SHAPES = [(2, 50, 128, 2, False), (3, 12, 64, 4, True), (1, 77, 64, 2, True), (2, 17, 48, 4, False),
+                    (1, 5, 32, 1, True)]
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("batch,positions,width,heads,causal", ATTENTION_SHAPES)
+def test_attention_equals_the_default_kernels_and_float64(renderer, batch, positions, width, heads, causal):
+    rng = np.random.default_rng(positions * 100 + width)
+    q, k, v = (rng.standard_normal((batch, positions, width), dtype=np.float32) * 2 for _ in range(3))
+    with Context(DEV=renderer):
+        mask = None
+        if causal:
+            mask = Tensor(np.triu(np.full((positions, positions), -np.inf, np.float32), 1), device="CPU").reshape(
+                1, 1, positions, positions)
+        qt, kt, vt = (Tensor(t, device="CPU") for t in (q, k, v))
+        got = kernels.attention(qt, kt, vt, heads, mask).numpy()
+        d = width // heads
+        split = [t.reshape(batch, positions, heads, d).transpose(1, 2) for t in (qt, kt, vt)]
+        scores = (split[0] * d ** -0.5) @ split[1].transpose(-2, -1) + (mask if causal else 0)
+        default = (scores.softmax(-1) @ split[2]).transpose(1, 2).reshape(batch, positions, width).numpy()
+    exact = _attention_float64(q, k, v, heads, causal)
+    scale = np.abs(exact).max()
+    assert got.shape == (batch, positions, width)
+    assert np.abs(got - default).max() <= 2e-6 * scale
+    assert np.abs(got - exact).max() <= 2e-6 * scale
+
+
+def test_threaded_kernels_run_on_several_cores_with_the_serial_results(monkeypatch):
+    """tinygrad runs a THREAD-split CPU kernel's parts one after the other; _tinygrad.use_parallel_threads
+    hands parts 1..n-1 to a thread pool. Same numbers, bit for bit, as the serial calls."""
+    from tinygrad.runtime import ops_cpu
+    from tinyclip import _tinygrad
+    if kernels._threads("CPU") < 2:
+        pytest.skip("one core: tinygrad makes no THREAD-split kernels")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 96), dtype=np.float32)
+    w = rng.standard_normal((256, 96), dtype=np.float32)
+    pool, submitted = _tinygrad._thread_pool(), []
+    submit = pool.submit
+    monkeypatch.setattr(pool, "submit", lambda *a: submitted.append(a[1:]) or submit(*a))
+    with Context(DEV="CPU:CLANG"):
+        panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
+        threaded = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+        assert submitted == [(tid,) for tid in range(1, kernels._threads("CPU"))]
+        monkeypatch.setattr(ops_cpu.CPUProgram, "__call__", ops_cpu.CPUProgram.__call__.tinyclip_serial)
+        serial = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+    assert len(submitted) == kernels._threads("CPU") - 1
+    np.testing.assert_array_equal(threaded, serial)
+    np.testing.assert_allclose(threaded, x.astype(np.float64) @ w.T, rtol=0, atol=4e-6 * np.abs(x @ w.T).max())

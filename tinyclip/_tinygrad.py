@@ -6,8 +6,11 @@ file.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import ctypes
 import os
 import stat
+import time
 import warnings
 
 import numpy as np
@@ -332,3 +335,52 @@ def _coalesce_wide(sink):
                 replace.update({u: load.index(lane) for lane, o in enumerate(offsets[i:i + n]) for u in at[o]})
             i += n
     return sink.substitute(replace, name="tinyclip 8-lane coalescing")
+
+
+# ---- CPU kernels split between threads really run on several cores (tinygrad/runtime/ops_cpu.py) ----
+# A kernel given the THREAD opt takes a `core_id` argument and computes 1/n of the output per call.
+# tinygrad 0.14's CPUProgram.__call__ makes those n calls one after the other in the calling thread,
+# so a CPU kernel uses one core whatever THREAD says (the user time of a ViT-B/32 batch equals its
+# wall time). CPUProgram.__call__ is replaced by one that makes calls 1..n-1 on a pool of threads
+# and call 0 in the caller, and returns when all are done. ctypes releases the GIL while the
+# compiled function runs, and the calls write disjoint parts of the output: the results are the
+# same, only computed at the same time. Kernels without core_id run as before.
+_cpu_pool = None
+
+
+def use_parallel_threads() -> None:
+    """Install the threaded CPUProgram.__call__ (once per process)."""
+    from tinygrad.runtime import ops_cpu
+    if getattr(ops_cpu.CPUProgram.__call__, "tinyclip_parallel", False):
+        return
+    serial_call = ops_cpu.CPUProgram.__call__
+
+    def __call__(self, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False, timeout=None):
+        slot = self.runtimevars.get("core_id")
+        if slot is None or self.lvp or global_size[0] <= 1:
+            return serial_call(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait,
+                               timeout=timeout)
+        start = time.perf_counter()
+        args = [int(b.va_addr) for b in bufs] + list(vals)   # vals holds None at core_id's slot
+
+        def run(tid: int) -> None:
+            self.fxn(*[ctypes.c_uint64(tid if i == slot else a) for i, a in enumerate(args)])
+
+        helpers = [_thread_pool().submit(run, tid) for tid in range(1, global_size[0])]
+        try:
+            run(0)
+        finally:
+            for done in helpers:
+                done.result()
+        return time.perf_counter() - start if wait else None
+
+    __call__.tinyclip_parallel, __call__.tinyclip_serial = True, serial_call
+    ops_cpu.CPUProgram.__call__ = __call__
+
+
+def _thread_pool():
+    global _cpu_pool
+    if _cpu_pool is None:
+        _cpu_pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
+                                                          thread_name_prefix="tinyclip-cpu")
+    return _cpu_pool

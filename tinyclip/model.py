@@ -103,6 +103,8 @@ class CLIPAttention:
 
     def __call__(self, x: Tensor, mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
+        if self.q_proj.panels:   # float32 on the CPU: tinyclip.kernels' register-tiled products
+            return self.out_proj(kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask))
         q, k, v = (p(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hs)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)                       # (B, nh, T, T)
