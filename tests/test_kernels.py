@@ -212,3 +212,29 @@ def test_threaded_kernels_run_on_several_cores_with_the_serial_results(monkeypat
     assert len(submitted) == kernels._threads("CPU") - 1
     np.testing.assert_array_equal(threaded, serial)
     np.testing.assert_allclose(threaded, x.astype(np.float64) @ w.T, rtol=0, atol=4e-6 * np.abs(x @ w.T).max())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_threaded_kernels_run_in_a_forked_child():
+    """A child forked after the thread pool was made has none of its threads: it must make its own
+    pool, not queue work for threads that do not exist (which would hang)."""
+    import os
+    import signal
+    from tinyclip import _tinygrad
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, 64), dtype=np.float32)
+    w = rng.standard_normal((64, 64), dtype=np.float32)
+    with Context(DEV="CPU:CLANG"):
+        panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
+        parent = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()   # compiled, pool made
+        assert _tinygrad._cpu_pool is not None
+        pid = os.fork()
+        if pid == 0:   # the child: same kernel (already compiled), no pytest machinery after this
+            signal.alarm(60)
+            try:
+                child = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+                os._exit(0 if np.array_equal(child, parent) else 3)
+            except BaseException:
+                os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

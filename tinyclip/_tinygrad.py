@@ -345,7 +345,7 @@ def _coalesce_wide(sink):
 # and call 0 in the caller, and returns when all are done. ctypes releases the GIL while the
 # compiled function runs, and the calls write disjoint parts of the output: the results are the
 # same, only computed at the same time. Kernels without core_id run as before.
-_cpu_pool = None
+_cpu_pool = None   # (pid that made it, ThreadPoolExecutor)
 
 
 def use_parallel_threads() -> None:
@@ -379,8 +379,11 @@ def use_parallel_threads() -> None:
 
 
 def _thread_pool():
+    """The helper threads, NUM_CPU_THREADS - 1 of them (tinygrad's count, which respects cgroup
+    limits); made again in a forked child, where the parent's threads do not exist."""
     global _cpu_pool
-    if _cpu_pool is None:
-        _cpu_pool = concurrent.futures.ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1),
-                                                          thread_name_prefix="tinyclip-cpu")
-    return _cpu_pool
+    if _cpu_pool is None or _cpu_pool[0] != os.getpid():
+        from tinygrad.helpers import NUM_CPU_THREADS
+        _cpu_pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max(1, NUM_CPU_THREADS.value - 1),
+                                                                        thread_name_prefix="tinyclip-cpu"))
+    return _cpu_pool[1]

@@ -2,7 +2,7 @@
 
 Profiling ViT-B/32 (benchmarks/kernel_profile.py) puts about 89% of the image
 tower's time in its linear layers, and tinygrad 0.14's default CPU kernel for
-`x @ W.T` runs them at 3-5 GFLOPS. Four things matter:
+`x @ W.T` runs them at 3-5 GFLOPS. Five things matter:
 
 - Layout. With W as (out, in) or (in, out), a register tile of P outputs walks
   P rows of W, or one row 12 KB apart per step of the reduction: every step
@@ -15,13 +15,18 @@ tower's time in its linear layers, and tinygrad 0.14's default CPU kernel for
 - Vector width. tinygrad's C and LLVM renderers group float loads into vectors
   of at most 4 lanes, so every FMA would be 128 bits wide: half of AVX2. For
   kernels named panel_*, tinyclip/_tinygrad.py groups them into 8 lanes.
+- Threads. tinygrad 0.14 runs the THREAD parts of a CPU kernel one after the
+  other on one core; tinyclip/_tinygrad.py runs them at the same time.
 - Loop order. With few rows (batch 1) each row tile would sweep the whole
   weight from memory; those loop over panels outside rows instead.
 
-Measured on the 1600x768 @ 768x3072 product of ViT-B/32 at batch 32 (2 cores,
-float32): default kernel about 5 GFLOPS; panels with 4-lane vectors and 4x8
-tiles 32-38; 8-lane vectors and 4x16 tiles 60-77 (torch: about 140). At batch
-1 (50 rows) the panels-outside order takes 35 to 55 GFLOPS.
+Measured on the 1600x768 @ 768x3072 product of ViT-B/32 at batch 32 (float32,
+this 2-core AVX2 machine): default kernel about 5 GFLOPS; panels with 4-lane
+vectors and 4x8 tiles 32-38; 8-lane vectors and 4x16 tiles 60-77 on one core;
+on both cores about 100 (torch: about 100-120; the machine's FMA peak is about
+165). At batch 1 (50 rows) the panels-outside order takes 35 to 55 GFLOPS on one core.
+
+The attention products (`attention`) use the same tiles, per batch and head.
 
 The kernel is written with tinygrad's UOp custom-kernel API
 (`Tensor.custom_kernel`, `UOp.range`, `KernelInfo(opts_to_apply=...)`), which
