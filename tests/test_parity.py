@@ -142,7 +142,11 @@ def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
     ids = model.tokenize(["a cat", "a photo of a dog on a sofa"])
     np.testing.assert_array_equal(model.runner.pool_positions(ids), [3, 9])
     model.encode_text(ids)
-    assert ("text", 2, 12) in model.runner._jits     # 10 positions, rounded up to a multiple of 4
+    assert ("text", 2, 10) in model.runner._jits     # 10 positions: a length a text batch runs at
+    longer = model.tokenize(["a photo of a dog on a red sofa"])
+    np.testing.assert_array_equal(model.runner.pool_positions(longer), [10])
+    model.encode_text(longer)
+    assert ("text", 1, 12) in model.runner._jits     # 11 positions, rounded up to the next length: 12
 
 
 @pytest.mark.parametrize("ids, match", [

@@ -108,7 +108,7 @@ def test_an_untuned_capture_never_replaces_a_tuned_graph(tuned, micro, tmp_path,
 @pytest.mark.parametrize("args, env, message", [
     (["--beam", "0"], {}, "--beam must be at least 1"),
     (["--batch", "0,4"], {}, "--batch 0,4: expected comma-separated positive numbers"),
-    (["--text-length", "10"], {}, "--text-length 10: texts of this model run at lengths 4, 8, 12"),
+    (["--text-length", "11"], {}, "--text-length 11: texts of this model run at lengths 4, 6, 8, 10, 12, 14, 16"),
     ([], {"TINYCLIP_GRAPH_CACHE": "0"}, "the graph cache is switched off"),
 ])
 def test_bad_arguments_fail_in_one_line_before_the_model_loads(micro, capsys, monkeypatch, args, env, message):

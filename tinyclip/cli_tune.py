@@ -22,7 +22,7 @@ import sys
 from .tasks import UsageError
 
 DEFAULT_BATCHES = "1,32"
-DEFAULT_TEXT_LENGTHS = "8,12"
+DEFAULT_TEXT_LENGTHS = "8,10,12"
 DEFAULT_BEAM = 2
 
 EPILOG = f"""\
@@ -33,9 +33,9 @@ examples:
 
 A batch of n runs in the graph of the smallest power of two >= n, capped at the --batch-size it is
 run with (`tinyclip embed --batch-size 32` with 32 images: 32; with 5: 8); tune the batches you
-run. A text runs at the length up to its end token rounded up to a multiple of 4, or at the
-context length (77 for OpenAI's CLIPs): prompts like "a photo of a dog" run at 8 or 12, most
-captions at 12 to 24. Graphs are stored per model architecture, backend and dtype under
+run. A text runs at the length up to its end token rounded up to a step of 2 positions up to 20,
+4 up to 40 and 8 beyond, or at the context length (77 for OpenAI's CLIPs): prompts like "a photo
+of a dog" run at 8, most captions at 12 to 24. Graphs are stored per model architecture, backend and dtype under
 $TINYCLIP_CACHE_DIR/graphs (default: ~/.cache/tinyclip/graphs); a search takes minutes per
 graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --text-length {DEFAULT_TEXT_LENGTHS},
 --beam {DEFAULT_BEAM}.
@@ -113,7 +113,7 @@ def run(args) -> int:
 
 def _keys(config, batches: list[int], lengths: list[int] | None, only: str | None) -> list[tuple]:
     """The runner keys to tune, after checking the text lengths against the config's context length."""
-    from .runner import TEXT_STEP, text_lengths
+    from .runner import text_lengths
     context = config.text_config.max_position_embeddings
     valid = text_lengths(context)
     if lengths is None:
@@ -121,8 +121,8 @@ def _keys(config, batches: list[int], lengths: list[int] | None, only: str | Non
     for length in lengths:
         if length not in valid:
             raise UsageError(f"--text-length {length}: texts of this model run at lengths "
-                             f"{', '.join(map(str, valid))} (multiples of {TEXT_STEP} below the context length "
-                             f"{context}, and it)")
+                             f"{', '.join(map(str, valid))} (steps of 2 up to 20, 4 up to 40, then 8, below the "
+                             f"context length {context}, and it)")
     keys = [] if only == "text" else [("image", b) for b in batches]
     if only != "image":
         keys += [("text", b, length) for b in batches for length in lengths]
