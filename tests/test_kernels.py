@@ -238,3 +238,31 @@ def test_threaded_kernels_run_in_a_forked_child():
                 os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# (rows, width): text and image shapes (rows split between threads), the narrowest width (two steps
+# of 8), rows that do not split between two threads, one row.
+@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("rows,width", [(320, 512), (50, 768), (6, 16), (7, 24), (1, 32)])
+def test_layer_norm_equals_the_default_kernels_and_float64(renderer, rows, width):
+    rng = np.random.default_rng(rows + width)
+    x = (rng.standard_normal((rows, width)) * 3 + 2).astype(np.float32)   # a mean far from 0
+    w, b = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
+    with Context(DEV=renderer):
+        xt, wt, bt = (Tensor(t, device="CPU") for t in (x, w, b))
+        got = kernels.layer_norm(xt.reshape(1, rows, width), wt, bt, 1e-5).numpy()
+        default = (xt.layernorm(eps=1e-5) * wt + bt).numpy()
+    x64 = x.astype(np.float64)
+    exact = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w + b
+    scale = np.abs(exact).max()
+    assert got.shape == (1, rows, width)
+    assert np.abs(got[0] - default).max() <= 1e-6 * scale
+    assert np.abs(got[0] - exact).max() <= 1e-6 * scale
+
+
+def test_layer_norm_refuses_a_width_it_cannot_tile():
+    with Context(DEV="CPU:CLANG"):
+        for width in (8, 20):
+            x, w = Tensor.zeros(2, width, device="CPU"), Tensor.ones(width, device="CPU")
+            with pytest.raises(ValueError, match=f"width {width} is not a multiple of 8 of at least 16"):
+                kernels.layer_norm(x, w, w, 1e-5)

@@ -156,6 +156,39 @@ def _threads(device: str) -> int:
 
 
 
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (16, 24, 32, ... long), float32,
+    in one kernel: tinygrad's default takes three (mean, variance, output), whose sums add one value
+    at a time (each add waits for the last: about 2 GFLOPS). Here each row's mean and variance are
+    sums kept in eight lanes, added together at the end, and rows are split between threads."""
+    *lead, C = x.shape
+    R = math.prod(lead)
+    lanes = 8
+    if C % lanes or C < 2 * lanes:
+        raise ValueError(f"layer_norm: width {C} is not a multiple of {lanes} of at least {2 * lanes}")
+
+    def kernel(out: UOp, X: UOp, W: UOp, Bias: UOp) -> UOp:
+        r = UOp.range(R, 0, AxisType.WEAK)
+
+        def row_sum(value, first_axis):   # sum over the row of value(column), in `lanes` partial sums
+            lane, step = UOp.range(lanes, first_axis, AxisType.REDUCE), UOp.range(C // lanes, first_axis + 1, AxisType.REDUCE)
+            return value(step * lanes + lane).reduce(step, arg=Ops.ADD, dtype=dtypes.float32).reduce(
+                lane, arg=Ops.ADD, dtype=dtypes.float32)
+
+        mean = row_sum(lambda c: X[r * C + c], 1) * (1.0 / C)
+        var = row_sum(lambda c: (X[r * C + c] - mean) * (X[r * C + c] - mean), 3) * (1.0 / C)
+        c = UOp.range(C, 5, AxisType.WEAK)
+        y = (X[r * C + c] - mean) / (var + eps).sqrt() * W[c] + Bias[c]
+        opts = [Opt(OptOps.UNROLL, 0, lanes), Opt(OptOps.UNROLL, 1, lanes), Opt(OptOps.UPCAST, 1 if R > 1 else 0, lanes)]
+        if (threads := _threads(x.device)) > 1 and R % threads == 0:
+            opts.append(Opt(OptOps.THREAD, 0, threads))
+        store = out[r * C + c].store(y).end(r, c)
+        return store.sink(arg=KernelInfo(name=f"panel_layernorm_{R}_{C}", opts_to_apply=tuple(opts)))
+
+    out = Tensor.empty(R * C, dtype=dtypes.float32, device=x.device)
+    return out.custom_kernel(x.reshape(-1), weight, bias, fxn=kernel)[0].reshape(*lead, C)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v per head, for (B, T, C) float32 projections; (B, T, C).
 

@@ -79,12 +79,21 @@ def _store_panels(layer, dense: Tensor) -> None:
 
 
 class LayerNorm:
+    """Over the last axis, in float32 whatever the weights' dtype. to_panels() moves a float32 one
+    whose width is a multiple of 8 from 16 onto tinyclip.kernels.layer_norm (one kernel, not three)."""
+
     def __init__(self, dim: int, eps: float, dtype: DType, device: str):
         self.weight, self.bias, self.eps = _param((dim,), dtype, device), _param((dim,), dtype, device), eps
+        self.fused = False
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.fused and x.dtype == dtypes.float32:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
         y = x.float().layernorm(eps=self.eps) * self.weight.float() + self.bias.float()
         return y.cast(x.dtype)
+
+    def to_panels(self) -> None:
+        self.fused = self.weight.dtype == dtypes.float32 and self.weight.shape[0] % 8 == 0 and self.weight.shape[0] >= 16
 
 
 class Embedding:
@@ -257,9 +266,10 @@ class CLIPModel:
         self.logit_scale = _param((), dtype, device)
 
     def to_panels(self) -> None:
-        """Store every float32 Linear's weight as panels for tinyclip.kernels (after loading)."""
+        """Move every float32 layer onto tinyclip.kernels (after loading): Linear weights stored as
+        panels, layer norms on the one-kernel layer_norm."""
         for layer in _walk(self):
-            if isinstance(layer, (Linear, Conv2dPatch)):
+            if isinstance(layer, (Linear, Conv2dPatch, LayerNorm)):
                 layer.to_panels()
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
