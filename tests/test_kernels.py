@@ -162,9 +162,9 @@ def _attention_float64(q, k, v, heads, causal):
 
 # (batch, positions, width, heads, causal): ViT-B/32's 50 positions (8-key tiles, padded query rows),
 # a text length with 16-key tiles, 77 positions, a head width of 12 (4-lane value tiles), one batch
-# and one head.
+# and one head, one position (no tile of rows).
 ATTENTION_SHAPES = [(2, 50, 128, 2, False), (3, 12, 64, 4, True), (1, 77, 64, 2, True), (2, 17, 48, 4, False),
-                    (1, 5, 32, 1, True)]
+                    (1, 5, 32, 1, True), (2, 1, 32, 2, False)]
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)

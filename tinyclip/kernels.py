@@ -91,23 +91,22 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Te
     elementwise function written with tinygrad's shared Tensor/UOp methods (model.activation),
     runs on each output in registers before it is stored.
 
-    Rows are padded to a multiple of ROWS (zeros, dropped from the output), so the
-    register tile always fits; each output is one float32 sum over the inputs in
-    order (tinygrad's default kernel sums in another order: float32 rounding apart)."""
+    The row loop runs to a multiple of ROWS, so the register tile always fits: rows past the last
+    read the last row and are not stored (no padded copy of the input, no slice of the output).
+    Each output is one float32 sum over the inputs in order (tinygrad's default kernel sums in
+    another order: float32 rounding apart)."""
     *lead, K = x.shape
     n_panels, K2, P = panels.shape
     if K != K2:
         raise ValueError(f"panel_linear: input has {K} features, weight expects {K2}")
     M, N = math.prod(lead), n_panels * P
-    Mp = -(-M // ROWS) * ROWS
-    rows = x.reshape(M, K)
-    if Mp != M:
-        rows = rows.pad(((0, Mp - M), (0, 0)))
+    rows = ROWS if M > 1 else 1   # one row: no tile of rows (its loop would fold away)
+    Mp = -(-M // rows) * rows
     # A few rows (batch 1) sweep the weight once per row tile, from memory: then the loop over
     # panels goes outside, so each panel stays in cache while every row tile uses it. Many rows do
     # better the other way round, their tile's inputs staying in cache while the panels stream past.
     order = ("panels", "rows") if Mp * K * 4 <= PANELS_OUTER_BYTES else ("rows", "panels")
-    opts = _opts(order, Mp // ROWS, n_panels, P, _threads(x.device))
+    opts = _opts(order, Mp // rows, rows, n_panels, P, _threads(x.device))
     name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "") + ("_act" if act else "")
 
     def kernel(C: UOp, A: UOp, B: UOp, *bias_uop: UOp) -> UOp:
@@ -115,33 +114,33 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Te
         panel = UOp.range(n_panels, order.index("panels"), AxisType.WEAK)
         col = UOp.range(P, 2, AxisType.WEAK)
         k = UOp.range(K, 3, AxisType.REDUCE)
-        acc = (A[m * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
+        row = m.minimum(M - 1) if Mp != M else m
+        acc = (A[row * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
         if bias_uop:
             acc = acc + bias_uop[0][panel * P + col]
         if act is not None:
             acc = act(acc)
-        store = C[m * N + panel * P + col].store(acc).end(m, panel, col)
+        at = m * N + panel * P + col
+        store = C[at.valid(m < M) if Mp != M else at].store(acc).end(m, panel, col)
         return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
 
-    out = Tensor.empty(Mp * N, dtype=dtypes.float32, device=x.device)
-    inputs = [rows.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else [])
-    out = out.custom_kernel(*inputs, fxn=kernel)[0].reshape(Mp, N)
-    if Mp != M:
-        out = out[:M]
-    return out.reshape(*lead, N)
+    out = Tensor.empty(M * N, dtype=dtypes.float32, device=x.device)
+    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else [])
+    return out.custom_kernel(*inputs, fxn=kernel)[0].reshape(*lead, N)
 
 
-def _opts(order: tuple[str, str], row_tiles: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
-    """Upcast the panel's columns and ROWS rows into registers, then split row tiles or panels
+def _opts(order: tuple[str, str], row_tiles: int, rows: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
+    """Upcast the panel's columns and `rows` rows into registers, then split row tiles or panels
     between threads. Opt axes count the kernel's loops of size > 1, in order (`order`, then
     columns), and a loop that an upcast uses up entirely drops out of that count."""
-    sizes = {"rows": row_tiles * ROWS, "panels": n_panels, "cols": width}
+    sizes = {"rows": row_tiles * rows, "panels": n_panels, "cols": width}
     loops = [name for name in (*order, "cols") if sizes[name] > 1]
     opts = [Opt(OptOps.UPCAST, loops.index("cols"), 0)]
     loops.remove("cols")
-    opts.append(Opt(OptOps.UPCAST, loops.index("rows"), ROWS))
-    if row_tiles == 1:
-        loops.remove("rows")
+    if rows > 1:
+        opts.append(Opt(OptOps.UPCAST, loops.index("rows"), rows))
+        if row_tiles == 1:
+            loops.remove("rows")
     if threads > 1:
         if n_panels % threads == 0 and "panels" in loops:
             opts.append(Opt(OptOps.THREAD, loops.index("panels"), threads))
@@ -229,7 +228,7 @@ def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...],
     for dims (B, heads, M, N, width, K): tiles of ROWS rows (8 when `width` is 8, to keep eight
     accumulators) by `width` columns in registers, batches (else heads) split between threads."""
     B, H, M, N, width, K = dims
-    rows = 8 if width == 8 else ROWS
+    rows = 1 if M == 1 else 8 if width == 8 else ROWS
     Mp = -(-M // rows) * rows
 
     def kernel(out: UOp, lhs: UOp, rhs: UOp) -> UOp:
@@ -256,7 +255,7 @@ def _head_opts(B: int, H: int, Mp: int, rows: int, N: int, width: int, device: s
         opts.append(Opt(OptOps.UPCAST, loops.index("n"), width))
         if N == width:
             loops.remove("n")
-    if Mp > 1:
+    if rows > 1:
         opts.append(Opt(OptOps.UPCAST, loops.index("i"), rows))
         if Mp == rows:
             loops.remove("i")
