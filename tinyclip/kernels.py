@@ -230,7 +230,7 @@ def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...],
     for dims (B, heads, M, N, width, K): tiles of ROWS rows (8 when `width` is 8, to keep eight
     accumulators) by `width` columns in registers, batches (else heads) split between threads."""
     B, H, M, N, width, K = dims
-    rows = 1 if M == 1 else 8 if width == 8 else ROWS
+    rows = 8 if width == 8 else ROWS
     Mp = -(-M // rows) * rows
 
     def kernel(out: UOp, lhs: UOp, rhs: UOp) -> UOp:
