@@ -192,42 +192,55 @@ def test_attention_equals_the_default_kernels_and_float64(renderer, batch, posit
 
 def test_threaded_kernels_run_on_several_cores_with_the_serial_results(monkeypatch):
     """tinygrad runs a THREAD-split CPU kernel's parts one after the other; _tinygrad.use_parallel_threads
-    hands parts 1..n-1 to a thread pool. Same numbers, bit for bit, as the serial calls."""
+    hands parts 1..n-1 to helper threads. Same numbers, bit for bit, as the serial calls. A kernel
+    under kernels.THREAD_MIN_US is not split."""
     from tinygrad.runtime import ops_cpu
     from tinyclip import _tinygrad
-    if kernels._threads("CPU") < 2:
+    threads = kernels._threads("CPU")
+    if threads < 2:
         pytest.skip("one core: tinygrad makes no THREAD-split kernels")
+
+    class Recording:   # the helpers' task queue, recording each part handed over
+        def __init__(self, tasks):
+            self.tasks, self.parts = tasks, []
+
+        def put(self, task):
+            self.parts.append(task[1][-1].value)   # core_id, the kernel's last argument
+            self.tasks.put(task)
+
+    recording = Recording(_tinygrad._helper_tasks())
+    monkeypatch.setattr(_tinygrad, "_helper_tasks", lambda: recording)
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((64, 96), dtype=np.float32)
-    w = rng.standard_normal((256, 96), dtype=np.float32)
-    pool, submitted = _tinygrad._thread_pool(), []
-    submit = pool.submit
-    monkeypatch.setattr(pool, "submit", lambda *a: submitted.append(a[1:]) or submit(*a))
+    x = rng.standard_normal((128, 256), dtype=np.float32)
+    w = rng.standard_normal((512, 256), dtype=np.float32)
     with Context(DEV="CPU:CLANG"):
         panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
+        kernels.panel_linear(Tensor(x[:8, :16], device="CPU"), kernels.to_panels(Tensor(w[:32, :16], device="CPU"), 16),
+                             None).realize()
+        assert recording.parts == [], "a kernel of a few microseconds is not split"
         threaded = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
-        assert submitted == [(tid,) for tid in range(1, kernels._threads("CPU"))]
+        assert recording.parts == list(range(1, threads))
         monkeypatch.setattr(ops_cpu.CPUProgram, "__call__", ops_cpu.CPUProgram.__call__.tinyclip_serial)
         serial = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
-    assert len(submitted) == kernels._threads("CPU") - 1
+    assert recording.parts == list(range(1, threads))
     np.testing.assert_array_equal(threaded, serial)
     np.testing.assert_allclose(threaded, x.astype(np.float64) @ w.T, rtol=0, atol=4e-6 * np.abs(x @ w.T).max())
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
 def test_threaded_kernels_run_in_a_forked_child():
-    """A child forked after the thread pool was made has none of its threads: it must make its own
-    pool, not queue work for threads that do not exist (which would hang)."""
+    """A child forked after the helper threads started has none of them: it must start its own,
+    not queue work for threads that do not exist (which would hang)."""
     import os
     import signal
     from tinyclip import _tinygrad
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((32, 64), dtype=np.float32)
-    w = rng.standard_normal((64, 64), dtype=np.float32)
+    x = rng.standard_normal((128, 256), dtype=np.float32)
+    w = rng.standard_normal((512, 256), dtype=np.float32)
     with Context(DEV="CPU:CLANG"):
         panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
-        parent = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()   # compiled, pool made
-        assert _tinygrad._cpu_pool is not None
+        parent = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()   # compiled, helpers started
+        assert _tinygrad._helpers is not None
         pid = os.fork()
         if pid == 0:   # the child: same kernel (already compiled), no pytest machinery after this
             signal.alarm(60)

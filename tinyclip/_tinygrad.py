@@ -6,10 +6,11 @@ file.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import os
+import queue
 import stat
+import threading
 import time
 import warnings
 
@@ -341,11 +342,13 @@ def _coalesce_wide(sink):
 # A kernel given the THREAD opt takes a `core_id` argument and computes 1/n of the output per call.
 # tinygrad 0.14's CPUProgram.__call__ makes those n calls one after the other in the calling thread,
 # so a CPU kernel uses one core whatever THREAD says (the user time of a ViT-B/32 batch equals its
-# wall time). CPUProgram.__call__ is replaced by one that makes calls 1..n-1 on a pool of threads
-# and call 0 in the caller, and returns when all are done. ctypes releases the GIL while the
-# compiled function runs, and the calls write disjoint parts of the output: the results are the
-# same, only computed at the same time. Kernels without core_id run as before.
-_cpu_pool = None   # (pid that made it, ThreadPoolExecutor)
+# wall time). CPUProgram.__call__ is replaced by one that hands calls 1..n-1 to helper threads,
+# makes call 0 itself and returns when all are done. ctypes releases the GIL while the compiled
+# function runs, and the calls write disjoint parts of the output: the results are the same, only
+# computed at the same time. Kernels without core_id run as before.
+# The helpers take (function, arguments, reply queue) from a queue and call the compiled function
+# directly: a hand-off costs a thread wake-up (tens of microseconds here), not a Future.
+_helpers = None   # (pid that started them, task queue)
 
 
 def use_parallel_threads() -> None:
@@ -361,29 +364,41 @@ def use_parallel_threads() -> None:
             return serial_call(self, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait,
                                timeout=timeout)
         start = time.perf_counter()
-        args = [int(b.va_addr) for b in bufs] + list(vals)   # vals holds None at core_id's slot
-
-        def run(tid: int) -> None:
-            self.fxn(*[ctypes.c_uint64(tid if i == slot else a) for i, a in enumerate(args)])
-
-        helpers = [_thread_pool().submit(run, tid) for tid in range(1, global_size[0])]
+        args = [ctypes.c_uint64(b.va_addr) for b in bufs] + [None if v is None else ctypes.c_uint64(v) for v in vals]
+        tasks, done = _helper_tasks(), queue.SimpleQueue()   # this call's parts report to this call
+        for tid in range(1, global_size[0]):
+            tasks.put((self.fxn, (*args[:slot], ctypes.c_uint64(tid), *args[slot + 1:]), done))
         try:
-            run(0)
+            self.fxn(*args[:slot], ctypes.c_uint64(0), *args[slot + 1:])
         finally:
-            for done in helpers:
-                done.result()
+            errors = [e for e in (done.get() for _ in range(1, global_size[0])) if e is not None]
+        if errors:
+            raise errors[0]
         return time.perf_counter() - start if wait else None
 
     __call__.tinyclip_parallel, __call__.tinyclip_serial = True, serial_call
     ops_cpu.CPUProgram.__call__ = __call__
 
 
-def _thread_pool():
-    """The helper threads, NUM_CPU_THREADS - 1 of them (tinygrad's count, which respects cgroup
-    limits); made again in a forked child, where the parent's threads do not exist."""
-    global _cpu_pool
-    if _cpu_pool is None or _cpu_pool[0] != os.getpid():
+def _helper_tasks() -> queue.SimpleQueue:
+    """The helper threads' task queue: NUM_CPU_THREADS - 1 daemon threads (tinygrad's count, which
+    respects cgroup limits), started again in a forked child, where the parent's threads do not
+    exist."""
+    global _helpers
+    if _helpers is None or _helpers[0] != os.getpid():
         from tinygrad.helpers import NUM_CPU_THREADS
-        _cpu_pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(max(1, NUM_CPU_THREADS.value - 1),
-                                                                        thread_name_prefix="tinyclip-cpu"))
-    return _cpu_pool[1]
+        tasks = queue.SimpleQueue()
+        for i in range(max(1, NUM_CPU_THREADS.value - 1)):
+            threading.Thread(target=_helper, args=(tasks,), name=f"tinyclip-cpu-{i}", daemon=True).start()
+        _helpers = (os.getpid(), tasks)
+    return _helpers[1]
+
+
+def _helper(tasks: queue.SimpleQueue) -> None:
+    while True:
+        fxn, args, done = tasks.get()
+        try:
+            fxn(*args)
+            done.put(None)
+        except BaseException as e:   # reported by the caller, which waits for every part
+            done.put(e)

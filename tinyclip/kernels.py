@@ -45,6 +45,7 @@ from . import _tinygrad
 PANELS = (16, 8)   # output columns per panel, widest first: 16 is two 8-lane vectors per row
 ROWS = 4           # output rows per register tile
 PANELS_OUTER_BYTES = 1 << 20   # inputs up to this size: loop over panels outside rows (see panel_linear)
+THREAD_MIN_US = 200            # kernels shorter than this on one core run on one thread (see _threads)
 
 _tinygrad.use_wide_vectors()       # 8-lane float vectors for the panel_* kernels on CPU renderers
 _tinygrad.use_parallel_threads()   # THREAD-split CPU kernels run on as many cores (tinygrad runs them on one)
@@ -106,7 +107,7 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Te
     # panels goes outside, so each panel stays in cache while every row tile uses it. Many rows do
     # better the other way round, their tile's inputs staying in cache while the panels stream past.
     order = ("panels", "rows") if Mp * K * 4 <= PANELS_OUTER_BYTES else ("rows", "panels")
-    opts = _opts(order, Mp // rows, rows, n_panels, P, _threads(x.device))
+    opts = _opts(order, Mp // rows, rows, n_panels, P, _threads(x.device, M * N * K / 40e3))   # ~40 GMAC/s a core
     name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "") + ("_act" if act else "")
 
     def kernel(C: UOp, A: UOp, B: UOp, *bias_uop: UOp) -> UOp:
@@ -129,7 +130,8 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Te
     return out.custom_kernel(*inputs, fxn=kernel)[0].reshape(*lead, N)
 
 
-def _opts(order: tuple[str, str], row_tiles: int, rows: int, n_panels: int, width: int, threads: int) -> tuple[Opt, ...]:
+def _opts(order: tuple[str, str], row_tiles: int, rows: int, n_panels: int, width: int,
+          threads: int) -> tuple[Opt, ...]:
     """Upcast the panel's columns and `rows` rows into registers, then split row tiles or panels
     between threads. Opt axes count the kernel's loops of size > 1, in order (`order`, then
     columns), and a loop that an upcast uses up entirely drops out of that count."""
@@ -149,9 +151,14 @@ def _opts(order: tuple[str, str], row_tiles: int, rows: int, n_panels: int, widt
     return tuple(opts)
 
 
-def _threads(device: str) -> int:
+def _threads(device: str, microseconds: float = math.inf) -> int:
+    """Threads to split a kernel between: the CPU's, unless the kernel would take under
+    THREAD_MIN_US on one core, where waking a helper thread (about 100 us on this VM) costs more
+    than it saves."""
     limit = getattr(Device[device].renderer, "global_max", None)
-    return int(limit[0]) if limit and getattr(Device[device].renderer, "has_threads", False) else 1
+    if microseconds < THREAD_MIN_US or not (limit and getattr(Device[device].renderer, "has_threads", False)):
+        return 1
+    return int(limit[0])
 
 
 
@@ -170,7 +177,8 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         r = UOp.range(R, 0, AxisType.WEAK)
 
         def row_sum(value, first_axis):   # sum over the row of value(column), in `lanes` partial sums
-            lane, step = UOp.range(lanes, first_axis, AxisType.REDUCE), UOp.range(C // lanes, first_axis + 1, AxisType.REDUCE)
+            lane = UOp.range(lanes, first_axis, AxisType.REDUCE)
+            step = UOp.range(C // lanes, first_axis + 1, AxisType.REDUCE)
             return value(step * lanes + lane).reduce(step, arg=Ops.ADD, dtype=dtypes.float32).reduce(
                 lane, arg=Ops.ADD, dtype=dtypes.float32)
 
@@ -178,8 +186,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
         var = row_sum(lambda c: (X[r * C + c] - mean) * (X[r * C + c] - mean), 3) * (1.0 / C)
         c = UOp.range(C, 5, AxisType.WEAK)
         y = (X[r * C + c] - mean) / (var + eps).sqrt() * W[c] + Bias[c]
-        opts = [Opt(OptOps.UNROLL, 0, lanes), Opt(OptOps.UNROLL, 1, lanes), Opt(OptOps.UPCAST, 1 if R > 1 else 0, lanes)]
-        if (threads := _threads(x.device)) > 1 and R % threads == 0:
+        opts = [Opt(OptOps.UNROLL, 0, lanes), Opt(OptOps.UNROLL, 1, lanes),      # the two sums' lanes
+                Opt(OptOps.UPCAST, 1 if R > 1 else 0, lanes)]                    # the output's columns
+        if (threads := _threads(x.device, R * C / 1e3)) > 1 and R % threads == 0:   # ~1 ns a value
             opts.append(Opt(OptOps.THREAD, 0, threads))
         store = out[r * C + c].store(y).end(r, c)
         return store.sink(arg=KernelInfo(name=f"panel_layernorm_{R}_{C}", opts_to_apply=tuple(opts)))
@@ -215,9 +224,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) 
     if mask is not None:
         scores = scores + mask
     attn = scores.softmax(-1).contiguous()                                       # (B, heads, T, T)
+    value_width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
     out = _head_product(
-        f"panel_values_{B}_{heads}_{T}_{d}", attn, v, (B, heads, T, d, next(w for w in (16, 8, 4, 2, 1) if d % w == 0), T),
-        B * T * C,
+        f"panel_values_{B}_{heads}_{T}_{d}", attn, v, (B, heads, T, d, value_width, T), B * T * C,
         left_at=lambda b, h, i, j: (b * heads + h) * (T * T) + i * T + j,
         right_at=lambda b, h, c, j: b * (T * C) + j * C + h * d + c,
         out_at=lambda b, h, i, c: b * (T * C) + i * C + h * d + c)
@@ -242,13 +251,13 @@ def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...],
             acc = acc * scale
         at = out_at(b, h, i, n)
         store = out[at.valid(i < M) if Mp != M else at].store(acc).end(b, h, i, n)
-        return store.sink(arg=KernelInfo(name=name, opts_to_apply=_head_opts(B, H, Mp, rows, N, width, left.device)))
+        return store.sink(arg=KernelInfo(name=name, opts_to_apply=_head_opts(B, H, Mp, rows, N, width, K, left.device)))
 
     result = Tensor.empty(size, dtype=dtypes.float32, device=left.device)
     return result.custom_kernel(left.reshape(-1), right.reshape(-1), fxn=kernel)[0]
 
 
-def _head_opts(B: int, H: int, Mp: int, rows: int, N: int, width: int, device: str) -> tuple[Opt, ...]:
+def _head_opts(B: int, H: int, Mp: int, rows: int, N: int, width: int, K: int, device: str) -> tuple[Opt, ...]:
     """Like _opts: upcast `width` columns and `rows` rows, then thread over batches, else heads."""
     sizes = {"b": B, "h": H, "i": Mp, "n": N}
     loops = [name for name, n in sizes.items() if n > 1]
@@ -261,7 +270,7 @@ def _head_opts(B: int, H: int, Mp: int, rows: int, N: int, width: int, device: s
         opts.append(Opt(OptOps.UPCAST, loops.index("i"), rows))
         if Mp == rows:
             loops.remove("i")
-    threads = _threads(device)
+    threads = _threads(device, B * H * Mp * N * K / 10e3)   # ~10 GMAC/s a core at these short sums
     for name in ("b", "h"):
         if threads > 1 and name in loops and sizes[name] % threads == 0:
             opts.append(Opt(OptOps.THREAD, loops.index(name), threads))
