@@ -279,3 +279,19 @@ def test_layer_norm_refuses_a_width_it_cannot_tile():
             x, w = Tensor.zeros(2, width, device="CPU"), Tensor.ones(width, device="CPU")
             with pytest.raises(ValueError, match=f"width {width} is not a multiple of 8 of at least 16"):
                 kernels.layer_norm(x, w, w, 1e-5)
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+@pytest.mark.parametrize("rows", [50, 64])   # rows past the last tile (read clamped) and whole tiles
+def test_panel_linear_adds_the_residual_like_a_separate_add(renderer, rows):
+    rng = np.random.default_rng(rows)
+    x, skip = rng.standard_normal((2, rows, 48), dtype=np.float32), rng.standard_normal((2, rows, 32), dtype=np.float32)
+    w, b = rng.standard_normal((32, 48), dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
+    with Context(DEV=renderer):
+        panels, bt = kernels.to_panels(Tensor(w, device="CPU"), 16).realize(), Tensor(b, device="CPU")
+        xt, st = Tensor(x, device="CPU"), Tensor(skip, device="CPU")
+        fused = kernels.panel_linear(xt, panels, bt, kernels.quick_gelu, residual=st).numpy()
+        separate = (kernels.panel_linear(xt, panels, bt, kernels.quick_gelu) + st).numpy()
+        with pytest.raises(ValueError, match=r"residual has shape \(2, 50\), the output \(2, .*, 32\)"):
+            kernels.panel_linear(xt, panels, bt, residual=Tensor.zeros(2, 50, device="CPU"))
+    np.testing.assert_array_equal(fused, separate)   # the same float32 operations in the same order

@@ -87,10 +87,11 @@ def quick_gelu(x):
     return x / (1.0 + p * ((n + 127) << 23).bitcast(dtypes.float32))
 
 
-def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Tensor:
-    """act(x @ W.T + bias) for W stored by to_panels; float32, any leading dimensions. `act`, an
-    elementwise function written with tinygrad's shared Tensor/UOp methods (model.activation),
-    runs on each output in registers before it is stored.
+def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None, residual: Tensor | None = None) -> Tensor:
+    """act(x @ W.T + bias) + residual for W stored by to_panels; float32, any leading dimensions.
+    `act`, an elementwise function written with tinygrad's shared Tensor/UOp methods
+    (model.activation), and the residual (a tensor shaped like the output: a transformer's skip
+    connection) are applied to each output in registers before it is stored.
 
     The row loop runs to a multiple of ROWS, so the register tile always fits: rows past the last
     read the last row and are not stored (no padded copy of the input, no slice of the output).
@@ -108,25 +109,31 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None) -> Te
     # better the other way round, their tile's inputs staying in cache while the panels stream past.
     order = ("panels", "rows") if Mp * K * 4 <= PANELS_OUTER_BYTES else ("rows", "panels")
     opts = _opts(order, Mp // rows, rows, n_panels, P, _threads(x.device, M * N * K / 40e3))   # ~40 GMAC/s a core
-    name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "") + ("_act" if act else "")
+    name = f"panel_linear_{Mp}_{N}_{K}" + ("_bias" if bias is not None else "") + ("_act" if act else "") + \
+        ("_res" if residual is not None else "")
 
-    def kernel(C: UOp, A: UOp, B: UOp, *bias_uop: UOp) -> UOp:
+    def kernel(C: UOp, A: UOp, B: UOp, *extra: UOp) -> UOp:
         m = UOp.range(Mp, order.index("rows"), AxisType.WEAK)
         panel = UOp.range(n_panels, order.index("panels"), AxisType.WEAK)
         col = UOp.range(P, 2, AxisType.WEAK)
         k = UOp.range(K, 3, AxisType.REDUCE)
         row = m.minimum(M - 1) if Mp != M else m
         acc = (A[row * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
-        if bias_uop:
-            acc = acc + bias_uop[0][panel * P + col]
+        if bias is not None:
+            acc = acc + extra[0][panel * P + col]
         if act is not None:
             acc = act(acc)
+        if residual is not None:
+            acc = acc + extra[-1][row * N + panel * P + col]
         at = m * N + panel * P + col
         store = C[at.valid(m < M) if Mp != M else at].store(acc).end(m, panel, col)
         return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
 
     out = Tensor.empty(M * N, dtype=dtypes.float32, device=x.device)
-    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else [])
+    if residual is not None and residual.shape != (*lead, N):
+        raise ValueError(f"panel_linear: residual has shape {residual.shape}, the output {(*lead, N)}")
+    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else []) + \
+        ([residual.reshape(-1)] if residual is not None else [])
     return out.custom_kernel(*inputs, fxn=kernel)[0].reshape(*lead, N)
 
 

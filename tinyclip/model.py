@@ -49,13 +49,15 @@ class Linear:
         self.bias = _param((out_features,), dtype, device) if bias else None
         self.panels = False
 
-    def __call__(self, x: Tensor, act: str | None = None) -> Tensor:
-        """The layer, then the activation `act` (a config hidden_act name) when given: on panels
-        CLIP's quick_gelu runs inside the matmul kernel (kernels.quick_gelu)."""
-        if self.panels and act == "quick_gelu":
-            return kernels.panel_linear(x, self.weight, self.bias, kernels.quick_gelu)
+    def __call__(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+        """The layer, then the activation `act` (a config hidden_act name) when given, then + residual
+        when given: on panels CLIP's quick_gelu (kernels.quick_gelu) and the residual are applied
+        inside the matmul kernel."""
+        if self.panels and act in (None, "quick_gelu"):   # all of it in the matmul kernel
+            return kernels.panel_linear(x, self.weight, self.bias, kernels.quick_gelu if act else None, residual)
         y = kernels.panel_linear(x, self.weight, self.bias) if self.panels else x.linear(self.weight.T, self.bias)
-        return y if act is None else activation(act)(y)
+        y = y if act is None else activation(act)(y)
+        return y if residual is None else y + residual
 
     @property
     def dense_weight(self) -> Tensor:
@@ -110,10 +112,12 @@ class CLIPAttention:
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
             Linear(hidden, hidden, True, dtype, device) for _ in range(4))
 
-    def __call__(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
+        """Self-attention over x, plus `residual` when given (added by out_proj)."""
         B, T, C = x.shape
         if self.q_proj.panels:   # float32 on the CPU: tinyclip.kernels' register-tiled products
-            return self.out_proj(kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask))
+            out = kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask)
+            return self.out_proj(out, residual=residual)
         q, k, v = (p(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)   # (B, nh, T, hs)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         scores = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)                       # (B, nh, T, T)
@@ -121,7 +125,7 @@ class CLIPAttention:
             scores = scores + mask
         attn = scores.float().softmax(-1).cast(v.dtype).contiguous()   # once, not per output column
         out = (attn @ v).transpose(1, 2).reshape(B, T, C)                               # (B, T, C)
-        return self.out_proj(out)
+        return self.out_proj(out, residual=residual)
 
 
 class CLIPMLP:
@@ -131,8 +135,8 @@ class CLIPMLP:
         self.fc1 = Linear(hidden, intermediate, True, dtype, device)
         self.fc2 = Linear(intermediate, hidden, True, dtype, device)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.fc2(self.fc1(x, act=self.act))
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.fc2(self.fc1(x, act=self.act), residual=residual)
 
 
 class CLIPEncoderLayer:
@@ -143,8 +147,8 @@ class CLIPEncoderLayer:
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, device)
 
     def __call__(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = self.self_attn(self.layer_norm1(x), mask, residual=x)      # x + attention(norm(x))
+        return self.mlp(self.layer_norm2(x), residual=x)               # x + mlp(norm(x))
 
 
 class CLIPEncoder:
