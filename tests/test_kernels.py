@@ -295,3 +295,10 @@ def test_panel_linear_adds_the_residual_like_a_separate_add(renderer, rows):
         with pytest.raises(ValueError, match=r"residual has shape \(2, 50\), the output \(2, .*, 32\)"):
             kernels.panel_linear(xt, panels, bt, residual=Tensor.zeros(2, 50, device="CPU"))
     np.testing.assert_array_equal(fused, separate)   # the same float32 operations in the same order
+
+
+def test_attention_refuses_a_mask_it_cannot_apply_per_row():
+    with Context(DEV="CPU:CLANG"):
+        q = Tensor.zeros(2, 6, 16, device="CPU")
+        with pytest.raises(ValueError, match=r"the mask must be \(6, 6\) after leading ones, got \(2, 1, 6, 6\)"):
+            kernels.attention(q, q, q, 2, Tensor.zeros(2, 1, 6, 6, device="CPU"))

@@ -227,10 +227,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) 
         left_at=lambda b, h, i, c: b * (T * C) + i * C + h * d + c,
         right_at=lambda b, h, j, c: (b * heads + h) * (d * Tp) + c * Tp + j,
         out_at=lambda b, h, i, j: (b * heads + h) * (T * Tp) + i * Tp + j, scale=d ** -0.5)
-    scores = scores.reshape(B, heads, T, Tp)[..., :T]
-    if mask is not None:
-        scores = scores + mask
-    attn = scores.softmax(-1).contiguous()                                       # (B, heads, T, T)
+    attn = _softmax_rows(scores, B * heads * T, T, Tp, mask)                      # (B, heads, T, T)
     value_width = next(w for w in (16, 8, 4, 2, 1) if d % w == 0)
     out = _head_product(
         f"panel_values_{B}_{heads}_{T}_{d}", attn, v, (B, heads, T, d, value_width, T), B * T * C,
@@ -238,6 +235,36 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) 
         right_at=lambda b, h, c, j: b * (T * C) + j * C + h * d + c,
         out_at=lambda b, h, i, c: b * (T * C) + i * C + h * d + c)
     return out.reshape(B, T, C)
+
+
+def _softmax_rows(scores: Tensor, R: int, T: int, Tp: int, mask: Tensor | None) -> Tensor:
+    """softmax(scores + mask) over the first T of each row of Tp scores (R rows, R a multiple of T),
+    as tinygrad's Tensor.softmax computes it (x - max, exp, / sum), in one kernel: tinygrad's
+    default takes two and adds one value at a time. `mask` is additive, (T, T) after leading ones
+    (row r uses mask row r % T). Rows are tiled by 4 and split between threads. Output (R, T)."""
+    if mask is not None and (mask.shape[-2:] != (T, T) or math.prod(mask.shape[:-2]) != 1):
+        raise ValueError(f"attention: the mask must be ({T}, {T}) after leading ones, got {mask.shape}")
+    rows = 4 if R % 4 == 0 else 1
+
+    def kernel(out: UOp, S: UOp, *masks: UOp) -> UOp:
+        r = UOp.range(R, 0, AxisType.WEAK)
+
+        def score(j):
+            return S[r * Tp + j] + masks[0][(r % T) * T + j] if masks else S[r * Tp + j]
+
+        j = [UOp.range(T, axis, AxisType.REDUCE if axis < 3 else AxisType.WEAK) for axis in (1, 2, 3)]
+        top = score(j[0]).reduce(j[0], arg=Ops.MAX, dtype=dtypes.float32)
+        total = ((score(j[1]) - top) * (1 / math.log(2))).exp2().reduce(j[1], arg=Ops.ADD, dtype=dtypes.float32)
+        weight = ((score(j[2]) - top) * (1 / math.log(2))).exp2() / total
+        opts = [Opt(OptOps.UPCAST, 0, rows)] if rows > 1 else []
+        if (threads := _threads(scores.device, R * T * 5e-3)) > 1 and (R // rows) % threads == 0:   # ~5 ns a score
+            opts.append(Opt(OptOps.THREAD, 0, threads))
+        store = out[r * T + j[2]].store(weight).end(r, j[2])
+        return store.sink(arg=KernelInfo(name=f"panel_softmax_{R}_{T}", opts_to_apply=tuple(opts)))
+
+    result = Tensor.empty(R * T, dtype=dtypes.float32, device=scores.device)
+    inputs = [scores.reshape(-1)] + ([mask.reshape(-1).cast(dtypes.float32)] if mask is not None else [])
+    return result.custom_kernel(*inputs, fxn=kernel)[0]
 
 
 def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...], size: int,
