@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from tinygrad.helpers import Context
 from tinygrad.nn.state import get_state_dict
 
 import tinyclip
@@ -270,6 +271,8 @@ def test_what_shapes_the_graph_changes_the_file_and_the_weights_do_not(tiny_quic
         "dtype": load(tiny_quick.folder, dtype="float16").runner.graphs.path(("image", 1)),
         "config": load(checkpoint("tiny-gelu", tmp_path_factory).folder).runner.graphs.path(("image", 1)),
     }
+    with Context(NUM_CPU_THREADS=3):   # kernels split between another number of threads
+        others["threads"] = load(tiny_quick.folder).runner.graphs.path(("image", 1))
     if backend.resolve("cpu-llvm").available:
         others["device"] = tinyclip.load(tiny_quick.folder, device="cpu-llvm").runner.graphs.path(("image", 1))
     for what, path in others.items():

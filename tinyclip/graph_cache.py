@@ -22,8 +22,8 @@ graph against 605 MB of weights), and one file serves every checkpoint of the sa
 Which file: a hash of everything that shapes the graph, stored in the header too and compared on
 loading: the architecture (config.json's fields, and each state-dict entry's name, shape and
 dtype, not the values), tinyclip's source files and the backend's, the backend, its device, code
-generator and device model (for CPUs the host CPU: tinygrad compiles for the host's instruction
-set), the compute dtype, the tinygrad and tinyclip versions, and the graph's (tower, batch
+generator and device model (for CPUs the host CPU, as tinygrad compiles for the host's
+instruction set, and the number of threads kernels are split between), the compute dtype, the tinygrad and tinyclip versions, and the graph's (tower, batch
 bucket, text length).
 
 Trust: pickle runs code, and the compiled programs in a file run as they are, so a file is read
@@ -440,14 +440,16 @@ def _tinygrad_version() -> str:
 def _codegen(device: str) -> str:
     """The code generator tinygrad uses for `device` now (inside the backend's context), the device's
     name and architecture where tinygrad knows them (binaries are built for one GPU model), and for
-    CPU devices the host CPU: tinygrad compiles CPU kernels with -march=native."""
+    CPU devices the host CPU (tinygrad compiles CPU kernels with -march=native) and the number of
+    threads kernels are split between (NUM_CPU_THREADS)."""
     from tinygrad import Device
+    from tinygrad.helpers import NUM_CPU_THREADS
     dev = Device[device]
     r = dev.renderer
     what = f"{type(r).__module__}.{type(r).__qualname__}:{getattr(r, 'target', '')}"
     what += "".join(f":{getattr(dev, a)}" for a in ("device_name", "arch") if isinstance(getattr(dev, a, None), str))
     if device.split(":")[0] in ("CPU", "CLANG", "LLVM"):
-        what += f":{_host_cpu()}"
+        what += f":{_host_cpu()}:threads={NUM_CPU_THREADS.value}"
     return what
 
 
