@@ -302,3 +302,20 @@ def test_attention_refuses_a_mask_it_cannot_apply_per_row():
         q = Tensor.zeros(2, 6, 16, device="CPU")
         with pytest.raises(ValueError, match=r"the mask must be \(6, 6\) after leading ones, got \(2, 1, 6, 6\)"):
             kernels.attention(q, q, q, 2, Tensor.zeros(2, 1, 6, 6, device="CPU"))
+
+
+def test_attention_softmax_gives_masked_keys_exactly_zero_weight():
+    """The softmax kernel's exp is kernels._exp2 (clamped at 2**-126), not tinygrad's: a masked (-inf)
+    score must still get a weight of exactly 0, and the others float64's softmax to float32 rounding."""
+    T, Tp, R = 6, 8, 12
+    rng = np.random.default_rng(5)
+    scores = rng.standard_normal((R, Tp), dtype=np.float32) * 30   # exp(score - max) down to ~e**-200
+    mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
+    with Context(DEV="CPU:CLANG"):
+        got = kernels._softmax_rows(Tensor(scores, device="CPU"), R, T, Tp,
+                                    Tensor(mask, device="CPU").reshape(1, 1, T, T)).numpy().reshape(R, T)
+    x = scores[:, :T].astype(np.float64) + np.tile(mask, (R // T, 1))
+    exact = np.exp(x - x.max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    assert np.all(got[np.isinf(x)] == 0)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6)
