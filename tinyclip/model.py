@@ -95,7 +95,8 @@ class LayerNorm:
         return y.cast(x.dtype)
 
     def to_panels(self) -> None:
-        self.fused = self.weight.dtype == dtypes.float32 and self.weight.shape[0] % 8 == 0 and self.weight.shape[0] >= 16
+        width = self.weight.shape[0]
+        self.fused = self.weight.dtype == dtypes.float32 and width % 8 == 0 and width >= 16
 
 
 class Embedding:
