@@ -35,9 +35,9 @@ A batch of n runs in the graph of the smallest power of two >= n, capped at the 
 run with (`tinyclip embed --batch-size 32` with 32 images: 32; with 5: 8); tune the batches you
 run. A text runs at the length up to its end token rounded up to a step of 2 positions up to 20,
 4 up to 40 and 8 beyond, or at the context length (77 for OpenAI's CLIPs): prompts like "a photo
-of a dog" run at 8, most captions at 12 to 24. Graphs are stored per model architecture, backend and dtype under
-$TINYCLIP_CACHE_DIR/graphs (default: ~/.cache/tinyclip/graphs); a search takes minutes per
-graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --text-length {DEFAULT_TEXT_LENGTHS},
+of a dog" run at 8, most captions at 12 to 24. Graphs are stored per model architecture, backend
+and dtype under $TINYCLIP_CACHE_DIR/graphs (default: ~/.cache/tinyclip/graphs); a search takes
+minutes per graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --text-length {DEFAULT_TEXT_LENGTHS},
 --beam {DEFAULT_BEAM}.
 """
 
@@ -121,8 +121,7 @@ def _keys(config, batches: list[int], lengths: list[int] | None, only: str | Non
     for length in lengths:
         if length not in valid:
             raise UsageError(f"--text-length {length}: texts of this model run at lengths "
-                             f"{', '.join(map(str, valid))} (steps of 2 up to 20, 4 up to 40, then 8, below the "
-                             f"context length {context}, and it)")
+                             f"{', '.join(map(str, valid))} (up to the context length {context})")
     keys = [] if only == "text" else [("image", b) for b in batches]
     if only != "image":
         keys += [("text", b, length) for b in batches for length in lengths]

@@ -23,8 +23,8 @@ Which file: a hash of everything that shapes the graph, stored in the header too
 loading: the architecture (config.json's fields, and each state-dict entry's name, shape and
 dtype, not the values), tinyclip's source files and the backend's, the backend, its device, code
 generator and device model (for CPUs the host CPU, as tinygrad compiles for the host's
-instruction set, and the number of threads kernels are split between), the compute dtype, the tinygrad and tinyclip versions, and the graph's (tower, batch
-bucket, text length).
+instruction set, and the number of threads kernels are split between), the compute dtype, the
+tinygrad and tinyclip versions, and the graph's (tower, batch bucket, text length).
 
 Trust: pickle runs code, and the compiled programs in a file run as they are, so a file is read
 only when it and its folder belong to the current user and neither is writable by group or

@@ -106,6 +106,8 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None, resid
     if K != K2:
         raise ValueError(f"panel_linear: input has {K} features, weight expects {K2}")
     M, N = math.prod(lead), n_panels * P
+    if residual is not None and residual.shape != (*lead, N):
+        raise ValueError(f"panel_linear: residual has shape {residual.shape}, the output {(*lead, N)}")
     rows = ROWS if M > 1 else 1   # one row: no tile of rows (its loop would fold away)
     Mp = -(-M // rows) * rows
     # A few rows (batch 1) sweep the weight once per row tile, from memory: then the loop over
@@ -134,8 +136,6 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act=None, resid
         return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
 
     out = Tensor.empty(M * N, dtype=dtypes.float32, device=x.device)
-    if residual is not None and residual.shape != (*lead, N):
-        raise ValueError(f"panel_linear: residual has shape {residual.shape}, the output {(*lead, N)}")
     inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else []) + \
         ([residual.reshape(-1)] if residual is not None else [])
     return out.custom_kernel(*inputs, fxn=kernel)[0].reshape(*lead, N)
@@ -170,7 +170,6 @@ def _threads(device: str, microseconds: float = math.inf) -> int:
     if microseconds < THREAD_MIN_US or not (limit and getattr(Device[device].renderer, "has_threads", False)):
         return 1
     return int(limit[0])
-
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -260,8 +259,9 @@ def _softmax_rows(scores: Tensor, R: int, T: int, Tp: int, mask: Tensor | None) 
 
         j = [UOp.range(T, axis, AxisType.REDUCE if axis < 3 else AxisType.WEAK) for axis in (1, 2, 3)]
         top = score(j[0]).reduce(j[0], arg=Ops.MAX, dtype=dtypes.float32)
-        def exp(j):   # exp(score - top) <= 1; 0 below 2**-126 (masked scores, -inf, included)
-            t = (score(j) - top) * (1 / math.log(2))
+
+        def exp(col):   # exp(score - top) <= 1; 0 below 2**-126 (masked scores, -inf, included)
+            t = (score(col) - top) * (1 / math.log(2))
             return _exp2(t.maximum(-126.0)) * (t > -126.0).cast(dtypes.float32)
 
         total = exp(j[1]).reduce(j[1], arg=Ops.ADD, dtype=dtypes.float32)
