@@ -102,7 +102,7 @@ def resolve_model(name: str) -> tuple[pathlib.Path, str]:
     from tinyclip import hub
     from tinyclip.errors import CheckpointNotFoundError
     try:
-        return hub.resolve(name), ""
+        return hub.locate(name), ""
     except CheckpointNotFoundError as e:
         if name not in ARCHITECTURES:
             raise
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import tinyclip
-    from tinyclip import backend as backends
+    from tinyclip import registry
 
     folder, note = resolve_model(args.model)
     images = [Image.open(p) for p in args.images]
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
     print(f"transformers {transformers.__version__} (torch {torch.__version__}) reference: "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
 
-    devices = args.device or [b.name for b in backends.registered() if b.available]
-    unavailable = [f"{b.name} ({b.unavailable})" for b in backends.registered() if not b.available]
+    devices = args.device or [b.name for b in registry.registered() if b.available]
+    unavailable = [f"{b.name} ({b.unavailable})" for b in registry.registered() if not b.available]
     rel_tol, cos_tol = TOLERANCE[args.dtype]
     print(f"model: {args.model}{' [' + note + ']' if note else ''}  folder: {folder}")
     print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}; tolerance: relative <= {rel_tol:g}, "

@@ -2,7 +2,7 @@
 
 One module per device family. Each registers its Backend classes in setup.cfg
 under the entry-point group `tinyclip.backends`, exactly as a third-party
-plugin would (see tinyclip/backend.py for the interface).
+plugin would (see tinyclip/registry.py for the interface).
 """
 from __future__ import annotations
 

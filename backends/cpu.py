@@ -7,7 +7,7 @@ import shutil
 from tinygrad.helpers import Context
 
 from tinyclip import _tinygrad
-from tinyclip.backend import Backend
+from tinyclip.registry import Backend
 
 
 class CPU(Backend):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from tinyclip import _tinygrad
-from tinyclip.backend import Backend
+from tinyclip.registry import Backend
 
 from . import explain
 

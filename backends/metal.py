@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from tinyclip import _tinygrad
-from tinyclip.backend import Backend
+from tinyclip.registry import Backend
 
 
 class Metal(Backend):

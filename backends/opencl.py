@@ -5,7 +5,7 @@ import ctypes
 import functools
 
 from tinyclip import _tinygrad
-from tinyclip.backend import Backend
+from tinyclip.registry import Backend
 
 from . import explain
 

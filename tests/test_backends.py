@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import tinyclip
-from tinyclip import backend
-from tinyclip.backend import Backend
+from tinyclip import registry
+from tinyclip.registry import Backend
 from tinyclip.errors import BackendError
 from tests.conftest import ROOT
 
@@ -28,7 +28,7 @@ TINYCLIP = [sys.executable, "-m", "tinyclip"]
 
 
 def by_name(name: str) -> Backend:
-    return next(b for b in backend.registered() if b.name == name)
+    return next(b for b in registry.registered() if b.name == name)
 
 
 def require(name: str, dtype: str = "float32") -> Backend:
@@ -74,14 +74,14 @@ def errors(ours, theirs):
 # ---- discovery -----------------------------------------------------------------------------------
 
 def test_builtin_backends_register_through_the_entry_point_group():
-    eps = {ep.name: ep.value for ep in entry_points(group=backend.GROUP)}
+    eps = {ep.name: ep.value for ep in entry_points(group=registry.GROUP)}
     for name in BUILTIN:
         assert eps[name].startswith("tinyclip_backends."), eps
-    assert {b.name for b in backend.registered()} >= set(BUILTIN)
+    assert {b.name for b in registry.registered()} >= set(BUILTIN)
 
 
 def test_every_backend_declares_what_the_interface_asks():
-    for b in backend.registered():
+    for b in registry.registered():
         assert b.name and b.device and b.description, b
         assert b.default_dtype in b.dtypes, b
         assert set(b.dtypes) <= {"float32", "float16"}, b
@@ -89,7 +89,7 @@ def test_every_backend_declares_what_the_interface_asks():
 
 
 def test_dtypes_are_checked_by_running_where_the_backend_is_available():
-    for b in backend.registered():
+    for b in registry.registered():
         if b.available:
             assert "float32" in b.usable_dtypes and set(b.usable_dtypes) <= set(b.dtypes), b
         else:
@@ -99,12 +99,12 @@ def test_dtypes_are_checked_by_running_where_the_backend_is_available():
 # What the subprocess runs: load through the plugin, save the embeddings, report what it found.
 PLUGIN_USER = """
 import json, sys, numpy as np, tinyclip
-from tinyclip import backend
+from tinyclip import registry
 folder, work = sys.argv[1:]
 model = tinyclip.load(folder, device="mycpu")
 np.save(f"{work}/txt.npy", model.encode_text(np.load(f"{work}/ids.npy")))
 np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/pixels.npy")))
-print(json.dumps({"device": model.device, "backends": {b.name: b.unavailable for b in backend.registered()}}))
+print(json.dumps({"device": model.device, "backends": {b.name: b.unavailable for b in registry.registered()}}))
 """
 
 
@@ -135,18 +135,18 @@ def test_a_third_party_backend_installed_by_its_dist_info_loads_models(tiny_quic
 
 
 def test_the_third_party_plugin_is_invisible_to_this_process():
-    assert "mycpu" not in {b.name for b in backend.registered()}
+    assert "mycpu" not in {b.name for b in registry.registered()}
 
 
 # ---- selection -----------------------------------------------------------------------------------
 
 def test_unknown_device_error_lists_every_backend_and_its_status():
     with pytest.raises(BackendError) as e:
-        backend.resolve("nosuchdevice")
+        registry.select("nosuchdevice")
     msg = str(e.value)
     assert "unknown device 'nosuchdevice'" in msg
     lines = msg.splitlines()
-    for b in backend.registered():
+    for b in registry.registered():
         row = next((line for line in lines if line.split()[:2] == [b.name, b.device]), None)
         assert row is not None, f"{b.name} missing from:\n{msg}"
         assert row.endswith("available" if b.available else f"unavailable: {b.unavailable}"), row
@@ -178,13 +178,13 @@ def test_metal_says_it_needs_macos():
                                           ("CL", "opencl"), ("CL:0", "opencl"), ("OpenCL", "opencl")])
 def test_names_and_raw_tinygrad_devices_select_their_backend(device, name):
     require(name)
-    assert backend.resolve(device).name == name
+    assert registry.select(device).name == name
 
 
 def test_raw_device_with_a_renderer_compiles_with_that_renderer():
     """tinygrad 0.14 reads the renderer from DEV, not from the device string: "CPU:X86" must set it."""
     from tinygrad import Device
-    chosen = backend._choose("CPU:X86", backend.registered())
+    chosen = registry._choose("CPU:X86", registry.registered())
     assert (chosen.name, chosen.device) == ("CPU:X86", "CPU")
     with chosen.context():
         assert type(Device["CPU"].renderer).__name__ == "X86Renderer"
@@ -192,7 +192,7 @@ def test_raw_device_with_a_renderer_compiles_with_that_renderer():
 
 def test_raw_device_of_an_unknown_family_is_unknown():
     with pytest.raises(BackendError, match="unknown device 'NOSUCH:1'"):
-        backend.resolve("NOSUCH:1")
+        registry.select("NOSUCH:1")
 
 
 def test_each_backend_compiles_with_its_own_renderer():
@@ -203,11 +203,11 @@ def test_each_backend_compiles_with_its_own_renderer():
 
 
 def test_default_is_the_native_cpu_backend_not_opencl_on_the_cpu(tiny_quick):
-    accelerators = [b.name for b in backend.registered() if b.available and b.priority > by_name("cpu").priority]
+    accelerators = [b.name for b in registry.registered() if b.available and b.priority > by_name("cpu").priority]
     if accelerators:
         pytest.skip(f"accelerators available here: {accelerators}")
     require("cpu")
-    assert backend.resolve(None).name == "cpu"
+    assert registry.select(None).name == "cpu"
     assert tinyclip.load(tiny_quick.folder).device == "cpu"
 
 
@@ -278,13 +278,13 @@ def test_cli_json_describes_every_backend():
     done = subprocess.run([*TINYCLIP, "backends", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     rows = {r["name"]: r for r in json.loads(done.stdout)}
-    assert set(rows) == {b.name for b in backend.registered()}
-    for b in backend.registered():
+    assert set(rows) == {b.name for b in registry.registered()}
+    for b in registry.registered():
         r = rows[b.name]
         assert (r["device"], r["available"], r["reason"]) == (b.device, b.available, b.unavailable)
         assert (r["default_dtype"], r["description"]) == (b.default_dtype, b.description)
         assert r["dtypes"] == list(b.usable_dtypes if b.available else b.dtypes)
-    assert [name for name, r in rows.items() if r["default"]] == [backend.resolve(None).name]
+    assert [name for name, r in rows.items() if r["default"]] == [registry.select(None).name]
 
 
 def test_cli_table_shows_each_backend_and_why_not():
@@ -292,12 +292,12 @@ def test_cli_table_shows_each_backend_and_why_not():
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert out.splitlines()[0].split() == ["NAME", "DEVICE", "AVAILABLE", "DEFAULT", "DTYPE", "DTYPES", "DESCRIPTION"]
-    for b in backend.registered():
+    for b in registry.registered():
         row = next(line for line in out.splitlines() if line[2:].split()[:1] == [b.name])
         assert row[2:].split()[:3] == [b.name, b.device, "yes" if b.available else "no"], row
         if not b.available:
             assert f"why not: {b.unavailable}" in out
-    assert f"* the default (device=None): {backend.resolve(None).name}" in out
+    assert f"* the default (device=None): {registry.select(None).name}" in out
 
 
 def test_cli_lists_third_party_backends():

@@ -30,10 +30,10 @@ from PIL import Image
 from tinygrad import Tensor, dtypes
 from tinygrad.nn.state import get_state_dict
 
-from tinyclip import backend as backends
+from tinyclip import registry
 from tinyclip.errors import CheckpointError, ImageError
 from tinyclip.preprocess import load_image
-from tinyclip.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_weights, read_header
+from tinyclip.weights import INDEX_FILE, SINGLE_FILE, checkpoint_files, load_weights, read_safetensors_header
 
 DEVICE = "cpu"
 SECONDS_PER_EXAMPLE = 20        # a hang fails the example instead of stalling the run
@@ -105,7 +105,7 @@ def time_limit(seconds: float):
 
 @pytest.fixture(scope="module")
 def cpu():
-    return backends.resolve(DEVICE)
+    return registry.select(DEVICE)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def check_checkpoint(data: bytes, folder, cpu) -> str:
     with time_limit(SECONDS_PER_EXAMPLE):
         tracemalloc.start()
         try:
-            infos = read_header(path)
+            infos = read_safetensors_header(path)
         except CheckpointError as e:
             assert_good_message(e, path)
             return "error"
@@ -315,7 +315,7 @@ def test_hostile_header(workdir, cpu, name):
     path = workdir / SINGLE_FILE
     path.write_bytes(data)
     with time_limit(SECONDS_PER_EXAMPLE), pytest.raises(CheckpointError, match=message) as e:
-        read_header(path)
+        read_safetensors_header(path)
     assert_good_message(e.value, path)
 
 
@@ -324,7 +324,7 @@ def test_a_fifo_is_not_read(tmp_path):
     path = tmp_path / SINGLE_FILE
     os.mkfifo(path)
     with time_limit(5), pytest.raises(CheckpointError, match=r"model.safetensors: not a regular file"):
-        read_header(path)
+        read_safetensors_header(path)
 
 
 # ---- image files ---------------------------------------------------------------------------------

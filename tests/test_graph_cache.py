@@ -14,7 +14,7 @@ from tinygrad.helpers import Context
 from tinygrad.nn.state import get_state_dict
 
 import tinyclip
-from tinyclip import backend, graph_cache
+from tinyclip import graph_cache, registry
 from tinyclip.api import CLIP
 from tinyclip.graph_cache import GraphCacheWarning
 from tests.conftest import ROOT, TINY, checkpoint
@@ -123,7 +123,7 @@ def test_files_are_private_and_say_what_they_hold(tiny_quick, inputs, cache):
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700
     assert stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    header = graph_cache.read_header(path)
+    header = graph_cache.read_graph_header(path)
     assert header["key"]["graph"] == ["image", 1] and header["tuned"] is False
     assert header["key"]["dtype"] == "float32" and header["key"]["backend"] == DEVICE
     assert not [p for p in cache.iterdir() if p.suffix != ".graph"], "a temporary file was left behind"
@@ -224,7 +224,7 @@ def _empty(data, path, model):
 
 def _bad_pickle(data, path, model):
     """A well-formed header whose checksum matches a payload that is not a pickle."""
-    return _with_header(graph_cache.read_header(path)["key"], b"\x80\x05not a pickle at all")
+    return _with_header(graph_cache.read_graph_header(path)["key"], b"\x80\x05not a pickle at all")
 
 
 def _graph_of_another_bucket(data, path, model):
@@ -232,7 +232,7 @@ def _graph_of_another_bucket(data, path, model):
     v = model.config.vision_config
     model.encode_image(np.zeros((4, v.num_channels, v.image_size, v.image_size), np.float32), batch_size=BATCH)
     other = model.runner.graphs.path(("image", 4)).read_bytes()
-    return _with_header(graph_cache.read_header(path)["key"], other[other.index(b"\n", len(graph_cache.MAGIC)) + 1:])
+    return _with_header(graph_cache.read_graph_header(path)["key"], other[other.index(b"\n", len(graph_cache.MAGIC)) + 1:])
 
 
 def _with_header(key, payload):
@@ -251,7 +251,7 @@ def test_a_damaged_file_gives_a_warning_the_right_answer_and_is_replaced(tiny_qu
     with pytest.warns(GraphCacheWarning, match="cannot be used"):
         got = model.encode_image(inputs[0][:1], batch_size=BATCH)
     np.testing.assert_array_equal(got, want)
-    assert graph_cache.read_header(path)["key"]["graph"] == ["image", 1], "not replaced by a fresh capture"
+    assert graph_cache.read_graph_header(path)["key"]["graph"] == ["image", 1], "not replaced by a fresh capture"
     again = load(tiny_quick.folder)
     np.testing.assert_array_equal(again.encode_image(inputs[0][:1], batch_size=BATCH), want)
     assert from_disk(again) == ["image-1"]
@@ -273,7 +273,7 @@ def test_what_shapes_the_graph_changes_the_file_and_the_weights_do_not(tiny_quic
     }
     with Context(NUM_CPU_THREADS=3):   # kernels split between another number of threads
         others["threads"] = load(tiny_quick.folder).runner.graphs.path(("image", 1))
-    if backend.resolve("cpu-llvm").available:
+    if registry.select("cpu-llvm").available:
         others["device"] = tinyclip.load(tiny_quick.folder, device="cpu-llvm").runner.graphs.path(("image", 1))
     for what, path in others.items():
         assert path != image1, f"a different {what} uses the same file"

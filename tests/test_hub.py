@@ -74,12 +74,12 @@ def test_not_cached_offline_says_what_to_do(tmp_path):
 @pytest.mark.parametrize("name", ["no/such/deep/path", "./missing-folder", "bad name!"])
 def test_neither_folder_nor_repo_id(name):
     with pytest.raises(CheckpointNotFoundError, match=r"no such folder, and not a Hugging Face repo id"):
-        hub.resolve(name)
+        hub.locate(name)
 
 
 def test_a_file_is_not_a_checkpoint(tiny_quick):
     with pytest.raises(CheckpointNotFoundError, match=r"is a file; pass the checkpoint folder"):
-        hub.resolve(tiny_quick.folder / "config.json")
+        hub.locate(tiny_quick.folder / "config.json")
 
 
 def test_download_patterns_take_only_safe_files():

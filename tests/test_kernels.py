@@ -13,7 +13,7 @@ from tinygrad.helpers import Context
 
 import tinyclip
 from tinyclip import kernels
-from tinyclip.backend import RawDevice
+from tinyclip.registry import RawDevice
 from tinyclip.model import Conv2dPatch, Linear, _walk
 from validate import build_checkpoint, clip_config
 

@@ -54,7 +54,7 @@ def test_tune_stores_the_graph_marked_tuned(tuned):
     [entry] = report
     assert (entry["tower"], entry["batch"], entry["beam"]) == ("image", 1, 1)
     assert entry["path"].startswith(str(root / "graphs"))
-    header = graph_cache.read_header(entry["path"])
+    header = graph_cache.read_graph_header(entry["path"])
     assert header["tuned"] is True and header["beam"] == 1
     assert header["key"]["graph"] == ["image", 1] and header["key"]["backend"] == "cpu"
 

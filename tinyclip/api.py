@@ -8,20 +8,21 @@ use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import pathlib
 
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, backend as backends, hub, tasks
+from . import _tinygrad, hub, identity, registry, tasks
 from .config import CLIPConfig
 from .errors import ImageError, TokenizerError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .runner import Runner
 from .tokenizer import CLIPTokenizer
-from .weights import load_weights
+from .weights import checkpoint_files, load_weights
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -42,9 +43,9 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
     """
     _tinygrad.guard_kernel_cache()
-    chosen = backends.resolve(device)
+    chosen = registry.select(device)
     dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
-    folder = hub.resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device)
     # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
@@ -59,16 +60,20 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
                 model.to_panels()
         tokenizer = reading.result()
     processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
-    return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache)
+    hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
+    return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
+                revision=revision)
 
 
 class CLIP:
     """A loaded checkpoint: tokenize, preprocess, encode_image, encode_text, logits."""
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
-                 backend: backends.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True):
+                 backend: registry.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True,
+                 hub_id: str | None = None, revision: str | None = None):
         self.model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
+        self.hub_id, self.revision = hub_id, revision
         self.config = model.config
         self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
         # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
@@ -82,6 +87,17 @@ class CLIP:
     @property
     def dtype(self) -> str:
         return "float16" if self.model.logit_scale.dtype == dtypes.float16 else "float32"
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        """Which checkpoint this is, in a form that survives copying it (tinyclip.identity): the hub id
+        and revision where it came from the hub (the snapshot's commit when no revision was asked
+        for), the folder, and a fingerprint of its config and weights."""
+        revision = self.revision
+        if self.hub_id and revision is None and self.folder.parent.name == "snapshots":
+            revision = self.folder.name
+        return {"hub_id": self.hub_id, "revision": revision, "folder": str(self.folder.resolve()),
+                "fingerprint": identity.fingerprint(self.folder, checkpoint_files(self.folder))}
 
     def __repr__(self) -> str:
         return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"

@@ -52,8 +52,8 @@ def table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import backend
-    default = backend.default()
-    rows = [describe(b, default) for b in backend.registered()]
+    from . import registry
+    default = registry.default()
+    rows = [describe(b, default) for b in registry.registered()]
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     return 0

@@ -83,7 +83,7 @@ def run(args) -> int:
     from . import hub
     from .api import load
     from .config import CLIPConfig
-    folder = hub.resolve(name)
+    folder = hub.locate(name)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
     model = load(folder, device=args.device, dtype=args.dtype)
 

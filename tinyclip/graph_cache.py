@@ -204,7 +204,7 @@ class GraphStore:
                     self._warn(path, f"not saving the compiled graph to {path}: {why}; delete the file to let "
                                "tinyclip write its own")
                     return None
-                if not tuned and (read_header(path) or {}).get("tuned"):
+                if not tuned and (read_graph_header(path) or {}).get("tuned"):
                     return None     # a tuned graph stays until `tinyclip tune` replaces it
             payload = _dumps(captured, self.model)
             header = {"key": self.key(graph), "tuned": bool(tuned), "beam": int(beam),
@@ -270,7 +270,7 @@ def _caller_level() -> int:
     return level
 
 
-def read_header(path: os.PathLike) -> dict | None:
+def read_graph_header(path: os.PathLike) -> dict | None:
     """The JSON header of a graph file (key, tuned, beam, payload size and checksum), or None when the
     file is missing or not a graph file. Reads only the header: no pickle."""
     try:

@@ -29,7 +29,7 @@ ALLOW_PATTERNS = [
 ]
 
 
-def resolve(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+def locate(name_or_path: str | os.PathLike, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
             local_files_only: bool = False) -> pathlib.Path:
     """The local folder holding the checkpoint `name_or_path`.
 

@@ -76,7 +76,7 @@ class TensorInfo:
                                   f"{_short(self.key)}; the file changed while it was being read. Load it again.")
 
 
-def read_header(path: pathlib.Path) -> dict[str, TensorInfo]:
+def read_safetensors_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     """Parse and check a safetensors header; every problem names the file and the key."""
     try:
         st = path.stat()
@@ -255,10 +255,10 @@ def _shards(index: pathlib.Path) -> list[pathlib.Path]:
     return [index.parent / n for n in names]
 
 
-def read_headers(files: list[pathlib.Path]) -> dict[str, TensorInfo]:
+def read_safetensors_headers(files: list[pathlib.Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for path in files:
-        for key, info in read_header(path).items():
+        for key, info in read_safetensors_header(path).items():
             if key in infos:
                 raise CheckpointError(f"tensor {_short(key)} appears in both {infos[key].path} and {path}")
             infos[key] = info
@@ -271,7 +271,7 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     Every missing, unexpected and mis-shaped key is reported at once.
     """
     files = checkpoint_files(folder)
-    infos = read_headers(files)
+    infos = read_safetensors_headers(files)
     params = get_state_dict(model)
     where = files[0].name if len(files) == 1 else f"{INDEX_FILE} ({len(files)} shards)"
     missing = sorted(k for k in params if k not in infos)

@@ -5,7 +5,7 @@ folder on a subprocess's sys.path, which is all that installing it would do.
 """
 from tinygrad.helpers import Context
 
-from tinyclip.backend import Backend
+from tinyclip.registry import Backend
 
 
 class MyCPU(Backend):

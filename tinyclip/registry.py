@@ -11,7 +11,7 @@ there exactly as a third party would:
 
 Nothing device-specific lives outside the backends.
 
-`resolve(device)` turns what a user typed into a usable backend: a backend
+`select(device)` turns what a user typed into a usable backend: a backend
 name ("cpu", "opencl"), a raw tinygrad device string ("CPU:LLVM", "CL:1"),
 or None for the best available one.
 """
@@ -167,7 +167,7 @@ def default() -> Backend | None:
     return _choose(None, registered())
 
 
-def resolve(device: str | Backend | None = None) -> Backend:
+def select(device: str | Backend | None = None) -> Backend:
     """The backend for `device`; a BackendError listing every backend when none fits."""
     if isinstance(device, Backend):
         backends = (device,)
@@ -189,10 +189,10 @@ def _choose(device: str | None, backends: tuple[Backend, ...]) -> Backend | None
     for b in backends:
         if device.lower() == b.name.lower():
             return b
-    wanted = _canonical(device)
+    wanted = _canonical_device(device)
     # Several backends may share a device ("cpu" and "cpu-llvm" are both CPU): the preferred one wins.
     for b in _by_priority(backends):
-        if wanted in (_canonical(b.device), *map(_canonical, b.aliases)):
+        if wanted in (_canonical_device(b.device), *map(_canonical_device, b.aliases)):
             return b
     if wanted.split(":")[0] in _known_tinygrad_devices():
         return RawDevice(wanted)      # e.g. "CL:1", "CPU:X86", or a device no plugin covers
@@ -209,7 +209,7 @@ def _by_priority(backends):
     return sorted(backends, key=key)
 
 
-def _canonical(device: str) -> str:
+def _canonical_device(device: str) -> str:
     d = device.upper()
     return d[:-2] if d.endswith(":0") else d
 
