@@ -3,6 +3,7 @@
 
     python benchmarks/speed.py                      # random-init ViT-B/32 built locally, cpu backend
     python benchmarks/speed.py --model FOLDER --device cpu-llvm --repeats 5
+    python benchmarks/speed.py --isa avx2           # both libraries held to AVX2 (like for like on a wider CPU)
 
 Prints median throughputs and the tinyclip/transformers ratio (above 1 means
 tinyclip is faster) for: images at batch 1 and 32, texts at batch 32 on
@@ -12,6 +13,12 @@ process takes to import, load and give its first image embedding, with
 tinygrad's kernel cache and tinyclip's graph cache cold (new, empty) and warm,
 and each process's peak RSS. Runs alternate between the two libraries so drift
 hits both; transformers' files are in the OS page cache for both.
+
+It also times the hottest matmul (ViT-B/32's fc1 at batch 32: 1600x768 @ 768x3072) in both libraries
+and prints its GFLOPS as a share of this machine's FMA peak on the same instruction set
+(benchmarks/fma_peak.py). `--isa avx2` runs the whole comparison in a child process whose environment
+holds torch to AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY: read when torch
+is imported) and tinyclip to its AVX2 kernels (TINYCLIP_CPU_ISA=avx2).
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LABELS = ["cat", "dog", "car", "airplane", "horse", "ship", "truck", "bird", "frog", "deer", "astronaut",
           "rocket", "cup of coffee", "camera", "tree", "house"]
+
+AVX2_TORCH = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+HOT_MATMUL = (1600, 768, 3072)    # ViT-B/32's fc1 at batch 32: rows, inputs, outputs
 
 CHILD = r"""
 import json, sys, time
@@ -82,7 +92,13 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-start", action="store_true", help="skip the fresh-process start-up measurements")
     ap.add_argument("--only-start", action="store_true", help="only the fresh-process start-up measurements")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: hold both libraries to AVX2 (default: each uses the widest this CPU has)")
     args = ap.parse_args(argv)
+    if args.isa == "avx2" and os.environ.get("TINYCLIP_CPU_ISA") != "avx2":
+        # torch reads these when it is imported: the comparison runs again in a child with them set.
+        env = dict(os.environ, TINYCLIP_CPU_ISA="avx2", **AVX2_TORCH)
+        return subprocess.run([sys.executable, *sys.argv], env=env).returncode
 
     import torch
     import transformers
@@ -94,12 +110,15 @@ def main(argv=None) -> int:
     folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
     if not (folder / "config.json").exists():
         build_checkpoint(folder, clip_config(**ARCHITECTURES["openai/clip-vit-base-patch32"]))
-    print(f"machine: {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}; tinyclip on {args.device}; checkpoint {folder}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads, {torch.backends.cpu.get_cpu_capability()}), transformers {transformers.__version__}; tinyclip on "
+          f"{args.device}; checkpoint {folder}")
 
     if args.only_start:
         return start_up(folder, args)
     ours = tinyclip.load(folder, device=args.device)
+    print(f"tinyclip kernels: {ours.model.kernels.describe()}"
+          + (f"; {ours.model.kernels.machine}" if hasattr(ours.model.kernels, "machine") else ""))
     ref = transformers.CLIPModel.from_pretrained(folder).eval()
     tok = transformers.CLIPTokenizer.from_pretrained(folder)
     rng = np.random.default_rng(0)
@@ -122,9 +141,44 @@ def main(argv=None) -> int:
         bench("texts, batch 32", 32, lambda: ours.encode_text(ids, batch_size=32),
               lambda: ref.get_text_features(input_ids=ref_ids))
 
+        hot_matmul(ours, torch, args.repeats)
+
     if not args.skip_start:
         start_up(folder, args)
     return 0
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def hot_matmul(ours, torch, repeats) -> None:
+    """fc1's shape in tinyclip's kernel set (JIT-replayed: the kernel's time, not scheduling) and in torch,
+    GFLOPS and share of the FMA peak on the instruction set each runs."""
+    from tinygrad import Tensor
+    from tinyclip import _tinygrad
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import fma_peak
+    M, K, N = HOT_MATMUL
+    rng = np.random.default_rng(0)
+    x, w, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((M, K), (N, K), (N,)))
+    kernels, device = ours.model.kernels, ours.backend.device
+    with ours.backend.context():
+        weight = kernels.prepare_linear(Tensor(w, device=device).realize())
+        bias, inp = Tensor(b, device=device).realize(), Tensor(x, device=device).realize()
+        run = _tinygrad.new_jit(lambda t: kernels.linear(t, weight, bias).realize())
+        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        t_ours, t_ref = alternating(lambda: run(inp), lambda: torch.nn.functional.linear(tx, tw, tb), max(repeats, 5))
+    isa = getattr(getattr(kernels, "isa", None), "name", "avx2")
+    peak = fma_peak.peak_gflops("avx2" if os.environ.get("TINYCLIP_CPU_ISA") == "avx2" else isa, os.cpu_count())
+    flops = 2 * M * N * K
+    print(f"hot matmul {M}x{K} @ {K}x{N}: tinyclip {flops / t_ours / 1e9:.0f} GFLOPS "
+          f"({flops / t_ours / 1e9 / peak:.0%} of the {peak:.0f} GFLOPS FMA peak), transformers/torch "
+          f"{flops / t_ref / 1e9:.0f} GFLOPS ({flops / t_ref / 1e9 / peak:.0%})", flush=True)
 
 
 def start_up(folder, args) -> int:
@@ -133,8 +187,8 @@ def start_up(folder, args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         env = {"CACHEDB": os.path.join(tmp, "kernels.db"), "TINYCLIP_CACHE_DIR": os.path.join(tmp, "tinyclip")}
         for label, runs in (("cold caches", 1), ("warm caches", args.repeats)):
-            pairs = [(fresh_process("tinyclip", folder, args.device, env), fresh_process("transformers", folder, args.device))
-                     for _ in range(runs)]
+            pairs = [(fresh_process("tinyclip", folder, args.device, env),
+                      fresh_process("transformers", folder, args.device)) for _ in range(runs)]
             a = statistics.median(p[0]["seconds"] for p in pairs)
             b = statistics.median(p[1]["seconds"] for p in pairs)
             rss_a = max(p[0]["peak_rss_mb"] for p in pairs)

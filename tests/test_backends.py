@@ -15,6 +15,7 @@ import tinyclip
 from tinyclip import registry
 from tinyclip.registry import Backend
 from tinyclip.errors import BackendError
+from tinyclip.kernels.cpu.isa import runnable
 from tests.conftest import ROOT
 
 # float32: as tests/test_parity.py. float16 weights and activations, LayerNorm and softmax in float32:
@@ -104,7 +105,8 @@ folder, work = sys.argv[1:]
 model = tinyclip.load(folder, device="mycpu")
 np.save(f"{work}/txt.npy", model.encode_text(np.load(f"{work}/ids.npy")))
 np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/pixels.npy")))
-print(json.dumps({"device": model.device, "backends": {b.name: b.unavailable for b in registry.registered()}}))
+print(json.dumps({"device": model.device, "kernels": model.model.kernels.name,
+                  "backends": {b.name: b.unavailable for b in registry.registered()}}))
 """
 
 
@@ -126,6 +128,7 @@ def test_a_third_party_backend_installed_by_its_dist_info_loads_models(tiny_quic
     assert done.returncode == 0, done.stderr
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["device"] == "mycpu"
+    assert got["kernels"] == ("mycpu-kernels" if runnable() else "tinygrad")    # the plugin's own kernel set
     assert got["backends"]["mycpu"] is None
     assert "failed to load" in got["backends"]["broken"] and "broken on purpose" in got["backends"]["broken"]
     assert set(BUILTIN) <= set(got["backends"])

@@ -1,91 +1,149 @@
-"""tinyclip.kernels: the hand-tiled CPU matmul gives the numbers tinygrad's default kernel gives.
+"""tinyclip.kernels.cpu: the tiled CPU kernels give the numbers tinygrad's default kernels give, on every
+instruction-set path this machine runs (AVX2, and AVX-512 where the CPU has it).
 
-Both sum each output in float32, in different orders (the default kernel unrolls the reduction
-in fours), so they agree to float32 rounding: within 4e-6 of the largest output for 768-long
-sums of unit normals, as each is of the float64 product. A model
-whose linear layers run on panels equals the same model on tinygrad's default kernels and
-transformers.
+Both sum each output in float32, in different orders (the default kernel unrolls the reduction in
+fours), so they agree to float32 rounding: within LINEAR_TOL of the largest output for 768-long
+sums of unit normals, as each is of the float64 product. A model on the CPU kernel set equals the
+same model on tinygrad's default kernels (MODEL_VS_DEFAULT) and transformers (MODEL_VS_ORACLE).
+A path this CPU cannot run is skipped, with the flags it lacks.
 """
+import dataclasses
+import os
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 from tinygrad import Tensor
 from tinygrad.helpers import Context
 
 import tinyclip
-from tinyclip import kernels
+from tinyclip._tinygrad import cpu_runtime, cpu_threads
+from tinyclip.errors import BackendError
+from tinyclip.kernels import TINYGRAD, cpu
+from tinyclip.kernels.cpu import attention, exp, isa as isas, matmul, norm, tuning
+from tinyclip.kernels.cpu.machine import Machine, cache_sizes
+from tinyclip.model import Conv2dPatch, Linear, walk
 from tinyclip.registry import RawDevice
-from tinyclip.model import Conv2dPatch, Linear, _walk
 from validate import build_checkpoint, clip_config
 
-RENDERERS = ["CPU:CLANG", "CPU:LLVM"]
+RENDERERS = ["CLANG", "LLVM"]
+LINEAR_TOL = 4e-6          # of the largest output: float32 sums in another order
+ATTENTION_TOL = 2e-6
+LAYER_NORM_TOL = 1e-6
+MODEL_VS_DEFAULT = 1e-6    # the issue's bounds: a whole model on the CPU set against tinygrad's default kernels
+MODEL_VS_ORACLE = 1e-5     # ... and against transformers
 
-# (rows, in, out): row counts that are and are not multiples of the 4-row tile, one panel and many,
-# panel counts that do and do not split between two threads, 8- and 16-column panels, ViT-B/32's
-# fc1 at batch 1 (panels looped outside rows) and an input over PANELS_OUTER_BYTES (rows outside).
-SHAPES = [(1, 8, 8), (4, 8, 16), (3, 8, 24), (5, 12, 48), (8, 7, 8), (9, 12, 64), (50, 768, 3072),
-          (2, 768, 512), (197, 33, 96), (258, 1040, 48)]
+
+@pytest.fixture(params=[isa.name for isa in isas.ISAS])
+def isa(request):
+    chosen = isas.BY_NAME[request.param]
+    if chosen not in isas.runnable():
+        missing = [f for f in chosen.needs if f not in isas.cpu_flags()]
+        pytest.skip(f"this CPU cannot run the {chosen.name} path (lacks {', '.join(missing) or 'the architecture'})")
+    return chosen
+
+
+def device(renderer: str, isa) -> str:
+    """The DEV setting the cpu backend would use for this path: a narrower ISA compiles for its own target."""
+    _, arch = isas.choose(isa.name)
+    return f"CPU:{renderer}" + (f":{arch}" if arch else "")
+
+
+def machine(isa, threads=1, tile_rows=None, rows_outer=False, l2=None) -> Machine:
+    """A Machine with chosen tiles (every candidate gets tested, whatever tuning would pick here) and a
+    hand-off cost of 0, so that every kernel big enough to divide is split between `threads`."""
+    l1d, real_l2 = cache_sizes()
+    return Machine(isa, l1d, l2 or real_l2, threads=threads, tile_rows=tile_rows or isa.tile_rows[0],
+                   rows_outer=rows_outer, handoff_us=0.0, macs_per_us=1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _runtime_patches():
+    assert cpu_runtime.install(), "the tested tinygrad must get tinyclip's CPU runtime patches"
+
+
+# (rows, in, out): row counts that are and are not multiples of a tile, one panel and many, panel counts
+# that do and do not split between two threads, one- and two-vector panels, ViT-B/32's fc1 at batch 1
+# (cached input: panels outside rows) and an input over half of L2 (the order measured on the machine).
+SHAPES = [(1, 8, 8), (4, 8, 16), (3, 8, 24), (5, 12, 48), (8, 7, 16), (9, 12, 64), (50, 768, 3072),
+          (2, 768, 512), (197, 33, 96), (258, 1040, 64)]
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("rows,fan_in,fan_out", SHAPES)
-@pytest.mark.parametrize("bias", [True, False])
-def test_panel_linear_equals_the_default_kernel(renderer, rows, fan_in, fan_out, bias):
+def test_panel_linear_equals_the_default_kernel(isa, renderer, rows, fan_in, fan_out):
+    if matmul.panel_width(fan_out, isa.lanes) is None:
+        pytest.skip(f"{fan_out} outputs make no {isa.lanes}-lane panel: the layer stays on tinygrad's kernel")
     rng = np.random.default_rng(rows * 1000 + fan_out)
     x = rng.standard_normal((rows, fan_in), dtype=np.float32)
     w = rng.standard_normal((fan_out, fan_in), dtype=np.float32)
+    bias = rows % 2 == 1
     b = rng.standard_normal(fan_out, dtype=np.float32) if bias else None
-    with Context(DEV=renderer):
-        wt, bt = Tensor(w, device="CPU"), (Tensor(b, device="CPU") if bias else None)
-        panels = kernels.to_panels(wt, kernels.panel_width(fan_out)).realize()
-        got = kernels.panel_linear(Tensor(x, device="CPU"), panels, bt).numpy()
-        default = Tensor(x, device="CPU").linear(wt.T, bt).numpy()
     exact = x.astype(np.float64) @ w.T.astype(np.float64) + (b if bias else 0)
     scale = np.abs(exact).max()
-    assert got.shape == (rows, fan_out)
-    assert np.abs(got - default).max() <= 4e-6 * scale
-    assert np.abs(got - exact).max() <= 4e-6 * scale
+    # each tile-row candidate, both loop orders (a tiny L2 makes every input "large"), one and all threads;
+    # LLVM renders the same kernels: one of each order is enough there
+    tiles = [(r, outer, t) for r in isa.tile_rows for outer, t in ((False, 1), (True, cpu_threads()))]
+    tiles = tiles if renderer == "CLANG" else tiles[:2]
+    with Context(DEV=device(renderer, isa)):
+        wt, bt = Tensor(w, device="CPU"), (Tensor(b, device="CPU") if bias else None)
+        default = Tensor(x, device="CPU").linear(wt.T, bt).numpy()
+        panels = matmul.to_panels(wt, matmul.panel_width(fan_out, isa.lanes)).realize()
+        for tile_rows, rows_outer, threads in tiles:
+            m = machine(isa, threads, tile_rows, rows_outer, l2=1024 if rows_outer else None)
+            got = matmul.panel_linear(Tensor(x, device="CPU"), panels, bt, None, None, m).numpy()
+            assert got.shape == (rows, fan_out)
+            assert np.abs(got - default).max() <= LINEAR_TOL * scale, (tile_rows, rows_outer, threads)
+            assert np.abs(got - exact).max() <= LINEAR_TOL * scale, (tile_rows, rows_outer, threads)
 
 
-def test_panel_linear_keeps_leading_dimensions():
+def test_panel_linear_keeps_leading_dimensions(isa):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 5, 8), dtype=np.float32)
     w = rng.standard_normal((32, 8), dtype=np.float32)
-    with Context(DEV="CPU:CLANG"):
-        got = kernels.panel_linear(Tensor(x, device="CPU"), kernels.to_panels(Tensor(w, device="CPU"), 8), None).numpy()
+    with Context(DEV=device("CLANG", isa)):
+        panels = matmul.to_panels(Tensor(w, device="CPU"), matmul.panel_width(32, isa.lanes))
+        got = matmul.panel_linear(Tensor(x, device="CPU"), panels, None, None, None, machine(isa)).numpy()
     assert got.shape == (2, 3, 5, 32)
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_panel_linear_refuses_a_mismatched_input():
-    with Context(DEV="CPU:CLANG"):
-        panels = kernels.to_panels(Tensor.zeros(32, 8, device="CPU"), 8)
+def test_panel_linear_refuses_a_mismatched_input(isa):
+    with Context(DEV=device("CLANG", isa)):
+        panels = matmul.to_panels(Tensor.zeros(32, 8, device="CPU"), isa.lanes)
         with pytest.raises(ValueError, match="input has 9 features, weight expects 8"):
-            kernels.panel_linear(Tensor.zeros(4, 9, device="CPU"), panels, None)
+            matmul.panel_linear(Tensor.zeros(4, 9, device="CPU"), panels, None, None, None, machine(isa))
 
 
-def test_only_divisible_widths_get_panels():
-    assert kernels.panel_width(3072) == 16 and kernels.panel_width(48) == 16
-    assert kernels.panel_width(8) == 8 and kernels.panel_width(24) == 8
-    assert kernels.panel_width(36) is None and kernels.panel_width(17) is None
+def test_panels_are_two_vectors_wide_where_they_divide_else_one():
+    assert matmul.panel_width(3072, 8) == 16 and matmul.panel_width(3072, 16) == 32
+    assert matmul.panel_width(48, 8) == 16 and matmul.panel_width(48, 16) == 16
+    assert matmul.panel_width(24, 8) == 8 and matmul.panel_width(24, 16) is None
+    assert matmul.panel_width(36, 8) is None and matmul.panel_width(17, 16) is None
 
 
 @pytest.fixture(scope="module")
 def tiny16(tmp_path_factory):
-    """Every width a multiple of 8, so every linear layer and the patch embedding run on panels."""
+    """Every width a multiple of 16, so every linear layer and the patch embedding run on panels on both paths."""
     folder = tmp_path_factory.mktemp("tiny16")
     torch_model = build_checkpoint(folder, clip_config(text=(32, 64, 2, 2), vision=(32, 64, 2, 2, 32, 16), proj=16),
                                    seed=5, perturb=0.02)
     return folder, torch_model
 
 
-def test_a_model_on_panels_equals_the_same_model_on_default_kernels_and_transformers(tiny16):
+def test_a_model_on_the_cpu_set_equals_the_same_model_on_default_kernels_and_transformers(isa, tiny16, monkeypatch):
     import torch
+    from tinyclip_backends.cpu import CPU
     folder, torch_model = tiny16
-    fast = tinyclip.load(folder, device="cpu")
+    monkeypatch.setenv(isas.ENV, isa.name)
+    fast = tinyclip.load(folder, device=CPU())      # a fresh backend object reads TINYCLIP_CPU_ISA
     plain = tinyclip.load(folder, device=RawDevice("CPU:CLANG"))   # a raw device: tinygrad's kernels
-    layers = [m for m in _walk(fast.model) if isinstance(m, (Linear, Conv2dPatch))]
-    assert layers and all(m.panels for m in layers)
-    assert not any(m.panels for m in _walk(plain.model) if isinstance(m, (Linear, Conv2dPatch)))
+    assert fast.model.kernels.isa is isa and plain.model.kernels is TINYGRAD
+    layers = [m for m in walk(fast.model) if isinstance(m, (Linear, Conv2dPatch))]
+    assert layers and all(m.weight.ndim == 3 for m in layers)          # all on panels
+    assert not any(m.weight.ndim == 3 for m in walk(plain.model) if isinstance(m, (Linear, Conv2dPatch)))
 
     rng = np.random.default_rng(0)
     pixels = rng.standard_normal((3, 3, 32, 32), dtype=np.float32)
@@ -99,51 +157,54 @@ def test_a_model_on_panels_equals_the_same_model_on_default_kernels_and_transfor
             out = getattr(torch_model, oracle)(torch.from_numpy(x.astype(np.int64) if x.dtype != np.float32 else x))
         truth = (out.pooler_output if hasattr(out, "pooler_output") else out).numpy()
         scale = np.abs(truth).max()
-        assert np.abs(got - ref).max() <= 1e-6 * scale, encode
-        assert np.abs(got - truth).max() <= 1e-5 * scale, encode
+        assert np.abs(got - ref).max() <= MODEL_VS_DEFAULT * scale, encode
+        assert np.abs(got - truth).max() <= MODEL_VS_ORACLE * scale, encode
 
 
 WIDE_SCRIPT = """
 import sys
 from tinygrad import Tensor
 from tinygrad.helpers import Context
-from tinyclip import kernels
+from tinyclip._tinygrad import cpu_runtime
+from tinyclip.kernels.cpu import isa as isas, matmul
+from tinyclip.kernels.cpu.machine import Machine
+cpu_runtime.install()
+isa = isas.BY_NAME[sys.argv[2]]
+m = Machine(isa, 32768, 1 << 20, threads=1, tile_rows=isa.tile_rows[0], rows_outer=False, handoff_us=1, macs_per_us=1)
 with Context(DEV=sys.argv[1]):
-    panels = kernels.to_panels(Tensor.ones(32, 16, device="CPU").contiguous().realize(), 16)
+    panels = matmul.to_panels(Tensor.ones(64, 16, device="CPU").contiguous().realize(), 2 * isa.lanes)
     x = Tensor.ones(8, 16, device="CPU") * 2     # more kernels in one schedule: compiled by the worker pool
-    print("sum", kernels.panel_linear(x, panels, None).sum().item())
+    print("sum", matmul.panel_linear(x, panels, None, None, None, m).sum().item())
 """
 
 
-@pytest.mark.parametrize("renderer,vector", [("CPU:CLANG", "float8 "), ("CPU:LLVM", "<8 x float>")])
+@pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("parallel", ["0", "2"])
-def test_panel_kernels_use_8_lane_vectors_in_process_and_in_compile_workers(renderer, vector, parallel):
-    """tinyclip's coalescing pass (tinyclip/_tinygrad.py) reaches tinygrad's spawned compile workers
-    too: the panel kernel's source (DEBUG=4) loads and stores 8-lane vectors."""
-    import os
-    import subprocess
-    import sys
+def test_kernels_use_the_isas_vectors_in_process_and_in_compile_workers(isa, renderer, parallel):
+    """tinyclip's coalescing pass (_tinygrad/cpu_runtime.py) reaches tinygrad's spawned compile workers
+    too: the matmul's source (DEBUG=4) loads and stores vectors of the ISA's lanes."""
     env = dict(os.environ, DEBUG="4", PARALLEL=parallel, CACHELEVEL="0")
-    r = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, renderer], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, device(renderer, isa), isa.name], env=env,
+                       capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    assert "sum 8192.0" in out     # 8 rows x 32 outputs x (16 inputs x 2 x 1)
-    header = "void panel_linear_8_32_16(" if renderer == "CPU:CLANG" else "@panel_linear_8_32_16("
-    source = out[out.index(header):]
+    assert "sum 16384.0" in out     # 8 rows x 64 outputs x (16 inputs x 2 x 1)
+    name = f"tc{isa.lanes}_linear_8_64_16"
+    source = out[out.index(f"void {name}(" if renderer == "CLANG" else f"@{name}("):]
     source = source[:source.index("\n}")]
-    assert vector in source
+    assert (f"float{isa.lanes} " if renderer == "CLANG" else f"<{isa.lanes} x float>") in source
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
-def test_quick_gelu_in_the_panel_kernel_equals_the_formula(renderer):
-    """kernels.quick_gelu (branch-free exp2) run in the kernel's epilogue, on values from -200 to
-    200 (through an identity weight, so the kernel's input is its output), against float64."""
+def test_quick_gelu_in_the_matmul_kernel_equals_the_formula(isa, renderer):
+    """exp.quick_gelu (branch-free exp2) run in the kernel's epilogue, on values from -200 to 200
+    (through an identity weight, so the kernel's input is its output), against float64."""
     x = np.concatenate([np.linspace(-200, 200, 4001), np.linspace(-3, 3, 4001), [0.0, 1e-30, -1e-30]])
     x = np.resize(x, (-(-len(x) // 16), 16)).astype(np.float32)
-    with Context(DEV=renderer):
-        panels = kernels.to_panels(Tensor(np.eye(16, dtype=np.float32), device="CPU"), 16)
-        got = kernels.panel_linear(Tensor(x, device="CPU"), panels, None, kernels.quick_gelu).numpy()
+    with Context(DEV=device(renderer, isa)):
+        panels = matmul.to_panels(Tensor(np.eye(16, dtype=np.float32), device="CPU"), 16)
+        got = matmul.panel_linear(Tensor(x, device="CPU"), panels, None, exp.quick_gelu, None, machine(isa)).numpy()
     x64 = x.astype(np.float64)
     exact = x64 / (1 + np.exp(-1.702 * x64))
     # float32 holds the exponent 1.702 x to a relative 2**-24, which exp turns into a relative error
@@ -162,43 +223,39 @@ def _attention_float64(q, k, v, heads, causal):
     return (weights / weights.sum(-1, keepdims=True) @ v).transpose(0, 2, 1, 3).reshape(B, T, C)
 
 
-# (batch, positions, width, heads, causal): ViT-B/32's 50 positions (8-key tiles, padded query rows),
-# a text length with 16-key tiles, 77 positions, a head width of 12 (4-lane value tiles), one batch
-# and one head, one position (no tile of rows).
+# (batch, positions, width, heads, causal): ViT-B/32's 50 positions (one-vector key tiles, padded query
+# rows), a text length with two-vector tiles, 77 positions, a head width of 12 (4-lane value tiles), one
+# batch and one head, one position (no tile of rows).
 ATTENTION_SHAPES = [(2, 50, 128, 2, False), (3, 12, 64, 4, True), (1, 77, 64, 2, True), (2, 17, 48, 4, False),
                     (1, 5, 32, 1, True), (2, 1, 32, 2, False)]
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("batch,positions,width,heads,causal", ATTENTION_SHAPES)
-def test_attention_equals_the_default_kernels_and_float64(renderer, batch, positions, width, heads, causal):
+def test_attention_equals_the_default_kernels_and_float64(isa, renderer, batch, positions, width, heads, causal):
     rng = np.random.default_rng(positions * 100 + width)
     q, k, v = (rng.standard_normal((batch, positions, width), dtype=np.float32) * 2 for _ in range(3))
-    with Context(DEV=renderer):
+    with Context(DEV=device(renderer, isa)):
         mask = None
         if causal:
             mask = Tensor(np.triu(np.full((positions, positions), -np.inf, np.float32), 1), device="CPU").reshape(
                 1, 1, positions, positions)
         qt, kt, vt = (Tensor(t, device="CPU") for t in (q, k, v))
-        got = kernels.attention(qt, kt, vt, heads, mask).numpy()
-        d = width // heads
-        split = [t.reshape(batch, positions, heads, d).transpose(1, 2) for t in (qt, kt, vt)]
-        scores = (split[0] * d ** -0.5) @ split[1].transpose(-2, -1) + (mask if causal else 0)
-        default = (scores.softmax(-1) @ split[2]).transpose(1, 2).reshape(batch, positions, width).numpy()
+        got = attention.attention(qt, kt, vt, heads, mask, machine(isa, cpu_threads())).numpy()
+        default = TINYGRAD.attention(qt, kt, vt, heads, mask).numpy()
     exact = _attention_float64(q, k, v, heads, causal)
     scale = np.abs(exact).max()
     assert got.shape == (batch, positions, width)
-    assert np.abs(got - default).max() <= 2e-6 * scale
-    assert np.abs(got - exact).max() <= 2e-6 * scale
+    assert np.abs(got - default).max() <= ATTENTION_TOL * scale
+    assert np.abs(got - exact).max() <= ATTENTION_TOL * scale
 
 
-def test_threaded_kernels_run_on_several_cores_with_the_serial_results(monkeypatch):
-    """tinygrad runs a THREAD-split CPU kernel's parts one after the other; _tinygrad.use_parallel_threads
-    hands parts 1..n-1 to helper threads. Same numbers, bit for bit, as the serial calls. A kernel
-    under kernels.THREAD_MIN_US is not split."""
+def test_threaded_kernels_run_on_several_cores_with_the_serial_results(isa, monkeypatch):
+    """tinygrad runs a THREAD-split CPU kernel's parts one after the other; cpu_runtime's patch hands
+    parts 1..n-1 to helper threads. Same numbers, bit for bit, as the serial calls. A kernel one core
+    finishes in a few hand-offs is not split."""
     from tinygrad.runtime import ops_cpu
-    from tinyclip import _tinygrad
-    threads = kernels._threads("CPU")
+    threads = cpu_threads()
     if threads < 2:
         pytest.skip("one core: tinygrad makes no THREAD-split kernels")
 
@@ -210,44 +267,44 @@ def test_threaded_kernels_run_on_several_cores_with_the_serial_results(monkeypat
             self.parts.append(task[1][-1].value)   # core_id, the kernel's last argument
             self.tasks.put(task)
 
-    recording = Recording(_tinygrad._helper_tasks())
-    monkeypatch.setattr(_tinygrad, "_helper_tasks", lambda: recording)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((128, 256), dtype=np.float32)
     w = rng.standard_normal((512, 256), dtype=np.float32)
-    with Context(DEV="CPU:CLANG"):
-        panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
-        kernels.panel_linear(Tensor(x[:8, :16], device="CPU"), kernels.to_panels(Tensor(w[:32, :16], device="CPU"), 16),
-                             None).realize()
-        assert recording.parts == [], "a kernel of a few microseconds is not split"
-        threaded = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+    slow_handoff = dataclasses.replace(machine(isa, threads), handoff_us=float("inf"))   # never worth a hand-off
+    with Context(DEV=device("CLANG", isa)):
+        xt = Tensor(x, device="CPU").realize()     # inputs copied in before recording: only the matmul counts
+        panels = matmul.to_panels(Tensor(w, device="CPU"), 2 * isa.lanes).realize()
+        recording = Recording(cpu_runtime._helper_tasks())
+        monkeypatch.setattr(cpu_runtime, "_helper_tasks", lambda: recording)
+        matmul.panel_linear(xt, panels, None, None, None, slow_handoff).realize()
+        assert recording.parts == [], "a kernel shorter than a few hand-offs is not split"
+        threaded = matmul.panel_linear(xt, panels, None, None, None, machine(isa, threads)).numpy()
         assert recording.parts == list(range(1, threads))
         monkeypatch.setattr(ops_cpu.CPUProgram, "__call__", ops_cpu.CPUProgram.__call__.tinyclip_serial)
-        serial = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+        serial = matmul.panel_linear(xt, panels, None, None, None, machine(isa, threads)).numpy()
     assert recording.parts == list(range(1, threads))
     np.testing.assert_array_equal(threaded, serial)
-    np.testing.assert_allclose(threaded, x.astype(np.float64) @ w.T, rtol=0, atol=4e-6 * np.abs(x @ w.T).max())
+    np.testing.assert_allclose(threaded, x.astype(np.float64) @ w.T, rtol=0, atol=LINEAR_TOL * np.abs(x @ w.T).max())
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
-def test_threaded_kernels_run_in_a_forked_child():
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_threaded_kernels_run_in_a_forked_child(isa):
     """A child forked after the helper threads started has none of them: it must start its own,
     not queue work for threads that do not exist (which would hang)."""
-    import os
     import signal
-    from tinyclip import _tinygrad
     rng = np.random.default_rng(4)
     x = rng.standard_normal((128, 256), dtype=np.float32)
     w = rng.standard_normal((512, 256), dtype=np.float32)
-    with Context(DEV="CPU:CLANG"):
-        panels = kernels.to_panels(Tensor(w, device="CPU"), 16).realize()
-        parent = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()   # compiled, helpers started
-        assert _tinygrad._helpers is not None
+    m = machine(isa, cpu_threads())
+    with Context(DEV=device("CLANG", isa)):
+        panels = matmul.to_panels(Tensor(w, device="CPU"), 2 * isa.lanes).realize()
+        parent = matmul.panel_linear(Tensor(x, device="CPU"), panels, None, None, None, m).numpy()
+        assert cpu_runtime._helpers is not None
         pid = os.fork()
         if pid == 0:   # the child: same kernel (already compiled), no pytest machinery after this
             signal.alarm(60)
             try:
-                child = kernels.panel_linear(Tensor(x, device="CPU"), panels, None).numpy()
+                child = matmul.panel_linear(Tensor(x, device="CPU"), panels, None, None, None, m).numpy()
                 os._exit(0 if np.array_equal(child, parent) else 3)
             except BaseException:
                 os._exit(4)
@@ -259,65 +316,161 @@ def test_threaded_kernels_run_in_a_forked_child():
 # of 8), rows that do not split between two threads, one row.
 @pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("rows,width", [(320, 512), (50, 768), (6, 16), (7, 24), (1, 32)])
-def test_layer_norm_equals_the_default_kernels_and_float64(renderer, rows, width):
+def test_layer_norm_equals_the_default_kernels_and_float64(isa, renderer, rows, width):
     rng = np.random.default_rng(rows + width)
     x = (rng.standard_normal((rows, width)) * 3 + 2).astype(np.float32)   # a mean far from 0
     w, b = (rng.standard_normal(width).astype(np.float32) for _ in range(2))
-    with Context(DEV=renderer):
+    with Context(DEV=device(renderer, isa)):
         xt, wt, bt = (Tensor(t, device="CPU") for t in (x, w, b))
-        got = kernels.layer_norm(xt.reshape(1, rows, width), wt, bt, 1e-5).numpy()
-        default = (xt.layernorm(eps=1e-5) * wt + bt).numpy()
+        got = norm.layer_norm(xt.reshape(1, rows, width), wt, bt, 1e-5, machine(isa, cpu_threads())).numpy()
+        default = TINYGRAD.layer_norm(xt, wt, bt, 1e-5).numpy()
     x64 = x.astype(np.float64)
     exact = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w + b
     scale = np.abs(exact).max()
     assert got.shape == (1, rows, width)
-    assert np.abs(got[0] - default).max() <= 1e-6 * scale
-    assert np.abs(got[0] - exact).max() <= 1e-6 * scale
+    assert np.abs(got[0] - default).max() <= LAYER_NORM_TOL * scale
+    assert np.abs(got[0] - exact).max() <= LAYER_NORM_TOL * scale
 
 
-def test_layer_norm_refuses_a_width_it_cannot_tile():
-    with Context(DEV="CPU:CLANG"):
+def test_layer_norm_refuses_a_width_it_cannot_tile(isa):
+    with Context(DEV=device("CLANG", isa)):
         for width in (8, 20):
             x, w = Tensor.zeros(2, width, device="CPU"), Tensor.ones(width, device="CPU")
             with pytest.raises(ValueError, match=f"width {width} is not a multiple of 8 of at least 16"):
-                kernels.layer_norm(x, w, w, 1e-5)
+                norm.layer_norm(x, w, w, 1e-5, machine(isa))
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("rows", [50, 64])   # rows past the last tile (read clamped) and whole tiles
-def test_panel_linear_adds_the_residual_like_a_separate_add(renderer, rows):
+def test_panel_linear_adds_the_residual_like_a_separate_add(isa, renderer, rows):
     rng = np.random.default_rng(rows)
     x, skip = rng.standard_normal((2, rows, 48), dtype=np.float32), rng.standard_normal((2, rows, 32), dtype=np.float32)
     w, b = rng.standard_normal((32, 48), dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
-    with Context(DEV=renderer):
-        panels, bt = kernels.to_panels(Tensor(w, device="CPU"), 16).realize(), Tensor(b, device="CPU")
+    m = machine(isa)
+    with Context(DEV=device(renderer, isa)):
+        panels, bt = matmul.to_panels(Tensor(w, device="CPU"), 16).realize(), Tensor(b, device="CPU")
         xt, st = Tensor(x, device="CPU"), Tensor(skip, device="CPU")
-        fused = kernels.panel_linear(xt, panels, bt, kernels.quick_gelu, residual=st).numpy()
-        separate = (kernels.panel_linear(xt, panels, bt, kernels.quick_gelu) + st).numpy()
+        fused = matmul.panel_linear(xt, panels, bt, exp.quick_gelu, st, m).numpy()
+        separate = (matmul.panel_linear(xt, panels, bt, exp.quick_gelu, None, m) + st).numpy()
         with pytest.raises(ValueError, match=r"residual has shape \(2, 50\), the output \(2, .*, 32\)"):
-            kernels.panel_linear(xt, panels, bt, residual=Tensor.zeros(2, 50, device="CPU"))
+            matmul.panel_linear(xt, panels, bt, None, Tensor.zeros(2, 50, device="CPU"), m)
     np.testing.assert_array_equal(fused, separate)   # the same float32 operations in the same order
 
 
-def test_attention_refuses_a_mask_it_cannot_apply_per_row():
-    with Context(DEV="CPU:CLANG"):
+def test_attention_refuses_a_mask_it_cannot_apply_per_row(isa):
+    with Context(DEV=device("CLANG", isa)):
         q = Tensor.zeros(2, 6, 16, device="CPU")
         with pytest.raises(ValueError, match=r"the mask must be \(6, 6\) after leading ones, got \(2, 1, 6, 6\)"):
-            kernels.attention(q, q, q, 2, Tensor.zeros(2, 1, 6, 6, device="CPU"))
+            attention.attention(q, q, q, 2, Tensor.zeros(2, 1, 6, 6, device="CPU"), machine(isa))
 
 
-def test_attention_softmax_gives_masked_keys_exactly_zero_weight():
-    """The softmax kernel's exp is kernels._exp2 (clamped at 2**-126), not tinygrad's: a masked (-inf)
+def test_attention_softmax_gives_masked_keys_exactly_zero_weight(isa):
+    """The softmax kernel's exp is exp.exp2 (clamped at 2**-126), not tinygrad's: a masked (-inf)
     score must still get a weight of exactly 0, and the others float64's softmax to float32 rounding."""
     T, Tp, R = 6, 8, 12
     rng = np.random.default_rng(5)
     scores = rng.standard_normal((R, Tp), dtype=np.float32) * 30   # exp(score - max) down to ~e**-200
     mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
-    with Context(DEV="CPU:CLANG"):
-        got = kernels._softmax_rows(Tensor(scores, device="CPU"), R, T, Tp,
-                                    Tensor(mask, device="CPU").reshape(1, 1, T, T)).numpy().reshape(R, T)
+    with Context(DEV=device("CLANG", isa)):
+        got = attention.softmax_rows(Tensor(scores, device="CPU"), R, T, Tp,
+                                     Tensor(mask, device="CPU").reshape(1, 1, T, T), machine(isa)).numpy()
+    got = got.reshape(R, T)
     x = scores[:, :T].astype(np.float64) + np.tile(mask, (R // T, 1))
     exact = np.exp(x - x.max(-1, keepdims=True))
     exact /= exact.sum(-1, keepdims=True)
     assert np.all(got[np.isinf(x)] == 0)
-    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=LAYER_NORM_TOL)
+
+
+# ---- choosing the path ----------------------------------------------------------------------------------
+
+AVX512_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq"})
+
+
+def test_native_takes_the_widest_set_the_cpu_has_and_a_narrower_one_compiles_for_its_own_target():
+    assert isas.choose("native", AVX512_FLAGS, "x86_64") == (isas.BY_NAME["avx512"], "")
+    assert isas.choose("avx2", AVX512_FLAGS, "x86_64") == (isas.BY_NAME["avx2"], "x86_64,x86-64-v3")
+    assert isas.choose("native", frozenset({"avx2", "fma"}), "x86_64") == (isas.BY_NAME["avx2"], "")
+    assert isas.choose("native", frozenset({"sse4_2"}), "x86_64") == (None, "")        # an older x86-64
+    assert isas.choose("native", frozenset({"asimd", "fp"}), "aarch64") == (None, "")  # arm64: NEON not yet
+
+
+def test_a_forced_set_the_cpu_lacks_says_which_flags_are_missing():
+    with pytest.raises(BackendError, match=r"TINYCLIP_CPU_ISA=avx512 but this CPU cannot run it \(missing: "
+                                           r"avx512f, avx512vl, avx512bw, avx512dq\); it runs avx2"):
+        isas.choose("avx512", frozenset({"avx2", "fma"}), "x86_64")
+    with pytest.raises(BackendError, match=r"TINYCLIP_CPU_ISA='sse' is not one of native, avx512, avx2"):
+        isas.choose("sse")
+
+
+def test_a_cpu_without_a_tiled_path_runs_tinygrads_kernels(monkeypatch, tiny16):
+    """An older x86-64 or an arm64 gets the plain set: the cpu backend still loads and computes."""
+    from tinyclip_backends.cpu import CPU
+    monkeypatch.setattr(isas, "runnable", lambda flags=None, machine=None: [])
+    backend = CPU()
+    assert backend.kernel_set() is TINYGRAD and backend.available
+    clip = tinyclip.load(tiny16[0], device=backend)
+    plain = tinyclip.load(tiny16[0], device=RawDevice("CPU:CLANG"))
+    ids = clip.tokenize(["a photo of a cat"])
+    np.testing.assert_array_equal(clip.encode_text(ids), plain.encode_text(ids))
+
+
+def test_an_untested_tinygrad_turns_the_patches_off_with_a_warning_and_stays_exact(monkeypatch, tiny16):
+    from tinyclip_backends.cpu import CPU
+    monkeypatch.setattr(cpu_runtime, "_installed", None)
+    monkeypatch.setattr(cpu_runtime, "tinygrad_version", lambda: "9.9.9")
+    with pytest.warns(UserWarning, match=r"tinygrad 9\.9\.9 is not the version tinyclip's CPU kernels were written "
+                                         r"for .*using tinygrad's default CPU kernels instead"):
+        clip = tinyclip.load(tiny16[0], device=CPU())
+    assert not clip.model.kernels.active
+    assert not any(m.weight.ndim == 3 for m in walk(clip.model) if isinstance(m, (Linear, Conv2dPatch)))
+    plain = tinyclip.load(tiny16[0], device=RawDevice("CPU:CLANG"))
+    ids = clip.tokenize(["a photo of a cat"])
+    np.testing.assert_array_equal(clip.encode_text(ids), plain.encode_text(ids))
+
+
+# ---- measured tuning ------------------------------------------------------------------------------------
+
+def test_tuning_is_measured_once_and_read_back(isa, tmp_path, monkeypatch):
+    measured = []
+    real = tuning.measure
+    monkeypatch.setattr(tuning, "measure", lambda *a: measured.append(a) or real(*a))
+    with Context(DEV=device("CLANG", isa)):
+        first = tuning.machine(isa, "CPU", tmp_path / "cpu")
+        again = tuning.machine(isa, "CPU", tmp_path / "cpu")
+    assert len(measured) == 1 and first == again
+    assert first.tile_rows in isa.tile_rows and first.handoff_us > 0 and first.macs_per_us > 0
+    (file,) = (tmp_path / "cpu").glob(f"{isa.name}-*.json")
+    assert oct(file.stat().st_mode & 0o777) == "0o600" and oct(file.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_tuning_file_others_may_write_is_not_read(isa, tmp_path, monkeypatch):
+    with Context(DEV=device("CLANG", isa)):
+        tuning.machine(isa, "CPU", tmp_path / "cpu")
+        (file,) = (tmp_path / "cpu").glob("*.json")
+        file.chmod(0o666)
+        measured = []
+        monkeypatch.setattr(tuning, "measure", lambda *a: measured.append(a) or {
+            "tile_rows": isa.tile_rows[0], "rows_outer": False, "handoff_us": 1.0, "macs_per_us": 1.0})
+        tuning.machine(isa, "CPU", tmp_path / "cpu")
+    assert len(measured) == 1
+
+
+def test_cc_naming_gcc_is_explained_in_one_sentence(monkeypatch, tmp_path):
+    """tinygrad runs $CC with clang's flags: a gcc there must give a plain reason, not gcc's error output."""
+    from tinyclip_backends.cpu import compiler_problem
+    gcc = tmp_path / "gcc"
+    gcc.write_text("#!/bin/sh\necho 'gcc (Debian 12.2.0-14) 12.2.0'\n")
+    gcc.chmod(0o755)
+    monkeypatch.setenv("CC", str(gcc))
+    why = compiler_problem.__wrapped__()
+    assert why == (f"CC={gcc} names a compiler tinygrad's CPU device cannot use (it runs $CC with clang's flags); "
+                   "unset CC, or set CC=clang, for the cpu backends")
+    monkeypatch.setenv("CC", "clang")
+    assert compiler_problem.__wrapped__() is None
+
+
+def test_no_warning_from_the_kernel_set_on_the_tested_tinygrad(isa):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.CPUKernels(isa).active

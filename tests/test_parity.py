@@ -6,6 +6,7 @@ from PIL import Image
 from tinygrad import Tensor
 
 import tinyclip
+from tinyclip import pooling, registry
 from tests.conftest import ROOT
 
 REL_TOL = 1e-5          # max |ours - theirs| / max |theirs|
@@ -64,15 +65,15 @@ def test_batching_does_not_change_results(tiny_quick):
     ids = model.tokenize(TEXTS)
     whole = model.encode_text(ids, batch_size=len(TEXTS))
     # batches of 3 run shorter texts (their own longest), so kernels may sum in another order:
-    # float32 rounding, 1e-6 of the largest value
-    assert np.abs(model.encode_text(ids, batch_size=3) - whole).max() <= 1e-6 * np.abs(whole).max()
+    # float32 rounding, FAST_REL_TOL of the largest value
+    assert np.abs(model.encode_text(ids, batch_size=3) - whole).max() <= FAST_REL_TOL * np.abs(whole).max()
 
 
 def test_normalize_option_gives_unit_vectors(tiny_quick):
     model = tinyclip.load(tiny_quick.folder, device=DEVICE)
     raw, unit = model.encode_text(TEXTS[:3]), model.encode_text(TEXTS[:3], normalize=True)
-    np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=-1, keepdims=True), atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, atol=UNIT_NORM_TOL)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=-1, keepdims=True), atol=UNIT_VALUE_TOL)
 
 
 def test_pooling_without_eos_follows_transformers(tiny_quick):
@@ -105,7 +106,7 @@ def test_model_tree_takes_and_returns_tensors(tiny_quick):
     assert isinstance(out, Tensor) and out.shape == (1, 24)
     with model.backend.context():
         full = out.numpy()   # all 77 positions; encode_text runs 8, so sums may round differently
-    assert np.abs(full - model.encode_text(ids)).max() <= 1e-6 * np.abs(full).max()
+    assert np.abs(full - model.encode_text(ids)).max() <= FAST_REL_TOL * np.abs(full).max()
 
 
 def test_vit_b32_full_size_matches_transformers(vit_b32, pil_images):
@@ -119,6 +120,8 @@ def test_vit_b32_full_size_matches_transformers(vit_b32, pil_images):
 
 
 FAST_REL_TOL = 1e-6     # bucketed, padded, truncated and JIT runs against the plain full-context path
+UNIT_NORM_TOL = 1e-6    # |norm - 1| of a normalised embedding
+UNIT_VALUE_TOL = 1e-7   # a normalised embedding's values against numpy's division
 
 
 @pytest.mark.parametrize("n", [1, 3, 5])
@@ -131,7 +134,7 @@ def test_fast_path_equals_plain_path(tiny_quick, pil_images, n):
     with model.backend.context():
         plain_txt = model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
         plain_img = model.model.get_image_features(Tensor(pixels, device="CPU")).numpy()
-    for _ in range(3):    # the TinyJit captures on the second call and replays from the third
+    for _ in range(3):    # the TinyJit captures on the first call (runner.new_jit) and replays after
         fast_txt, fast_img = model.encode_text(ids, batch_size=4), model.encode_image(pixels, batch_size=4)
         assert np.abs(fast_txt - plain_txt).max() <= FAST_REL_TOL * np.abs(plain_txt).max()
         assert np.abs(fast_img - plain_img).max() <= FAST_REL_TOL * np.abs(plain_img).max()
@@ -140,11 +143,11 @@ def test_fast_path_equals_plain_path(tiny_quick, pil_images, n):
 def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
     model = tinyclip.load(tiny_quick.folder, device=DEVICE)
     ids = model.tokenize(["a cat", "a photo of a dog on a sofa"])
-    np.testing.assert_array_equal(model.runner.pool_positions(ids), [3, 9])
+    np.testing.assert_array_equal(pooling.positions(ids, model.config.text_config.eos_token_id), [3, 9])
     model.encode_text(ids)
     assert ("text", 2, 10) in model.runner._jits     # 10 positions: a length a text batch runs at
     longer = model.tokenize(["a photo of a dog on a red sofa"])
-    np.testing.assert_array_equal(model.runner.pool_positions(longer), [10])
+    np.testing.assert_array_equal(pooling.positions(longer, model.config.text_config.eos_token_id), [10])
     model.encode_text(longer)
     assert ("text", 1, 12) in model.runner._jits     # 11 positions, rounded up to the next length: 12
 
@@ -188,3 +191,16 @@ def test_tensor_inputs_are_accepted(tiny_quick, pil_images):
     ids, pixels = model.tokenize(["a cat", "a dog"]), model.preprocess(pil_images[:2])
     np.testing.assert_array_equal(model.encode_text(Tensor(ids.astype(np.int32), device="CPU")), model.encode_text(ids))
     np.testing.assert_array_equal(model.encode_image(Tensor(pixels, device="CPU")), model.encode_image(pixels))
+
+
+@pytest.mark.parametrize("eos", [pooling.LEGACY_EOS, 49407, 7])
+def test_the_pooling_rule_is_the_same_on_the_host_and_in_the_graph(eos):
+    """pooling.positions (numpy, the runner's) and pooling.one_hot (tinygrad, the model's) pick the same
+    token: ties at the largest id, rows without eos, eos at position 0 and last."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 12, (64, 9)).astype(np.int32)
+    ids[:8, -1], ids[8:16, 0], ids[16:20] = eos, eos, 3       # eos last, eos first, a constant row
+    with registry.select(DEVICE).context():
+        hot = pooling.one_hot(Tensor(ids, device="CPU"), eos).numpy()
+    assert (hot.sum(-1) == 1).all()
+    np.testing.assert_array_equal(hot.argmax(-1), pooling.positions(ids, eos))

@@ -47,7 +47,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
-    model = CLIPModel(config, dtype=dt, device=chosen.device)
+    model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
     # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
     # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
     # those of the weights, as when it was read after them.
@@ -56,8 +56,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
                               context_length=config.text_config.max_position_embeddings)
         with chosen.context():
             load_weights(model, folder, dt, chosen.device)
-            if chosen.panel_kernels:
-                model.to_panels()
+            model.prepare()     # the kernel set stores the linear weights its way
         tokenizer = reading.result()
     processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)

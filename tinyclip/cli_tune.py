@@ -5,7 +5,7 @@
 
 Each chosen graph (image tower per batch bucket, text tower per batch bucket and text length) is
 captured under tinygrad's BEAM=n, which times candidate kernels on the device and keeps the
-fastest, and is stored in the graph cache (tinyclip/graph_cache.py) marked tuned. Later processes
+fastest, and is stored in the graph cache (tinyclip/graph_cache/) marked tuned. Later processes
 with the same model architecture, backend and dtype load the tuned graphs and search nothing; an
 ordinary run never replaces a tuned graph with an untuned one, and running tune again does.
 tinygrad also keeps the search results in its own kernel cache.

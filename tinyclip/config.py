@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-# Activations tinyclip implements; model.py maps each name to its function.
+# Activations tinyclip implements; kernels/activations.py maps each name to its function.
 # "gelu" is the exact erf GELU, "gelu_new"/"gelu_pytorch_tanh" the tanh one.
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # The model is built before its weights are read, and each layer costs ~6 ms and a few kB of

@@ -9,7 +9,8 @@ there exactly as a third party would:
     tinyclip.backends =
         mycpu = mypackage.backend:MyCPU
 
-Nothing device-specific lives outside the backends.
+A backend chooses its device, its tinygrad settings and its kernel set (tinyclip.kernels: how the
+model's hot operations are computed there); the model itself has no device branches.
 
 `select(device)` turns what a user typed into a usable backend: a backend
 name ("cpu", "opencl"), a raw tinygrad device string ("CPU:LLVM", "CL:1"),
@@ -38,11 +39,10 @@ class Backend:
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
                    checks them here. default_dtype is used when none is asked for
     description    one line for `tinyclip backends`
-    panel_kernels  True where tinyclip's hand-tiled CPU matmul (tinyclip.kernels) should run the
-                   float32 linear layers; their weights are then stored as panels
 
     A backend overrides `probe()` to say why it cannot run (the default runs
-    one kernel), and `context()` for device-specific tinygrad settings.
+    one kernel), `context()` for device-specific tinygrad settings, and
+    `kernel_set()` to compute the model's hot operations with kernels of its own.
     """
 
     name: str = ""
@@ -52,7 +52,6 @@ class Backend:
     dtypes: tuple[str, ...] = ("float32",)
     default_dtype: str = "float32"
     description: str = ""
-    panel_kernels: bool = False
 
     def probe(self) -> str | None:
         """None when the backend can run here, else the reason it cannot (no driver, no compiler ...)."""
@@ -63,6 +62,12 @@ class Backend:
         """Settings (tinygrad Context variables) under which this backend's kernels compile and run.
         Every realize of a tinyclip computation happens inside it."""
         return contextlib.nullcontext()
+
+    def kernel_set(self):
+        """The tinyclip.kernels.KernelSet the model computes with on this backend: the plain tinygrad set
+        unless the backend brings its own (the cpu backends: tinyclip's tiled CPU kernels)."""
+        from .kernels import TINYGRAD
+        return TINYGRAD
 
     @functools.cached_property
     def unavailable(self) -> str | None:

@@ -11,7 +11,7 @@ text cut to the longest real length, and compiled graphs kept on disk.
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
   its first call (tinygrad's default would run the encoder plain once and
   capture on the second, scheduling every kernel twice).
-- The graph cache (tinyclip/graph_cache.py) saves each captured graph, without
+- The graph cache (tinyclip/graph_cache/) saves each captured graph, without
   the weights, and a later process loads it instead of capturing: its first
   embedding skips tinygrad's scheduling and code generation. `tinyclip tune`
   (Runner.tune) stores beam-searched graphs under the same keys.
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import _tinygrad, graph_cache
+from . import _tinygrad, graph_cache, pooling
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
 # like "a photo of a {label}." (8-10 tokens) live and a step is a large share of the work, then 4 up
@@ -115,11 +115,9 @@ class Runner:
 
     def text_features(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
         out = []
-        context = ids.shape[1]
         for i in range(0, len(ids), batch_size):
             chunk = ids[i:i + batch_size]
-            needed = int(self.pool_positions(chunk).max()) + 1
-            length = next(n for n in text_lengths(context) if n >= needed)
+            length = self.text_length(chunk)
             b = bucket(len(chunk), batch_size)
             padded = np.zeros((b, length), np.int32)
             padded[:len(chunk)] = chunk[:, :length]
@@ -127,11 +125,11 @@ class Runner:
             out.append(self._run(("text", b, length), padded)[:len(chunk)])
         return np.concatenate(out)
 
-    def pool_positions(self, ids: np.ndarray) -> np.ndarray:
-        """Where each row pools from, by the rule of CLIPTextTransformer.pool_weights."""
-        eos = self.model.config.text_config.eos_token_id
-        hit = ids == (ids.max(-1, keepdims=True) if eos == 2 else eos)
-        return np.where(hit.any(-1), hit.argmax(-1), 0)
+    def text_length(self, ids: np.ndarray) -> int:
+        """The length a batch of (N, context) ids runs at: the last position any row pools from, rounded
+        up to the next of TEXT_LENGTHS (or the context length)."""
+        needed = int(pooling.positions(ids, self.model.config.text_config.eos_token_id).max()) + 1
+        return next(n for n in text_lengths(ids.shape[1]) if n >= needed)
 
     def tune(self, key: tuple, beam: int) -> tuple[float, object]:
         """Beam-search the kernels of the graph for `key` (("image", batch) or ("text", batch, length)),

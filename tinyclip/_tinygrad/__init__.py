@@ -1,0 +1,24 @@
+"""tinyclip's boundary with tinygrad: everything that touches tinygrad beyond plain Tensor operations.
+
+tinygrad moves fast (setup.cfg pins the tested range); what tinyclip relies on of its internals is
+wrapped here, split by concern, so an upgrade touches this package alone:
+
+- device.py       dtype names, opening and probing devices, what a device compiles for, the kernel cache
+- buffers.py      numpy arrays in and out of device buffers without the scheduler
+- jit.py          TinyJit capture and replay, BEAM settings
+- graph_pickle.py a captured graph pickled without its weights, bound to a model on loading
+- cpu_runtime.py  the CPU patches (wide vectors, threads on several cores), installed on first use
+- kernel.py       the custom-kernel API (UOp ranges, opts) tinyclip's hand-written kernels are built with
+
+The names most of tinyclip uses are re-exported here.
+"""
+from .buffers import (NUMPY_DTYPES, as_float32, from_numpy, gather_rows, host_array, host_tensor, numpy_dtype,
+                      to_numpy, to_tensor)
+from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
+                     probe_device, renderer_threads, supports_half, synchronize)
+from .jit import beam_context, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
+
+__all__ = ["NUMPY_DTYPES", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
+           "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
+           "guard_kernel_cache", "open_device", "probe_device", "renderer_threads", "supports_half", "synchronize",
+           "beam_context", "beam_setting", "captured_graph", "jit_error", "jit_from_captured", "new_jit"]

@@ -1,0 +1,74 @@
+"""The kernel-set interface, and its plain tinygrad implementation that every device runs."""
+from __future__ import annotations
+
+from tinygrad import Tensor
+
+from .activations import activation
+
+
+class KernelSet:
+    """CLIP's hot operations, as one device family computes them. Subclass and override what a device
+    does better; every method here is plain tinygrad, exact on every device.
+
+    A kernel set holds no tensors (the model's modules refer to it, and tinygrad's get_state_dict
+    walks them), and `key()` says what in it shapes a compiled graph (the graph cache keys on it).
+    """
+
+    name = "tinygrad"
+
+    def key(self) -> dict:
+        """What distinguishes this set's graphs from another's: its name and its parameters."""
+        return {"name": self.name}
+
+    def describe(self) -> str:
+        """One line for `tinyclip backends`."""
+        return "tinygrad's own kernels"
+
+    # ---- linear layers ----------------------------------------------------------------------------
+
+    def prepare_linear(self, weight: Tensor) -> Tensor:
+        """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
+        called once after loading. The plain set keeps it as it is."""
+        return weight
+
+    def dense_weight(self, weight: Tensor) -> Tensor:
+        """The inverse of prepare_linear: the weight as (out, in)."""
+        return weight
+
+    def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None,
+               residual: Tensor | None = None) -> Tensor:
+        """act(x @ W.T + bias) + residual, for W as prepare_linear returned it; `act` a config
+        hidden_act name, or None."""
+        y = x.linear(weight.T, bias)
+        y = y if act is None else activation(act)(y)
+        return y if residual is None else y + residual
+
+    # ---- attention --------------------------------------------------------------------------------
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v per head, for (B, T, C) projections; (B, T, C)."""
+        B, T, C = q.shape
+        d = C // heads
+        q, k, v = (t.reshape(B, T, heads, d).transpose(1, 2) for t in (q, k, v))      # (B, nh, T, hs)
+        scores = (q * d ** -0.5) @ k.transpose(-2, -1)                                   # (B, nh, T, T)
+        attn = self.softmax(scores, mask).cast(v.dtype).contiguous()   # once, not per output column
+        return (attn @ v).transpose(1, 2).reshape(B, T, C)                              # (B, T, C)
+
+    def softmax(self, scores: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(scores + mask) over the last axis, in float32."""
+        if mask is not None:
+            scores = scores + mask
+        return scores.float().softmax(-1)
+
+    # ---- layer norm -------------------------------------------------------------------------------
+
+    def layer_norm(self, x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        """Layer norm over the last axis, computed in float32 whatever x's dtype, returned in x's."""
+        y = x.float().layernorm(eps=eps) * weight.float() + bias.float()
+        return y.cast(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"<kernel set {self.name}: {self.describe()}>"
+
+
+TINYGRAD = KernelSet()

@@ -1,0 +1,88 @@
+"""tinyclip's CPU kernel set: hand-tiled float32 kernels for x86-64 with AVX2 or AVX-512.
+
+matmul.py (the linear layers, on weights stored as panels), attention.py (score and value products,
+softmax), norm.py (layer norm), exp.py (a branch-free exp2 for quick_gelu and the softmax). Their
+tiles come from data: the instruction set (isa.py: lanes, registers, tile rows), this core's caches,
+and two costs measured once on this machine (tuning.py). Everything they cannot take (float16,
+widths the tiles do not divide, an activation other than quick_gelu in the epilogue, a CPU without
+AVX2, a tinygrad version the runtime patches were not written for) runs in the plain tinygrad set:
+the same numbers to float32 rounding, slower.
+"""
+from __future__ import annotations
+
+import functools
+
+from tinygrad import Tensor, dtypes
+
+from ..._tinygrad import cpu_runtime
+from ..activations import activation
+from ..base import TINYGRAD, KernelSet
+from . import attention, exp, isa as isas, matmul, norm, tuning
+from .isa import ISA
+from .machine import Machine
+
+
+class CPUKernels(KernelSet):
+    """The CPU set for one instruction set. `cache_folder` keeps the measured costs (tuning.py); None
+    measures them in each process."""
+
+    name = "cpu"
+
+    def __init__(self, isa: ISA, device: str = "CPU", cache_folder=None):
+        self.isa, self.device, self.cache_folder = isa, device, cache_folder
+
+    def key(self) -> dict:
+        return {"name": self.name, "active": self.active, **self.machine.key()}
+
+    def describe(self) -> str:
+        return f"tinyclip's tiled CPU kernels, {self.isa.name} ({self.isa.lanes} float32 lanes)"
+
+    @property
+    def active(self) -> bool:
+        """Whether the tiled kernels run: tinygrad's runtime patches installed (a tested tinygrad)."""
+        return cpu_runtime.install()
+
+    @functools.cached_property
+    def machine(self) -> Machine:
+        """Caches, threads and measured costs; measured on first use (run it outside a JIT capture:
+        prepare_linear, at load time, does)."""
+        return tuning.machine(self.isa, self.device, self.cache_folder)
+
+    # ---- linear -------------------------------------------------------------------------------------
+
+    def prepare_linear(self, weight: Tensor) -> Tensor:
+        width = matmul.panel_width(weight.shape[0], self.isa.lanes)
+        if weight.dtype != dtypes.float32 or width is None or not self.active:
+            return weight
+        self.machine   # measured now, at load time, never inside a JIT capture
+        return matmul.to_panels(weight, width)
+
+    def dense_weight(self, weight: Tensor) -> Tensor:
+        return matmul.from_panels(weight) if weight.ndim == 3 else weight
+
+    def linear(self, x, weight, bias, act=None, residual=None):
+        if weight.ndim != 3:    # not prepared as panels (float16, or a width no panel divides)
+            return super().linear(x, weight, bias, act, residual)
+        if act in (None, "quick_gelu"):   # all of it in the matmul kernel
+            return matmul.panel_linear(x, weight, bias, exp.quick_gelu if act else None, residual, self.machine)
+        y = activation(act)(matmul.panel_linear(x, weight, bias, None, None, self.machine))   # exact GELU etc.
+        return y if residual is None else y + residual
+
+    # ---- attention and layer norm ----------------------------------------------------------------------
+
+    def attention(self, q, k, v, heads, mask):
+        if q.dtype != dtypes.float32 or not self.active:
+            return super().attention(q, k, v, heads, mask)
+        return attention.attention(q, k, v, heads, mask, self.machine)
+
+    def layer_norm(self, x, weight, bias, eps):
+        if x.dtype != dtypes.float32 or weight.dtype != dtypes.float32 or not norm.fits(x.shape[-1]) or not self.active:
+            return super().layer_norm(x, weight, bias, eps)
+        return norm.layer_norm(x, weight, bias, eps, self.machine)
+
+
+def for_this_cpu(device: str = "CPU", setting: str | None = None, cache_folder=None) -> KernelSet:
+    """The kernel set for this CPU under TINYCLIP_CPU_ISA (or `setting`): CPUKernels for the widest (or
+    the forced) instruction set, the plain tinygrad set where the CPU has none of them."""
+    isa, _ = isas.choose(setting)
+    return TINYGRAD if isa is None else CPUKernels(isa, device, cache_folder)

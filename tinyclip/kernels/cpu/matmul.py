@@ -1,0 +1,127 @@
+"""The linear layers on the CPU: weights stored as panels, a register-tiled, cache-blocked kernel.
+
+Profiling ViT-B/32 puts about 89% of the image tower's time in its linear layers, which tinygrad
+0.14's default CPU kernel runs at 3-5 GFLOPS. What this kernel does instead:
+
+- Layout. With W as (out, in), a register tile of P outputs walks P rows of W, kilobytes apart per
+  step of the reduction. Stored as panels, (out/P, in, P), the P weights one step needs are
+  contiguous and a panel is read front to back. P is two vectors (16 floats on AVX2, 32 on
+  AVX-512), or one where two do not divide the outputs.
+- Register tile. `machine.tile_rows` rows x P columns of accumulators stay in registers while the
+  reduction runs (UPCAST): of the ISA's candidates (4 or 6 rows x 2 vectors in AVX2's 16 registers,
+  4 to 8 in AVX-512's 32), the one that measured fastest on this machine (tuning.py).
+- Vector width. tinygrad groups float loads into 4-lane vectors; tinyclip's pass
+  (_tinygrad/cpu_runtime.py) groups this kernel's into the ISA's lanes (kernels named tc<lanes>_).
+- Loop order. Inputs that fit half this core's L2 loop over panels outside rows: each panel is read
+  once and used by every row tile from cache (batch 1). Larger inputs take the order that measured
+  faster on this machine (tuning.py): panels outside (a panel stays in L2 while the rows stream
+  past), or row tiles outside (a tile's inputs stay in L1 while the panels stream past). On a 2-core
+  Zen 4 the first ran fc1 at 74-93 GFLOPS a core against 55-61 for the second and for blocks of
+  rows sized to L2; the AVX2 VM the kernels were first tuned on preferred the second.
+- Threads. Panels (else row blocks) are split between the CPU threads (THREAD); tinygrad 0.14 runs
+  those parts one after another, tinyclip's runtime patch on several cores. Kernels too short to
+  win back a thread hand-off stay on one thread (Machine.threads_for).
+
+Each output is one float32 sum over the inputs in order (tinygrad's default kernel sums in another
+order: float32 rounding apart).
+"""
+from __future__ import annotations
+
+import math
+
+from tinygrad import Tensor
+
+from ..._tinygrad import buffers
+from ..._tinygrad.cpu_runtime import wide_name
+from ..._tinygrad.kernel import UPCAST_LIMIT, AxisType, KernelInfo, Ops, Opt, OptOps, UOp, dtypes, run
+from .machine import Machine
+
+L2_SHARE = 2     # an input filling at most 1/L2_SHARE of L2 stays in cache: panels loop outside rows
+
+
+def panel_width(out_features: int, lanes: int) -> int | None:
+    """The widest panel (two vectors, else one) that divides this many outputs, None when none does."""
+    return next((width for width in (2 * lanes, lanes) if out_features % width == 0), None)
+
+
+def to_panels(weight: Tensor, width: int) -> Tensor:
+    """A linear layer's (out, in) weight as contiguous panels (out/width, in, width), realized.
+    Rearranged by numpy in one strided copy from the weight's host buffer into the new one: a
+    tinygrad kernel per layer would cost a schedule each at load time."""
+    out_features, in_features = weight.shape
+    rows = buffers.host_array(weight).reshape(out_features // width, width, in_features)
+    return buffers.from_numpy(rows.transpose(0, 2, 1), weight.device)
+
+
+def from_panels(panels: Tensor) -> Tensor:
+    """The inverse of to_panels: (out, in)."""
+    n_panels, fan_in, width = panels.shape
+    return panels.permute(0, 2, 1).reshape(n_panels * width, fan_in)
+
+
+def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act, residual: Tensor | None,
+                 machine: Machine) -> Tensor:
+    """act(x @ W.T + bias) + residual for W stored by to_panels; float32, any leading dimensions.
+    `act` (an elementwise function on UOps, like exp.quick_gelu) and the residual (a tensor shaped
+    like the output: a transformer's skip connection) are applied in registers before the store.
+    Rows past the last read the last row and are not stored (no padded copy of the input)."""
+    *lead, K = x.shape
+    n_panels, K2, P = panels.shape
+    if K != K2:
+        raise ValueError(f"panel_linear: input has {K} features, weight expects {K2}")
+    M, N = math.prod(lead), n_panels * P
+    if residual is not None and residual.shape != (*lead, N):
+        raise ValueError(f"panel_linear: residual has shape {residual.shape}, the output {(*lead, N)}")
+    rows = min(machine.tile_rows, M)
+    Mp = -(-M // rows) * rows
+    threads = machine.threads_for(M * N * K)
+    rows_outer = machine.rows_outer and Mp * K * 4 > machine.l2 // L2_SHARE
+    extents = {"rows": Mp, "panels": n_panels} if rows_outer else {"panels": n_panels, "rows": Mp}
+    extents["cols"] = P
+    opts = _tile_opts(extents, rows, threads)
+    name = wide_name(machine.isa.lanes, f"linear_{Mp}_{N}_{K}") + ("_bias" if bias is not None else "") + \
+        ("_act" if act else "") + ("_res" if residual is not None else "")
+
+    def kernel(C: UOp, A: UOp, B: UOp, *extra: UOp) -> UOp:
+        m, panel, col = (UOp.range(extents[loop], list(extents).index(loop), AxisType.WEAK)
+                         for loop in ("rows", "panels", "cols"))
+        k = UOp.range(K, 3, AxisType.REDUCE)
+        row = m.minimum(M - 1) if Mp != M else m
+        acc = (A[row * K + k] * B[panel * (K * P) + k * P + col]).reduce(k, arg=Ops.ADD, dtype=dtypes.float32)
+        if bias is not None:
+            acc = acc + extra[0][panel * P + col]
+        if act is not None:
+            acc = act(acc)
+        if residual is not None:
+            acc = acc + extra[-1][row * N + panel * P + col]
+        at = m * N + panel * P + col
+        store = C[at.valid(m < M) if Mp != M else at].store(acc).end(m, panel, col)
+        return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
+
+    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else []) + \
+        ([residual.reshape(-1)] if residual is not None else [])
+    return run(M * N, inputs, kernel).reshape(*lead, N)
+
+
+def _tile_opts(extents: dict[str, int], rows: int, threads: int) -> tuple[Opt, ...]:
+    """Upcast the panel's columns and `rows` rows into registers, then split panels (else row tiles)
+    between threads. Opt axes count the kernel's loops of extent > 1, in order, and a loop that an
+    upcast uses up entirely drops out of that count."""
+    loops = [name for name, n in extents.items() if n > 1]
+    # All of a panel's columns: tinygrad upcasts one loop by at most UPCAST_LIMIT at a time, so a wider
+    # panel takes two steps on the same loop (the second upcasts what the first left).
+    step = min(extents["cols"], UPCAST_LIMIT)
+    opts = [Opt(OptOps.UPCAST, loops.index("cols"), step)]
+    if extents["cols"] > step:
+        opts.append(Opt(OptOps.UPCAST, loops.index("cols"), 0))
+    loops.remove("cols")
+    if rows > 1:
+        opts.append(Opt(OptOps.UPCAST, loops.index("rows"), rows))
+        if extents["rows"] == rows:
+            loops.remove("rows")
+    if threads > 1:
+        for name, extent in (("panels", extents["panels"]), ("rows", extents["rows"] // rows)):
+            if name in loops and extent % threads == 0:
+                opts.append(Opt(OptOps.THREAD, loops.index(name), threads))
+                break
+    return tuple(opts)

@@ -1,0 +1,145 @@
+"""What the CPU kernels choose on this machine, measured once and kept on disk.
+
+- the matmul's register tile: each of the ISA's candidate tile rows (isa.tile_rows) is timed on one
+  core on an input that fits in cache, and the fastest kept;
+- its loop order for inputs larger than L2: row tiles or panels outside, timed the same way;
+- the thread hand-off: waking tinyclip's helper threads and hearing back (tens of microseconds on a
+  VM, a few on bare metal): a kernel that one core finishes in a few hand-offs stays on one thread;
+- the matmul's speed on one core (multiply-adds per microsecond), from which the other kernels'
+  times are estimated by ratios (norm.VALUE_COST, attention.SCORE_COST, ...).
+
+Measuring takes a few seconds (a handful of small kernels to compile, a few runs each). The result
+is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by the CPU's model and
+flags, the thread count, the instruction set and the tinyclip and tinygrad versions; like graph
+files it is read only when it and its folder are yours alone, and written atomically. Delete it to
+measure again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from ... import trust
+from ..._tinygrad import buffers, cpu_runtime, jit
+from ..._tinygrad.device import cpu_threads
+from .isa import ISA, cpu_flags
+from .machine import Machine, cache_sizes
+
+FORMAT = 2
+TILE_SHAPE = (256, 768, 768)    # rows, inputs, outputs timed for the tile: 151M multiply-adds, a few ms a run
+ORDER_SHAPE = (768, 1536)       # inputs, outputs timed for the loop order, on twice as many rows as fill L2
+RUNS = 5                        # timed rounds over the candidates, after the runs that compile them; the fastest counts
+
+
+def measure(isa: ISA, device: str) -> dict:
+    """The tile rows, loop order and costs for `isa` on this machine, measured now (inside the backend's
+    context, outside any JIT capture), on one core."""
+    from . import matmul
+    _, l2 = cache_sizes()
+    rng = np.random.default_rng(0)
+
+    def candidate(shape, tile_rows, rows_outer):
+        """A compiled run of the matmul (replayed by a TinyJit: the times are the kernel's, not tinygrad's
+        scheduling), and its multiply-adds."""
+        M, K, N = shape
+        machine = Machine(isa, *cache_sizes(), threads=1, tile_rows=tile_rows, rows_outer=rows_outer,
+                          handoff_us=1.0, macs_per_us=1.0)
+        x = buffers.from_numpy(rng.standard_normal((M, K), dtype=np.float32), device)
+        w = matmul.to_panels(buffers.from_numpy(rng.standard_normal((N, K), dtype=np.float32), device),
+                             matmul.panel_width(N, isa.lanes))
+        run = jit.new_jit(lambda inp: matmul.panel_linear(inp, w, None, None, None, machine).realize())
+        run(x)   # captures: compiles
+        return lambda: run(x), M * N * K
+
+    def fastest(candidates: dict) -> tuple[object, dict]:
+        """Time the candidates in turn, RUNS rounds (so that a busy moment slows all of them alike), and
+        return the fastest and each one's speed in multiply-adds per microsecond."""
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(RUNS):
+            for name, (call, _) in candidates.items():
+                start = time.perf_counter()
+                call()
+                best[name] = min(best[name], time.perf_counter() - start)
+        speeds = {name: candidates[name][1] / (best[name] * 1e6) for name in candidates}
+        return max(speeds, key=speeds.get), speeds
+
+    tile_rows, tiles = fastest({rows: candidate(TILE_SHAPE, rows, False) for rows in isa.tile_rows})
+    K, N = ORDER_SHAPE
+    big = (2 * l2 // (K * 4) // tile_rows + 1) * tile_rows, K, N
+    rows_outer, orders = fastest({outer: candidate(big, tile_rows, outer) for outer in (False, True)})
+    handoffs = [cpu_runtime.handoff_seconds() for _ in range(50)]
+    return {"tile_rows": tile_rows, "rows_outer": rows_outer,
+            "handoff_us": statistics.median(handoffs) * 1e6, "macs_per_us": tiles[tile_rows],
+            "measured": {"tiles": tiles, "orders": {str(k): v for k, v in orders.items()}}}
+
+
+def machine(isa: ISA, device: str, folder) -> Machine:
+    """This machine's Machine for `isa`: its caches and threads, and the costs from the file in `folder`
+    (measured and saved first where there is none that can be trusted)."""
+    threads = cpu_threads()
+    costs = _read(folder, isa, threads) if folder is not None else None
+    if costs is None:
+        cpu_runtime.install()
+        costs = measure(isa, device)
+        if folder is not None:
+            _write(folder, isa, threads, costs)
+    return Machine(isa, *cache_sizes(), threads=threads, tile_rows=costs["tile_rows"],
+                   rows_outer=costs["rows_outer"], handoff_us=costs["handoff_us"], macs_per_us=costs["macs_per_us"])
+
+
+def _key(isa: ISA, threads: int) -> dict:
+    from ... import __version__
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"format": FORMAT, "cpu": cpu_model, "flags": sorted(cpu_flags()), "threads": threads, "isa": isa.name,
+            "tinyclip": __version__, "tinygrad": cpu_runtime.tinygrad_version()}
+
+
+def _path(folder, isa: ISA, threads: int):
+    import pathlib
+    key = _key(isa, threads)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return pathlib.Path(folder) / f"{isa.name}-{digest}.json", key
+
+
+def _read(folder, isa: ISA, threads: int) -> dict | None:
+    path, key = _path(folder, isa, threads)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if trust.untrusted(path.parent) or trust.untrusted_stat(os.fstat(f.fileno()), path):
+                return None
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    costs = data.get("costs") if isinstance(data, dict) and data.get("key") == key else None
+    if not (isinstance(costs, dict) and all(isinstance(costs.get(k), (int, float)) and costs[k] > 0
+                                            for k in ("handoff_us", "macs_per_us"))
+            and costs.get("tile_rows") in isa.tile_rows and isinstance(costs.get("rows_outer"), bool)):
+        return None
+    return costs
+
+
+def _write(folder, isa: ISA, threads: int, costs: dict) -> None:
+    """Best effort: a cache that cannot be written only means measuring again next time."""
+    path, key = _path(folder, isa, threads)
+    try:
+        for d in (path.parent.parent, path.parent):
+            d.mkdir(mode=0o700, exist_ok=True)
+        if trust.untrusted(path.parent):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "costs": costs, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
