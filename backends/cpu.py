@@ -11,7 +11,7 @@ from tinygrad.helpers import Context
 from tinyclip import _tinygrad
 from tinyclip.errors import BackendError
 from tinyclip.graph_cache import cache_root
-from tinyclip.kernels import cpu as cpu_kernels
+from tinyclip.kernels.cpu import CPUKernels, isa as isas
 from tinyclip.registry import Backend
 
 
@@ -27,14 +27,14 @@ class CPU(Backend):
     @functools.cached_property
     def _isa(self):
         """(ISA or None, target arch): TINYCLIP_CPU_ISA's choice, read once per backend object."""
-        return cpu_kernels.isas.choose()
+        return isas.choose()
 
     def kernel_set(self):
         """tinyclip's tiled CPU kernels for this CPU's instruction set (tinygrad's own where it has none)."""
         isa, _ = self._isa
         if isa is None:
             return super().kernel_set()
-        return cpu_kernels.CPUKernels(isa, self.device, cache_root() / "cpu")
+        return CPUKernels(isa, self.device, cache_root() / "cpu")
 
     def context(self):
         # tinygrad 0.14 picks a device's code generator from its DEV setting at compile time, not from the

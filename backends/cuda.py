@@ -41,4 +41,14 @@ class NV(Backend):
         why = _tinygrad.probe_device(self.device, self.context())
         if why and not os.path.exists("/dev/nvidiactl"):
             return "no NVIDIA kernel driver (/dev/nvidiactl does not exist) and no NVIDIA GPU on PCI for tinygrad"
-        return why
+        return explain(why, NV_REASONS)
+
+
+# tinygrad 0.14's NV runtime picks the GPU's usermode, channel, compute and copy classes with next() over the
+# classes it drives (runtime/ops_nv.py, setup_usermode): a GPU offering none of one kind surfaces as a bare
+# StopIteration. It drives Turing to Blackwell classes but not Hopper's compute class (seen on an H200).
+NV_REASONS = (
+    ("StopIteration", "tinygrad's NV device opened the NVIDIA driver but does not drive this GPU (a StopIteration "
+                      "while it chose the GPU's channel and compute classes: tinygrad 0.14 knows Turing, Ampere, "
+                      "Ada and Blackwell classes, not Hopper's, such as an H100's or H200's); use the cuda backend"),
+)

@@ -310,3 +310,14 @@ def test_cli_lists_third_party_backends():
     rows = {r["name"]: r for r in json.loads(done.stdout)}
     assert rows["mycpu"]["available"] and rows["mycpu"]["dtypes"] == ["float32"]
     assert not rows["broken"]["available"]
+
+
+def test_nv_explains_a_gpu_its_runtime_does_not_drive(monkeypatch):
+    """On an H200 tinygrad's NV device failed with a bare "StopIteration: " (its runtime knows no Hopper
+    compute class): the reason must say what failed and what to use instead."""
+    from tinyclip_backends import cuda
+    monkeypatch.setattr(cuda._tinygrad, "probe_device", lambda device, context=None: "StopIteration: ")
+    monkeypatch.setattr(cuda.os.path, "exists", lambda path: True)
+    why = cuda.NV().probe()
+    assert why.startswith("tinygrad's NV device opened the NVIDIA driver but does not drive this GPU")
+    assert why.endswith("use the cuda backend")

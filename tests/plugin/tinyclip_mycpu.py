@@ -9,6 +9,7 @@ from tinygrad.helpers import Context
 
 from tinyclip.graph_cache import cache_root
 from tinyclip.kernels import cpu
+from tinyclip.kernels.cpu.isa import choose
 from tinyclip.registry import Backend
 
 
@@ -29,5 +30,5 @@ class MyCPU(Backend):
         return Context(DEV="CPU:CLANG")
 
     def kernel_set(self):
-        isa, _ = cpu.isas.choose("native")
+        isa, _ = choose("native")
         return MyKernels(isa, self.device, cache_root() / "cpu") if isa is not None else super().kernel_set()

@@ -2,8 +2,10 @@
 
 matmul.py (the linear layers, on weights stored as panels), attention.py (score and value products,
 softmax), norm.py (layer norm), exp.py (a branch-free exp2 for quick_gelu and the softmax). Their
-tiles come from data: the instruction set (isa.py: lanes, registers, tile rows), this core's caches,
-and two costs measured once on this machine (tuning.py). Everything they cannot take (float16,
+tiles come from data: the instruction set (isa.py: lanes, registers, candidate tile rows), this
+core's caches, and what tuning.py measures once on this machine (the fastest tile and loop order,
+the thread hand-off, the matmul's speed). The cpu backends choose the instruction set (isa.choose,
+TINYCLIP_CPU_ISA) and make a CPUKernels for it. Everything they cannot take (float16,
 widths the tiles do not divide, an activation other than quick_gelu in the epilogue, a CPU without
 AVX2, a tinygrad version the runtime patches were not written for) runs in the plain tinygrad set:
 the same numbers to float32 rounding, slower.
@@ -16,15 +18,15 @@ from tinygrad import Tensor, dtypes
 
 from ..._tinygrad import cpu_runtime
 from ..activations import activation
-from ..base import TINYGRAD, KernelSet
-from . import attention, exp, isa as isas, matmul, norm, tuning
+from ..base import KernelSet
+from . import attention, exp, matmul, norm, tuning
 from .isa import ISA
 from .machine import Machine
 
 
 class CPUKernels(KernelSet):
-    """The CPU set for one instruction set. `cache_folder` keeps the measured costs (tuning.py); None
-    measures them in each process."""
+    """The CPU set for one instruction set. `cache_folder` keeps what tuning.py measures; None measures
+    it again in each process."""
 
     name = "cpu"
 
@@ -80,9 +82,3 @@ class CPUKernels(KernelSet):
             return super().layer_norm(x, weight, bias, eps)
         return norm.layer_norm(x, weight, bias, eps, self.machine)
 
-
-def for_this_cpu(device: str = "CPU", setting: str | None = None, cache_folder=None) -> KernelSet:
-    """The kernel set for this CPU under TINYCLIP_CPU_ISA (or `setting`): CPUKernels for the widest (or
-    the forced) instruction set, the plain tinygrad set where the CPU has none of them."""
-    isa, _ = isas.choose(setting)
-    return TINYGRAD if isa is None else CPUKernels(isa, device, cache_folder)
