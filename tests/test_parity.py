@@ -141,7 +141,7 @@ def test_fast_path_equals_plain_path(tiny_quick, pil_images, n):
 
 
 def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
-    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)   # no graphs from other tests
     ids = model.tokenize(["a cat", "a photo of a dog on a sofa"])
     np.testing.assert_array_equal(pooling.positions(ids, model.config.text_config.eos_token_id), [3, 9])
     model.encode_text(ids)
@@ -191,6 +191,24 @@ def test_tensor_inputs_are_accepted(tiny_quick, pil_images):
     ids, pixels = model.tokenize(["a cat", "a dog"]), model.preprocess(pil_images[:2])
     np.testing.assert_array_equal(model.encode_text(Tensor(ids.astype(np.int32), device="CPU")), model.encode_text(ids))
     np.testing.assert_array_equal(model.encode_image(Tensor(pixels, device="CPU")), model.encode_image(pixels))
+
+
+def test_a_compiled_longer_text_graph_serves_texts_up_to_half_its_length(tiny_quick):
+    """A batch runs at a longer length already compiled (up to REUSE_LENGTH_FACTOR times its own) instead of
+    compiling its own: exact under the causal mask, to float32 rounding."""
+    from tinyclip.runner import REUSE_LENGTH_FACTOR
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
+    model.encode_text(["a photo of a dog on a red sofa"])                  # 11 positions: runs at 12
+    assert set(model.runner._jits) == {("text", 1, 12)}
+    ids = model.tokenize(["a photo of a cat"])                              # 6 positions
+    assert REUSE_LENGTH_FACTOR * 6 >= 12
+    reused = model.encode_text(ids)
+    assert set(model.runner._jits) == {("text", 1, 12)}, "6 positions ran on the 12-position graph"
+    with model.backend.context():
+        plain = model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
+    assert np.abs(reused - plain).max() <= FAST_REL_TOL * np.abs(plain).max()
+    model.encode_text(["a cat"])                                            # 4 positions: 12 is over twice that
+    assert ("text", 1, 4) in model.runner._jits
 
 
 @pytest.mark.parametrize("eos", [pooling.LEGACY_EOS, 49407, 7])

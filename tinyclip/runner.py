@@ -5,9 +5,11 @@ text cut to the longest real length, and compiled graphs kept on disk.
   size), so any batch size reuses a compiled graph; padded rows are dropped
   from the output. Rows never interact in CLIP, so this is exact.
 - Texts run only up to the last position any row pools from (its first eos),
-  rounded up to the next of TEXT_LENGTHS. The causal mask means no position
-  sees a later one, so the states up to there are exactly those of the full
-  context.
+  rounded up to the next of TEXT_LENGTHS, or to a longer one whose graph is
+  already compiled (in this process or in the graph cache) when it is at most
+  REUSE_LENGTH_FACTOR times as long: a new user's first texts compile a few
+  lengths, not one per prompt length. The causal mask means no position sees a
+  later one, so the states up to there are exactly those of the full context.
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
   its first call (tinygrad's default would run the encoder plain once and
   capture on the second, scheduling every kernel twice).
@@ -30,6 +32,9 @@ from . import _tinygrad, graph_cache, pooling
 # to 40 and 8 beyond; 19 lengths (each a graph to compile once) for a context of 77, as a step of 4
 # would give, but never more than about 1/6 of the work spent on padding.
 TEXT_LENGTHS = (*range(4, 20, 2), *range(20, 40, 4), *range(40, 512, 8))
+# A compiled graph up to this many times the length a batch needs runs it instead of compiling its own
+# (10-15 s for ViT-B/32's text tower on 2 cores): at worst twice the work for that batch, once compiled.
+REUSE_LENGTH_FACTOR = 2
 
 
 def bucket(n: int, limit: int) -> int:
@@ -117,19 +122,32 @@ class Runner:
         out = []
         for i in range(0, len(ids), batch_size):
             chunk = ids[i:i + batch_size]
-            length = self.text_length(chunk)
             b = bucket(len(chunk), batch_size)
+            length = self.text_length(chunk, b)
             padded = np.zeros((b, length), np.int32)
             padded[:len(chunk)] = chunk[:, :length]
             padded[len(chunk):] = chunk[0, :length]   # any valid row; dropped below
             out.append(self._run(("text", b, length), padded)[:len(chunk)])
         return np.concatenate(out)
 
-    def text_length(self, ids: np.ndarray) -> int:
-        """The length a batch of (N, context) ids runs at: the last position any row pools from, rounded
-        up to the next of TEXT_LENGTHS (or the context length)."""
+    def text_length(self, ids: np.ndarray, batch: int | None = None) -> int:
+        """The length a batch of (N, context) ids runs at, in the batch bucket `batch` (default: N): the
+        last position any row pools from, rounded up to the next of TEXT_LENGTHS (or the context length),
+        unless a graph for a longer length up to REUSE_LENGTH_FACTOR times that is already compiled."""
         needed = int(pooling.positions(ids, self.model.config.text_config.eos_token_id).max()) + 1
-        return next(n for n in text_lengths(ids.shape[1]) if n >= needed)
+        fits = [n for n in text_lengths(ids.shape[1]) if n >= needed]
+        for n in fits:
+            if n > REUSE_LENGTH_FACTOR * fits[0]:
+                break
+            if self.compiled(("text", batch or len(ids), n)):
+                return n
+        return fits[0]
+
+    def compiled(self, key: tuple) -> bool:
+        """Whether the graph for `key` runs without compiling: captured in this process, or in the graph cache."""
+        if key in self._jits:
+            return True
+        return self.jit and self.graphs is not None and self.graphs.has(key)
 
     def tune(self, key: tuple, beam: int) -> tuple[float, object]:
         """Beam-search the kernels of the graph for `key` (("image", batch) or ("text", batch, length)),

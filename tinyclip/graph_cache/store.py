@@ -63,6 +63,13 @@ class GraphStore:
     def path(self, graph: tuple) -> pathlib.Path:
         return self.folder / f"{'-'.join(map(str, graph))}-{keys.digest(self.key(graph))}.graph"
 
+    def has(self, graph: tuple) -> bool:
+        """Whether a file for `graph` is there (not whether it will load: load() checks that)."""
+        try:
+            return self.path(graph).is_file()
+        except Exception:    # a model or backend the key cannot describe: load() warns about it
+            return False
+
     # ---- load --------------------------------------------------------------------------------------
 
     def load(self, graph: tuple):
