@@ -22,6 +22,7 @@ from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .runner import Runner
 from .tokenizer import CLIPTokenizer
+from .vectors import unit_rows
 from .weights import checkpoint_files, load_weights
 
 DEFAULT_BATCH_SIZE = 32
@@ -124,7 +125,7 @@ class CLIP:
         """
         pixels = self._pixels(images)
         out = self._batched(self.runner.image_features, pixels, batch_size)
-        return _normalized(out) if normalize else out
+        return unit_rows(out) if normalize else out
 
     def encode_text(self, texts, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Text embeddings (N, projection_dim) float32, as transformers' get_text_features.
@@ -133,7 +134,7 @@ class CLIP:
         """
         ids = self._ids(texts)
         out = self._batched(self.runner.text_features, ids, batch_size)
-        return _normalized(out) if normalize else out
+        return unit_rows(out) if normalize else out
 
     def logits(self, images, texts) -> np.ndarray:
         """logits_per_image (N_images, N_texts): scaled cosine similarities, as transformers."""
@@ -212,7 +213,3 @@ def _first_bad(texts) -> str:
             if not isinstance(t, str):
                 return f" (item {i} is {type(t).__name__})"
     return ""
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -4,7 +4,7 @@ after the model has loaded.
 
 tinyclip.runner captures one TinyJit per (tower, batch bucket, text length). This module saves a
 captured JIT to a file and loads it back in a later process, which then runs it without
-capturing again. `tinyclip tune` (tinyclip/cli_tune.py) stores beam-searched graphs here too;
+capturing again. `tinyclip tune` (tinyclip/cli/tune.py) stores beam-searched graphs here too;
 their files are marked tuned, and an ordinary run never replaces a tuned graph with an untuned one.
 
 Where: $TINYCLIP_CACHE_DIR/graphs, else $XDG_CACHE_HOME/tinyclip/graphs, else

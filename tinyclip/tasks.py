@@ -19,17 +19,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ImageError, TinyClipError
+from .errors import ImageError, UsageError
 from .templates import NAMED
+from .vectors import unit_rows
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LABEL_CACHE_SIZE = 4096       # label embeddings kept per model (4096 x 768 float32 = 12 MiB at most)
 PROMPTS_PER_CHUNK = 1024      # prompts tokenized and encoded together when building label embeddings
-
-
-class UsageError(TinyClipError, ValueError):
-    """An argument is invalid: no labels, a template without "{}", top < 1, an embeddings file
-    from another model, ..."""
 
 
 class LabelCache:
@@ -118,8 +114,7 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
         chunk = missing[i:i + per_chunk]
         prompts = [t.replace("{}", label) for label in chunk for t in templates]
         embeds = clip.encode_text(prompts, normalize=True, batch_size=batch_size).astype(np.float64)
-        embeds = embeds.reshape(len(chunk), len(templates), -1).mean(axis=1)     # (n_labels, D)
-        embeds /= np.linalg.norm(embeds, axis=-1, keepdims=True)
+        embeds = unit_rows(embeds.reshape(len(chunk), len(templates), -1).mean(axis=1))     # (n_labels, D)
         for label, e in zip(chunk, embeds.astype(np.float32)):
             cache.put((templates, label), e)
     return np.stack([cache.get((templates, label)) for label in labels])

@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from .tasks import UsageError
+from ..errors import UsageError
 
 DEFAULT_BATCHES = "1,32"
 DEFAULT_TEXT_LENGTHS = "8,10,12"
@@ -43,7 +43,7 @@ minutes per graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --
 
 
 def register(subparsers) -> None:
-    from .hub import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
     p = subparsers.add_parser("tune", help="beam-search the kernels once and keep the tuned graphs",
                               description="Search for faster kernels (tinygrad's BEAM) for the chosen batch "
                                           "sizes and text lengths, and store the tuned graphs so that later "
@@ -58,8 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", default=DEFAULT_BATCHES, metavar="N,N,...",
                    help=f"batch buckets to tune (default: {DEFAULT_BATCHES})")
     p.add_argument("--text-length", default=DEFAULT_TEXT_LENGTHS, metavar="L,L,...",
-                   help=f"text lengths to tune: multiples of 8, or the context length, or 'all' "
-                        f"(default: {DEFAULT_TEXT_LENGTHS})")
+                   help=f"text lengths to tune: 4, 6, 8, ... (the lengths texts run at, see below, up to the "
+                        f"context length), or 'all' (default: {DEFAULT_TEXT_LENGTHS})")
     p.add_argument("--beam", type=int, default=DEFAULT_BEAM, metavar="N",
                    help=f"beam width: larger searches longer for faster kernels (default: {DEFAULT_BEAM})")
     p.add_argument("--only", choices=["image", "text"], default=None, help="tune one tower only")
@@ -68,8 +68,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from . import graph_cache
-    from .hub import DEFAULT_MODEL
+    from .. import graph_cache
+    from ..hub import DEFAULT_MODEL
     if args.model and args.model_option and args.model != args.model_option:
         raise UsageError(f"two models given: {args.model} and --model {args.model_option}; give one")
     name = args.model or args.model_option or DEFAULT_MODEL
@@ -80,9 +80,9 @@ def run(args) -> int:
         raise UsageError(f"the graph cache is switched off ({graph_cache.ENV_DISABLE}="
                          f"{os.environ.get(graph_cache.ENV_DISABLE)}); tune stores its result there")
     lengths = None if args.text_length.strip().lower() == "all" else _positive_ints(args.text_length, "--text-length")
-    from . import hub
-    from .api import load
-    from .config import CLIPConfig
+    from .. import hub
+    from ..api import load
+    from ..config import CLIPConfig
     folder = hub.locate(name)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
     model = load(folder, device=args.device, dtype=args.dtype)
@@ -113,7 +113,7 @@ def run(args) -> int:
 
 def _keys(config, batches: list[int], lengths: list[int] | None, only: str | None) -> list[tuple]:
     """The runner keys to tune, after checking the text lengths against the config's context length."""
-    from .runner import text_lengths
+    from ..runner import text_lengths
     context = config.text_config.max_position_embeddings
     valid = text_lengths(context)
     if lengths is None:

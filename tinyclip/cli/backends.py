@@ -52,7 +52,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import registry
+    from .. import registry
     default = registry.default()
     rows = [describe(b, default) for b in registry.registered()]
     print(json.dumps(rows, indent=2) if args.json else table(rows))

@@ -1,4 +1,4 @@
-"""The `tinyclip` command: one subcommand per module, each registering itself.
+"""The `tinyclip` command: one module per subcommand, each with register(subparsers).
 
     tinyclip backends [--json]
     tinyclip classify IMAGE... --labels L1 L2 ...
@@ -11,17 +11,15 @@ Errors print as one line, `tinyclip: error: ...`, with exit code 1.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from .errors import TinyClipError
-
-# Modules that add subcommands: each has register(subparsers), and sets `run` on its parsers.
-COMMAND_MODULES = ("cli_backends", "cli_tasks", "cli_tune")
+from ..errors import TinyClipError, UsageError
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """The options every model-using subcommand shares."""
-    from .hub import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="backend name or tinygrad device (default: best available; "
                    "see `tinyclip backends`)")
@@ -30,15 +28,33 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def load_model(args: argparse.Namespace):
+    """The CLIP the model options name."""
+    from ..api import load
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def check_batch_size(args: argparse.Namespace) -> int:
+    """--batch-size, checked before the model loads."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    return args.batch_size
+
+
+def print_json(value) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
+    # Imported here, not at the top: each command module imports add_model_options from this package.
+    from . import backends, classify, embed, search, tune
+    from .. import __version__
     parser = argparse.ArgumentParser(prog="tinyclip", description="CLIP in tinygrad: embeddings, zero-shot "
                                      "classification and search on CPU, OpenCL, CUDA or Metal.")
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"tinyclip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"{__package__}.{name}").register(sub)
+    for command in (backends, classify, embed, search, tune):
+        command.register(sub)
     return parser
 
 
