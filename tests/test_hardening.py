@@ -208,7 +208,7 @@ def test_vocab_from_another_tokenizer(folder):
 
 def test_vocab_json_nested_too_deeply(folder):
     (folder / "vocab.json").write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(TokenizerError, match=r"vocab.json is not valid JSON \(maximum recursion depth"):
+    with pytest.raises(TokenizerError, match=r"vocab.json: not valid JSON \(maximum recursion depth"):
         tinyclip.load(folder, device=DEVICE)
 
 

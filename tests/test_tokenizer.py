@@ -347,7 +347,7 @@ def test_missing_vocabulary_file(clip_folder, tmp_path, missing):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", r"vocab.json is not valid JSON"),
+    ("{not json", r"vocab.json: not valid JSON"),
     ('["a", "b"]', r"vocab.json must map each token \(str\) to an id"),
     ('{"a": "0"}', r"vocab.json must map each token \(str\) to an id"),
     ('{"a": -1}', r"vocab.json must map each token \(str\) to an id"),
