@@ -5,14 +5,12 @@ vocabulary and a matching preprocessor_config.json, once per test session.
 The torch model stays available as the oracle.
 """
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
 
-from validate import ARCHITECTURES, build_checkpoint, clip_config  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Small configurations that between them use both activations (and the tanh GELU), odd widths,
 # other eps, other projection dims, other context lengths and image/patch sizes.

@@ -15,7 +15,7 @@ import tinyclip
 from tinyclip import kernels
 from tinyclip.registry import RawDevice
 from tinyclip.model import Conv2dPatch, Linear, _walk
-from validate import build_checkpoint, clip_config
+from tests.checkpoints import build_checkpoint, clip_config
 
 RENDERERS = ["CPU:CLANG", "CPU:LLVM"]
 
