@@ -43,6 +43,13 @@ def checkpoint(name, tmp_path_factory) -> Checkpoint:
     return _built[name]
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that builds the ViT-B/32 checkpoint (600 MB, a minute to build and compile) is slow."""
+    for item in items:
+        if "vit_b32" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", params=sorted(TINY))
 def tiny(request, tmp_path_factory) -> Checkpoint:
     return checkpoint(request.param, tmp_path_factory)
