@@ -114,7 +114,7 @@ def main(argv=None) -> int:
           f"cosine >= {cos_tol}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
     if unavailable and not args.device:
         print("not available here: " + "; ".join(unavailable))
-    header = f"{'backend':<10} {'device':<8} {'tokens':>8} {'pixels':>9} " + \
+    header = f"{'backend':<10} {'device':<9} {'tokens':>8} {'pixels':>9} " + \
         " ".join(f"{n + ' abs':>11} {n + ' rel':>10} {'cos':>9}" for n in ("image", "text", "logits")) + "  result"
     print(header)
     print("-" * len(header))
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             ok &= rel <= rel_tol and cos >= cos_tol
             cells.append(f"{diff:>11.2e} {rel:>10.2e} {cos:>9.6f}")
         failed |= not ok
-        print(f"{model.device:<10} {model.backend.device:<8} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
+        print(f"{model.device:<10} {registry.shown_device(model.backend):<9} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
               f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f}s)", flush=True)
     print("FAILED: beyond tolerance" if failed else "all backends within tolerance")
     return 1 if failed else 0
