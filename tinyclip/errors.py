@@ -39,3 +39,7 @@ class BackendError(TinyClipError, RuntimeError):
 class UsageError(TinyClipError, ValueError):
     """An argument is invalid: no labels, a template without "{}", top < 1, an embeddings file
     from another model, ..."""
+
+
+class TruncationWarning(UserWarning):
+    """A text is longer than the model's context length and is cut, as transformers cuts it."""

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ImageError, UsageError
+from .errors import ImageError, TruncationWarning, UsageError
 from .templates import NAMED
 from .vectors import unit_rows
 
@@ -101,14 +102,32 @@ def similarity(clip, images, texts, *, batch_size: int = 32) -> np.ndarray:
     return (image_embeds @ text_embeds.T).astype(np.float32)
 
 
-def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch_size: int = 32) -> np.ndarray:
+def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch_size: int = 32,
+                     store=None, on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """The unit-length text embedding (L, D) float32 of each label, prompt-ensembled over `templates`
-    (see `classify`). Cached on `clip`: a label already embedded with the same templates is not
-    encoded again."""
+    (see `classify`).
+
+    Cached on `clip`: a label already embedded with the same templates is not encoded again. With
+    `store` (a tinyclip.label_store.LabelStore), labels are also looked up on disk, keyed by the
+    model's fingerprint, dtype and the templates, and new ones are written there.
+    `on_progress(prompts_done, prompts_total)` is called after each chunk of prompts is encoded.
+    A label whose prompts exceed the context length warns (TruncationWarning) and is cut, as
+    transformers' tokenizer cuts it.
+    """
     labels = check_labels(labels)
     templates = resolve_templates(templates)
     cache: LabelCache = clip.label_cache
     missing = [label for label in dict.fromkeys(labels) if cache.get((templates, label)) is None]
+    stored: dict[str, np.ndarray] = {}
+    if missing and store is not None:
+        key = (clip.identity["fingerprint"], clip.dtype, templates)
+        stored = store.load(key)
+        for label in missing:
+            if label in stored:
+                cache.put((templates, label), stored[label])
+        missing = [label for label in missing if label not in stored]
+    _warn_truncated(clip, missing, templates)
+    encoded: dict[str, np.ndarray] = {}
     per_chunk = max(1, PROMPTS_PER_CHUNK // len(templates))
     for i in range(0, len(missing), per_chunk):
         chunk = missing[i:i + per_chunk]
@@ -117,7 +136,22 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
         embeds = unit_rows(embeds.reshape(len(chunk), len(templates), -1).mean(axis=1))     # (n_labels, D)
         for label, e in zip(chunk, embeds.astype(np.float32)):
             cache.put((templates, label), e)
+            encoded[label] = e
+        if on_progress is not None:
+            on_progress((i + len(chunk)) * len(templates), len(missing) * len(templates))
+    if encoded and store is not None:
+        store.save(key, {**stored, **encoded})
     return np.stack([cache.get((templates, label)) for label in labels])
+
+
+def _warn_truncated(clip, labels: Sequence[str], templates: tuple[str, ...]) -> None:
+    """One TruncationWarning per label whose longest prompt does not fit the context length."""
+    context = clip.config.text_config.max_position_embeddings
+    for label in labels:
+        longest = max(len(clip.tokenizer.encode(t.replace("{}", label))) for t in templates) + 2   # + start, end
+        if longest > context:
+            warnings.warn(f"label {label!r} is cut to fit the model's {context}-token context (its longest prompt "
+                          f"has {longest} tokens): only its start counts", TruncationWarning, stacklevel=3)
 
 
 def resolve_templates(templates) -> tuple[str, ...]:
