@@ -16,6 +16,8 @@ from transformers import CLIPImageProcessor
 from transformers.image_utils import load_image
 
 from tests.conftest import ROOT
+from tinyclip import identity
+from tinyclip.weights import checkpoint_files
 from tests.test_tasks import ensembled_probs, image_features, softmax, text_features, token_ids, unit
 
 REL_TOL = 1e-5          # embeddings: max |ours - theirs| / max |theirs|
@@ -106,7 +108,10 @@ def test_embed_npz_equals_transformers_image_features(embedded, oracle_images, t
     theirs = oracle_images[1]
     assert npz["embeddings"].dtype == np.float32 and npz["embeddings"].shape == theirs.shape
     assert np.abs(npz["embeddings"] - theirs).max() / np.abs(theirs).max() <= REL_TOL
-    assert str(npz["model"]) == str(tiny_quick.folder.resolve())
+    recorded = json.loads(str(npz["model_identity"]))
+    assert recorded["fingerprint"] == identity.fingerprint(tiny_quick.folder, checkpoint_files(tiny_quick.folder))
+    assert recorded["folder"] == str(tiny_quick.folder.resolve()) and recorded["hub_id"] is None
+    assert str(npz["dtype"]) == "float32" and int(npz["format"]) == 2
     assert int(npz["projection_dim"]) == tiny_quick.config.projection_dim and not npz["normalized"]
 
 
@@ -202,7 +207,8 @@ def other_npz(work):
      "bad-templates.txt line 2: template 'a photo' has no {}"),
     (["classify", GOOD[0], "--labels", "cat", "dog", "--top", "0"], "--top must be a positive integer, got 0"),
     (["search", "cat", "--images", "OTHER", "--top", "0"], "--top must be a positive integer, got 0"),
-    (["search", "cat", "--images", "OTHER"], "embedded with model someone/another-clip, not "),
+    (["search", "cat", "--images", "OTHER"], "written by an older tinyclip (format 1), which recorded the model "
+     "as someone/another-clip without a fingerprint"),
     (["embed", "gallery", "--out", "no-such-folder/x.npz"], "the folder no-such-folder does not exist"),
 ])
 def test_errors_are_one_line_with_a_nonzero_exit(tiny_quick, work, other_npz, args, fragment):

@@ -17,7 +17,7 @@ from tinygrad import Tensor, dtypes
 
 from . import _tinygrad, hub, identity, registry, tasks
 from .config import CLIPConfig
-from .errors import ImageError, TokenizerError
+from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .runner import Runner
@@ -45,7 +45,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     """
     _tinygrad.guard_kernel_cache()
     chosen = registry.select(device)
-    dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+    try:
+        dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+    except TinyClipError:
+        raise
+    except ValueError as e:    # a dtype name tinyclip does not know
+        raise UsageError(str(e)) from None
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device)
@@ -164,7 +169,7 @@ class CLIP:
 
     def _batched(self, run, x, batch_size: int) -> np.ndarray:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
         if x.shape[0] == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
         return run(x, batch_size)

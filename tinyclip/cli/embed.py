@@ -22,8 +22,10 @@ examples:
   tinyclip embed a.jpg b.png more/ --out some.npz --normalize
   tinyclip embed --texts captions.txt --out captions.npz  # one text per line (blank lines skipped)
 
-The .npz holds `embeddings` (N x D float32), `paths` (or `texts`), and `model`,
-`projection_dim`, `normalized`, `format`. Folders are searched recursively for
+The .npz holds `embeddings` (N x D float32), `paths` (relative to `root`, the
+folder embed ran in) or `texts`, `model_identity` (hub id, revision, folder and a
+fingerprint of the weights, so a copied checkpoint still matches), `dtype`,
+`normalized`, `projection_dim` and `format`. Folders are searched recursively for
 .jpg .jpeg .png .webp .bmp .gif .tif .tiff files (hidden files and folders left
 out); files that cannot be read are skipped with a warning and counted. Images
 are read and embedded --batch-size at a time, so memory stays bounded.
@@ -93,10 +95,13 @@ def run_embed(args) -> int:
     if not names:
         raise ImageError(f"none of the {len(skipped)} files could be read; nothing written to {out}")
 
-    kind = "texts" if args.texts else "paths"
-    npz.save(out, embeddings=rows.array(), **{kind: np.array(names, dtype=str)},
-              model=np.array(npz.model_identity(args.model)), projection_dim=np.array(dim, np.int64),
-              normalized=np.array(bool(args.normalize)), format=np.array(npz.NPZ_FORMAT, np.int64))
+    described = npz.header(model.identity, model.dtype, args.normalize, dim)
+    if args.texts:
+        npz.save(out, embeddings=rows.array(), texts=np.array(names, dtype=str), **described)
+    else:
+        root = os.getcwd()     # paths stay as typed, and resolve from elsewhere through the root
+        npz.save(out, embeddings=rows.array(), paths=np.array([npz.stored_path(n, root) for n in names], dtype=str),
+                 root=np.array(root), **described)
     if args.json:
         print_json({"out": str(out), "count": len(names), "dim": dim, "skipped": skipped})
     else:

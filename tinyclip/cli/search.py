@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import numpy as np
 
 from .. import tasks
-from ..errors import UsageError
+from ..errors import ImageError, UsageError
 from ..preprocess import load_image
 from ..vectors import unit_rows
-from . import add_model_options, check_batch_size, load_model, npz, print_json
+from . import add_model_options, check_batch_size, check_device, load_model, npz, print_json, rounded
 from .progress_bar import ProgressBar
 
 DEFAULT_SEARCH_TOP = 10
@@ -25,9 +26,13 @@ examples:
   tinyclip search "a dog on a beach" --images photos.npz --top 5
   tinyclip search query.jpg --images photos.npz --json          # an image file as the query
 
-QUERY is an image when it names an existing image file, else a text. Scores
-are cosine similarities. An .npz must come from `tinyclip embed` with the same
---model. --json prints [{"path": PATH, "score": COSINE}, ...], best first.
+QUERY is an image when it ends in an image suffix (.jpg, .png, ...), which must
+then exist; otherwise, or with --text, it is a text. Scores are cosine
+similarities. An .npz must come from `tinyclip embed` with the same weights
+(compared by fingerprint, so a copied checkpoint or another cache is fine) and
+dtype, unless --allow-other-model. Its paths are shown as they resolve from
+here. --json prints [{"path": PATH, "score": COSINE}, ...], best first, cosines
+to 6 significant digits.
 """
 
 
@@ -42,23 +47,37 @@ def register(subparsers) -> None:
                    help="a folder of images, or an .npz written by `tinyclip embed`")
     p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
                    help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
+    p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="search an .npz embedded with other weights or another dtype, with a warning")
     add_model_options(p)
     p.set_defaults(run=run_search)
 
 
 def run_search(args) -> int:
+    if not args.query.strip():
+        raise UsageError("QUERY is empty: give a text to search for, or an image file")
     top = tasks.check_top(args.top, name="--top")
     batch_size = check_batch_size(args)
+    image_query = not args.text and tasks.is_image_file(args.query)
+    if image_query and not os.path.isfile(args.query):
+        raise ImageError(f"{args.query}: no such image file (QUERY ending in {os.path.splitext(args.query)[1]} "
+                         "names an image); to search for these words as text, add --text")
     source = args.images
     if os.path.isdir(source):
         stored = None
+        if next(iter(tasks.find_images([source])), None) is None:
+            raise UsageError(f"--images {source}: no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) "
+                             "in the folder")
     elif os.path.isfile(source) and source.lower().endswith(".npz"):
-        stored = npz.read_image_embeddings(source, args.model)
+        stored = npz.read_image_embeddings(source)
     elif os.path.exists(source):
         raise UsageError(f"--images {source}: not a folder or an .npz written by `tinyclip embed`")
     else:
         raise UsageError(f"--images {source}: no such folder or file")
-    image_query = os.path.isfile(args.query) and tasks.is_image_file(args.query)
+    backend = check_device(args)
+    if stored is not None:
+        _check_same_model(stored, args, backend.check_dtype(args.dtype))
     model = load_model(args)
     if image_query:
         query = model.encode_image([load_image(args.query)], normalize=True, batch_size=1)[0]
@@ -66,25 +85,48 @@ def run_search(args) -> int:
         query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
 
     if stored is not None:
-        embeddings, paths = stored
-        if embeddings.shape[1] != model.config.projection_dim:
-            raise UsageError(f"--images {source}: embeddings have {embeddings.shape[1]} dimensions, the model "
-                             f"{args.model} gives {model.config.projection_dim}; embed again with this --model")
-        scores = unit_rows(embeddings) @ query
+        if stored.embeddings.shape[1] != model.config.projection_dim:
+            raise UsageError(f"--images {source}: embeddings have {stored.embeddings.shape[1]} dimensions, the "
+                             f"model {args.model} gives {model.config.projection_dim}; embed again with this --model")
+        scores = unit_rows(stored.embeddings) @ query
         order = tasks.top_indices(scores, top)
-        best = [(str(paths[i]), float(scores[i])) for i in order]
+        best = [(stored.paths[i], float(scores[i])) for i in order]
     else:
         best = _search_folder(model, source, query, top, batch_size)
+        if not best:
+            raise ImageError(f"--images {source}: none of its image files could be read (see the warnings)")
 
     if args.json:
-        print_json([{"path": p, "score": s} for p, s in best])
-    elif not best:
-        print(f"no readable images in {source}")
+        print_json([{"path": p, "score": rounded(s)} for p, s in best])
     else:
         print(f"{'rank':>4}  {'score':>7}  path")
         for rank, (p, s) in enumerate(best, 1):
             print(f"{rank:>4}  {s:7.4f}  {p}")
     return 0
+
+
+def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
+    """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
+    before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
+    from .. import hub, identity
+    from ..weights import checkpoint_files
+    folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
+    current = {"fingerprint": identity.fingerprint(folder, checkpoint_files(folder))}
+    if stored.identity is None:
+        problem = (f"written by an older tinyclip (format 1), which recorded the model as {stored.old_model} "
+                   "without a fingerprint of its weights")
+    elif not identity.same_model(stored.identity, current):
+        problem = (f"embedded with {identity.describe(stored.identity)}, not with {args.model} "
+                   f"(fingerprint {current['fingerprint'][:12]})")
+    elif stored.dtype != dtype:
+        problem = f"embedded in {stored.dtype}, but this search runs in {dtype} (--dtype {stored.dtype} matches it)"
+    else:
+        return
+    if not args.allow_other_model:
+        raise UsageError(f"--images {args.images}: {problem}; embed again with this model, or pass "
+                         "--allow-other-model to compare anyway")
+    warnings.warn(f"--images {args.images}: {problem}; comparing anyway (--allow-other-model), so the scores may "
+                  "mean little", stacklevel=2)
 
 
 def _search_folder(model, folder, query, top, batch_size):
