@@ -178,6 +178,7 @@ def test_allow_other_model_warns_and_searches(tiny_quick, work, tmp_path, galler
 
 # ---- classify: labels after --, truncation, rounding --------------------------------------------------
 
+@pytest.mark.slow     # compiles the text encoder at the full 77-token context: ~20 s
 def test_classify_labels_after_dashes_warns_once_for_a_long_label_and_rounds(tiny_quick, work):
     long_label = " ".join(["cat"] * LONG_LABEL_WORDS)
     run = run_cli(work, "classify", GOOD[0], "--labels", "cat", long_label, "--templates", "none", "--json",
@@ -206,21 +207,24 @@ def encode_calls(monkeypatch):
     return calls
 
 
-def test_second_classify_with_the_same_labels_encodes_no_text(tiny_quick, work, tmp_path, monkeypatch, capsys,
-                                                              encode_calls):
-    monkeypatch.setenv("TINYCLIP_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.mark.slow     # two model loads in this process, and the graphs of batch 3 compiled here: 20-30 s
+def test_second_classify_with_the_same_labels_encodes_no_text(tiny_quick, work, tmp_path, capsys, encode_calls):
+    # the session's cache folder (its compiled graphs save time), with no label files yet
+    stored = label_store.default().folder
+    shutil.rmtree(stored, ignore_errors=True)
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\n\nrocket\ncup of coffee\n")
-    args = ["classify", str(work / GOOD[0]), "--labels-file", str(labels), "--templates", "imagenet", "--json",
+    args = ["classify", str(work / GOOD[0]), "--labels-file", str(labels), "--templates", str(work / "templates.txt"),
+            "--json",
             "--model", str(tiny_quick.folder), "--device", DEVICE, "--batch-size", "3"]
     assert cli.main(args) == 0
     first = json.loads(capsys.readouterr().out)
-    assert sum(encode_calls) == 3 * 80, "three labels, 80 prompts each"
+    assert sum(encode_calls) == 3 * 2, "three labels, two templates each"
     encode_calls.clear()
     assert cli.main(args) == 0
     again = json.loads(capsys.readouterr().out)
     assert encode_calls == [] and again == first
-    files = list((tmp_path / "cache" / "labels").iterdir())
+    files = list(stored.iterdir())
     assert len(files) == 1 and files[0].stat().st_mode & 0o777 == 0o600
 
 
