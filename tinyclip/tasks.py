@@ -110,7 +110,8 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
     Cached on `clip`: a label already embedded with the same templates is not encoded again. With
     `store` (a tinyclip.label_store.LabelStore), labels are also looked up on disk, keyed by the
     model's fingerprint, dtype and the templates, and new ones are written there.
-    `on_progress(prompts_done, prompts_total)` is called after each chunk of prompts is encoded.
+    `on_progress(prompts_done, prompts_total)` is called before the first chunk of prompts is encoded
+    and after each.
     A label whose prompts exceed the context length warns (TruncationWarning) and is cut, as
     transformers' tokenizer cuts it.
     """
@@ -129,6 +130,8 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
     _warn_truncated(clip, missing, templates)
     encoded: dict[str, np.ndarray] = {}
     per_chunk = max(1, PROMPTS_PER_CHUNK // len(templates))
+    if missing and on_progress is not None:
+        on_progress(0, len(missing) * len(templates))     # before the wait, so a bar shows from its start
     for i in range(0, len(missing), per_chunk):
         chunk = missing[i:i + per_chunk]
         prompts = [t.replace("{}", label) for label in chunk for t in templates]
