@@ -322,3 +322,13 @@ def test_status_lines_only_on_a_terminal(monkeypatch):
     monkeypatch.setenv(progress.ENV, "0")
     progress.status("loading", tty)
     assert tty.getvalue().endswith("\r\033[K"), "TINYCLIP_PROGRESS=0 silences it"
+
+
+def test_label_embeddings_report_progress_from_the_start(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE)
+    calls = []
+    tasks.label_embeddings(model, ["cat", "dog", "bird"], ["a {}", "the {}"], on_progress=lambda *a: calls.append(a))
+    assert calls == [(0, 6), (6, 6)], "a bar must exist before the wait, and end full"
+    calls.clear()
+    tasks.label_embeddings(model, ["cat", "dog"], ["a {}", "the {}"], on_progress=lambda *a: calls.append(a))
+    assert calls == [], "nothing to encode, nothing to report"
