@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
+
 ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
 DEFAULT_TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut in a white suit", "a cup of coffee",
@@ -35,52 +37,6 @@ DEFAULT_TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut in a whit
 # Relative tolerances (max |ours - theirs| / max |theirs|) and minimum cosine per dtype.
 TOLERANCE = {"float32": (1e-5, 0.999999), "float16": (1e-2, 0.9999)}
 PIXEL_ATOL = 1e-5
-
-# Real architectures (openai/clip-vit-*), used to build a random checkpoint when the hub is out of reach.
-ARCHITECTURES = {
-    "openai/clip-vit-base-patch32": dict(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 32), proj=512),
-    "openai/clip-vit-base-patch16": dict(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 16), proj=512),
-    "openai/clip-vit-large-patch14": dict(text=(768, 3072, 12, 12), vision=(1024, 4096, 24, 16, 224, 14), proj=768),
-}
-
-
-def clip_config(text=(512, 2048, 12, 8), vision=(768, 3072, 12, 12, 224, 32), proj=512, **overrides):
-    """A transformers CLIPConfig from (hidden, intermediate, layers, heads[, image, patch]) tuples."""
-    import transformers
-    th, ti, tl, tn = text
-    vh, vi, vl, vn, image, patch = vision
-    t = dict(hidden_size=th, intermediate_size=ti, num_hidden_layers=tl, num_attention_heads=tn)
-    v = dict(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
-             image_size=image, patch_size=patch)
-    t.update(overrides.pop("text_overrides", {}))
-    v.update(overrides.pop("vision_overrides", {}))
-    return transformers.CLIPConfig(text_config=t, vision_config=v, projection_dim=proj, **overrides)
-
-
-def build_checkpoint(folder, config, seed: int = 0, perturb: float = 0.0):
-    """Save a random-init transformers CLIPModel with the real CLIP tokenizer and a matching
-    preprocessor_config.json into `folder`; returns the torch model (in eval mode).
-
-    `perturb` adds noise of that scale to every parameter, so that LayerNorm weights, biases and
-    logit_scale all differ from their initial constants and a test notices if one is ignored.
-    """
-    import torch
-    import transformers
-    sys.path.insert(0, str(ROOT))
-    from tests.bpe import write_clip_vocab
-    folder = pathlib.Path(folder)
-    torch.manual_seed(seed)
-    model = transformers.CLIPModel(config).eval()
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * perturb)
-    model.save_pretrained(folder, safe_serialization=True)
-    write_clip_vocab(folder)
-    size = config.vision_config.image_size
-    transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}) \
-        .save_pretrained(folder)
-    return model
 
 
 def features(out):
@@ -158,7 +114,7 @@ def main(argv=None) -> int:
           f"cosine >= {cos_tol}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
     if unavailable and not args.device:
         print("not available here: " + "; ".join(unavailable))
-    header = f"{'backend':<10} {'device':<8} {'tokens':>8} {'pixels':>9} " + \
+    header = f"{'backend':<10} {'device':<9} {'tokens':>8} {'pixels':>9} " + \
         " ".join(f"{n + ' abs':>11} {n + ' rel':>10} {'cos':>9}" for n in ("image", "text", "logits")) + "  result"
     print(header)
     print("-" * len(header))
@@ -183,7 +139,7 @@ def main(argv=None) -> int:
             ok &= rel <= rel_tol and cos >= cos_tol
             cells.append(f"{diff:>11.2e} {rel:>10.2e} {cos:>9.6f}")
         failed |= not ok
-        print(f"{model.device:<10} {model.backend.device:<8} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
+        print(f"{model.device:<10} {registry.shown_device(model.backend):<9} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
               f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f}s)", flush=True)
     print("FAILED: beyond tolerance" if failed else "all backends within tolerance")
     return 1 if failed else 0

@@ -36,7 +36,7 @@ def main(argv=None):
     import tinyclip
     from tinygrad import Tensor
     from tinygrad.helpers import Context
-    from validate import ARCHITECTURES, build_checkpoint, clip_config
+    from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
     folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
     if not (folder / "config.json").exists():
         build_checkpoint(folder, clip_config(**ARCHITECTURES["openai/clip-vit-base-patch32"]))

@@ -14,7 +14,7 @@ tinyclip holds and tinygrad's kernel cache sizes; `--tracemalloc` adds the
 Python allocation sites that grew most.
 
 The default checkpoint is a tiny random-init CLIP (the test suite's
-"tiny-quick" shape, built with validate.build_checkpoint) so that 10,000
+"tiny-quick" shape, built with tests.checkpoints.build_checkpoint) so that 10,000
 images run in about a minute on two cores; the loop, the buffers and the
 caches are the same ones a ViT-B/32 uses.
 """
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="tinyclip-memory-"))
     folder = pathlib.Path(args.model) if args.model else work / "tiny"
     if not args.model:   # built in a child process, so torch and transformers do not sit in this one's RSS
-        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from validate import build_checkpoint, clip_config; "
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tests.checkpoints import build_checkpoint, clip_config; "
                 f"build_checkpoint({str(folder)!r}, clip_config(**{TINY!r}), seed=0)")
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     model = tinyclip.load(folder, device=args.device)

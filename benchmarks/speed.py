@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT))
     import tinyclip
-    from validate import ARCHITECTURES, build_checkpoint, clip_config
+    from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
 
     folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
     if not (folder / "config.json").exists():

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from validate import ARCHITECTURES, build_checkpoint, clip_config  # noqa: E402
+from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config  # noqa: E402
 
 LABELS = ["cat", "dog", "car", "airplane", "horse", "ship", "truck", "bird", "frog", "deer"]
 TORCH_DEVICE = {"cuda": "cuda", "nv": "cuda", "cpu": "cpu", "cpu-llvm": "cpu", "metal": "mps"}

@@ -7,6 +7,7 @@ rebuilds them so tests can load tinyclip and the transformers oracle on the
 same 49,408-token vocabulary without a download.
 """
 
+import contextlib
 import functools
 import gzip
 import json
@@ -52,3 +53,37 @@ def write_clip_vocab(folder) -> None:
     vocab_text, merges_text = _file_texts()
     (folder / "vocab.json").write_text(vocab_text, encoding="utf-8")
     (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
+
+
+class _CountingMerges(dict):
+    """The tokenizer's merge table, counting its look-ups: each is one step of BPE work."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+
+@contextlib.contextmanager
+def bpe_work(tokenizer):
+    """Count the BPE work a real tinyclip CLIPTokenizer does inside the block: yields a dict whose
+    "lookups" (merge-table look-ups) and "words" (words given to BPE) are filled in on exit.
+
+    Counts, unlike timings, do not depend on the machine: a quadratic merge loop or a tokenizer
+    that reads on past the truncation point shows as more work on any computer."""
+    counts = {"lookups": 0, "words": 0}
+    merges, bpe = tokenizer._merges, tokenizer._bpe
+    counting = _CountingMerges(merges)
+
+    def counted_bpe(word):
+        counts["words"] += 1
+        return bpe(word)
+
+    tokenizer._merges, tokenizer._bpe = counting, counted_bpe
+    try:
+        yield counts
+    finally:
+        tokenizer._merges = merges
+        del tokenizer._bpe        # the instance attribute; the method shows through again
+        counts["lookups"] = counting.lookups

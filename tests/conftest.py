@@ -5,14 +5,12 @@ vocabulary and a matching preprocessor_config.json, once per test session.
 The torch model stays available as the oracle.
 """
 import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
 
-from validate import ARCHITECTURES, build_checkpoint, clip_config  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Small configurations that between them use both activations (and the tanh GELU), odd widths,
 # other eps, other projection dims, other context lengths and image/patch sizes.
@@ -43,6 +41,13 @@ def checkpoint(name, tmp_path_factory) -> Checkpoint:
         model = build_checkpoint(folder, clip_config(**spec), seed=len(_built), perturb=0.02 if name in TINY else 0.0)
         _built[name] = Checkpoint(folder, model)
     return _built[name]
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that builds the ViT-B/32 checkpoint (600 MB, a minute to build and compile) is slow."""
+    for item in items:
+        if "vit_b32" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", params=sorted(TINY))

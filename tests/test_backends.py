@@ -297,7 +297,7 @@ def test_cli_table_shows_each_backend_and_why_not():
     assert out.splitlines()[0].split() == ["NAME", "DEVICE", "AVAILABLE", "DEFAULT", "DTYPE", "DTYPES", "DESCRIPTION"]
     for b in registry.registered():
         row = next(line for line in out.splitlines() if line[2:].split()[:1] == [b.name])
-        assert row[2:].split()[:3] == [b.name, b.device, "yes" if b.available else "no"], row
+        assert row[2:].split()[:3] == [b.name, registry.shown_device(b), "yes" if b.available else "no"], row
         if not b.available:
             assert f"why not: {b.unavailable}" in out
     assert f"* the default (device=None): {registry.select(None).name}" in out

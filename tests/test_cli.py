@@ -16,11 +16,15 @@ from transformers import CLIPImageProcessor
 from transformers.image_utils import load_image
 
 from tests.conftest import ROOT
+from tinyclip import identity
+from tinyclip.weights import checkpoint_files
 from tests.test_tasks import ensembled_probs, image_features, softmax, text_features, token_ids, unit
 
 REL_TOL = 1e-5          # embeddings: max |ours - theirs| / max |theirs|
 SCORE_ATOL = 1e-5       # probabilities and cosines
 TABLE_ATOL = 5e-5 + SCORE_ATOL   # the table prints percentages with two decimals
+SEARCH_TABLE_ATOL = 5e-5 + SCORE_ATOL   # search's table prints cosines with four decimals
+UNIT_NORM_ATOL = 1e-6   # |norm - 1| of a normalised float32 row
 BATCH = "3"             # one batch shape for every run (tinygrad compiles per shape)
 DATA = ROOT / "tests" / "data" / "images"
 
@@ -104,7 +108,10 @@ def test_embed_npz_equals_transformers_image_features(embedded, oracle_images, t
     theirs = oracle_images[1]
     assert npz["embeddings"].dtype == np.float32 and npz["embeddings"].shape == theirs.shape
     assert np.abs(npz["embeddings"] - theirs).max() / np.abs(theirs).max() <= REL_TOL
-    assert str(npz["model"]) == str(tiny_quick.folder.resolve())
+    recorded = json.loads(str(npz["model_identity"]))
+    assert recorded["fingerprint"] == identity.fingerprint(tiny_quick.folder, checkpoint_files(tiny_quick.folder))
+    assert recorded["folder"] == str(tiny_quick.folder.resolve()) and recorded["hub_id"] is None
+    assert str(npz["dtype"]) == "float32" and int(npz["format"]) == 2
     assert int(npz["projection_dim"]) == tiny_quick.config.projection_dim and not npz["normalized"]
 
 
@@ -117,7 +124,7 @@ def test_embed_texts_normalized(tiny_quick, work):
                                       "skipped": []}
     with np.load(work / "texts.npz", allow_pickle=False) as npz:
         assert npz["texts"].tolist() == texts and "paths" not in npz.files and bool(npz["normalized"])
-        np.testing.assert_allclose(np.linalg.norm(npz["embeddings"], axis=1), 1, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(npz["embeddings"], axis=1), 1, atol=UNIT_NORM_ATOL)
         np.testing.assert_allclose(npz["embeddings"], unit(text_features(tiny_quick, texts)), rtol=0, atol=REL_TOL)
 
 
@@ -145,7 +152,7 @@ def test_search_image_query_in_folder_prints_a_table(tiny_quick, work, oracle_im
     parsed = [row.split(maxsplit=2) for row in rows]
     assert [p[0] for p in parsed] == ["1", "2", "3"]
     assert [p[2] for p in parsed] == [GOOD[i] for i in order] and parsed[0][2] == GOOD[1]
-    np.testing.assert_allclose([float(p[1]) for p in parsed], cosines[order], rtol=0, atol=1e-4)  # 4 decimals
+    np.testing.assert_allclose([float(p[1]) for p in parsed], cosines[order], rtol=0, atol=SEARCH_TABLE_ATOL)
     assert sum(line.startswith("tinyclip: warning: ") for line in run.stderr.splitlines()) == len(BAD)
 
 
@@ -200,7 +207,8 @@ def other_npz(work):
      "bad-templates.txt line 2: template 'a photo' has no {}"),
     (["classify", GOOD[0], "--labels", "cat", "dog", "--top", "0"], "--top must be a positive integer, got 0"),
     (["search", "cat", "--images", "OTHER", "--top", "0"], "--top must be a positive integer, got 0"),
-    (["search", "cat", "--images", "OTHER"], "embedded with model someone/another-clip, not "),
+    (["search", "cat", "--images", "OTHER"], "written by an older tinyclip (format 1), which recorded the model "
+     "as someone/another-clip without a fingerprint"),
     (["embed", "gallery", "--out", "no-such-folder/x.npz"], "the folder no-such-folder does not exist"),
 ])
 def test_errors_are_one_line_with_a_nonzero_exit(tiny_quick, work, other_npz, args, fragment):

@@ -19,7 +19,7 @@ from tinyclip.api import CLIP
 from tinyclip.graph_cache import GraphCacheWarning
 from tests.conftest import ROOT, TINY, checkpoint
 
-from validate import build_checkpoint, clip_config
+from tests.checkpoints import build_checkpoint, clip_config
 
 DEVICE = "cpu"
 BATCH = 4                  # batches of 1 and 3 run in the buckets 1 and 4

@@ -40,6 +40,7 @@ def cache(tiny_quick, tmp_path_factory):
     return c
 
 
+@pytest.mark.slow     # ~15 s: two loads, and the text graph compiled for each
 def test_repo_id_loads_from_cache_offline(cache, tiny_quick):
     model = tinyclip.load(REPO, device="cpu", cache_dir=cache, local_files_only=True)
     direct = tinyclip.load(tiny_quick.folder, device="cpu")

@@ -26,7 +26,7 @@ from tinyclip.kernels.cpu import attention, exp, isa as isas, matmul, norm, tuni
 from tinyclip.kernels.cpu.machine import Machine, cache_sizes
 from tinyclip.model import Conv2dPatch, Linear, walk
 from tinyclip.registry import RawDevice
-from validate import build_checkpoint, clip_config
+from tests.checkpoints import build_checkpoint, clip_config
 
 RENDERERS = ["CLANG", "LLVM"]
 LINEAR_TOL = 4e-6          # of the largest output: float32 sums in another order

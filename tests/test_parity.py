@@ -86,7 +86,7 @@ def test_pooling_without_eos_follows_transformers(tiny_quick):
 
 def test_legacy_eos_token_id_pools_at_argmax(tmp_path):
     """Configs with eos_token_id == 2 pool at argmax(ids), as transformers does for legacy checkpoints."""
-    from validate import build_checkpoint, clip_config
+    from tests.checkpoints import build_checkpoint, clip_config
     cfg = clip_config(text=(32, 40, 1, 2), vision=(32, 40, 1, 2, 16, 8), proj=8,
                       text_overrides=dict(eos_token_id=2, max_position_embeddings=12))
     ck_model = build_checkpoint(tmp_path, cfg, perturb=0.02)

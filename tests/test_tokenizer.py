@@ -7,8 +7,6 @@ The oracle call is the one CLIP pipelines make:
 
 import json
 import random
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +15,12 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.bpe import BOS, EOS, clip_vocab, write_clip_vocab
+from tests.bpe import BOS, EOS, bpe_work, clip_vocab, write_clip_vocab
 from tinyclip.errors import TokenizerError
 from tinyclip.tokenizer import CLIPTokenizer, _unicode
 
 CONTEXT_LENGTH = 77
 BOS_ID, EOS_ID, BANG_ID = 49406, 49407, 0  # "!" is id 0: the first byte symbol
-WARM_CALL_BUDGET_S = 1e-3  # one warm 77-token text; typical is ~0.05 ms
 CORPUS_FILE = Path(__file__).parent / "data" / "text_corpus.json"
 
 
@@ -347,7 +344,7 @@ def test_missing_vocabulary_file(clip_folder, tmp_path, missing):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("{not json", r"vocab.json is not valid JSON"),
+    ("{not json", r"vocab.json: not valid JSON"),
     ('["a", "b"]', r"vocab.json must map each token \(str\) to an id"),
     ('{"a": "0"}', r"vocab.json must map each token \(str\) to an id"),
     ('{"a": -1}', r"vocab.json must map each token \(str\) to an id"),
@@ -420,12 +417,12 @@ def test_bad_options(kwargs, message):
 # --- speed -------------------------------------------------------------------
 
 
-def test_a_warm_77_token_text_takes_under_a_millisecond(ours):
+def test_a_warm_text_merges_nothing_again(ours):
+    # Words seen before come from the word cache: a warm call does no BPE work at all, which is
+    # what keeps it near 0.05 ms (timings live in benchmarks, not in tests).
     text = " ".join(["a photo of a big orange cat sleeping"] * 10)
-    ours(text)
-    times = []
-    for _ in range(20):
-        start = time.perf_counter()
-        ours(text)
-        times.append(time.perf_counter() - start)
-    assert statistics.median(times) < WARM_CALL_BUDGET_S
+    first = ours(text)
+    with bpe_work(ours) as work:
+        again = ours(text)
+    np.testing.assert_array_equal(again, first)
+    assert work["lookups"] == 0 and work["words"] > 0, work

@@ -19,7 +19,7 @@ from tinyclip import cli, graph_cache
 from tinyclip.api import CLIP
 from tests.conftest import ROOT
 
-from validate import build_checkpoint, clip_config
+from tests.checkpoints import build_checkpoint, clip_config
 
 TUNED_REL_TOL = 1e-5    # beam search may split or reorder a reduction's sums: max |tuned - plain| / max |plain|
 SEARCH_ENV = {"BEAM_MIN_PROGRESS": "1000"}    # microseconds: stop each kernel's search after one round

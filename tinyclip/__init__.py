@@ -8,11 +8,12 @@ The heavy parts (tinygrad, the model) load on first use of `load` or `CLIP`,
 so `import tinyclip` stays fast for the command line.
 """
 from .errors import (BackendError, CheckpointError, CheckpointNotFoundError, ConfigError, ImageError,
-                     TinyClipError, TokenizerError)
+                     TinyClipError, TokenizerError, UsageError)
 
 __version__ = "0.1.0"
 __all__ = ["load", "CLIP", "BackendError", "CheckpointError", "CheckpointNotFoundError", "ConfigError",
-           "ImageError", "TinyClipError", "TokenizerError", "__version__"]
+           "ImageError", "TinyClipError", "TokenizerError", "UsageError",
+           "__version__"]
 
 
 def __getattr__(name):

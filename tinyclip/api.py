@@ -17,11 +17,12 @@ from tinygrad import Tensor, dtypes
 
 from . import _tinygrad, hub, identity, registry, tasks
 from .config import CLIPConfig
-from .errors import ImageError, TokenizerError
+from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .runner import Runner
 from .tokenizer import CLIPTokenizer
+from .vectors import unit_rows
 from .weights import checkpoint_files, load_weights
 
 DEFAULT_BATCH_SIZE = 32
@@ -44,7 +45,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     """
     _tinygrad.guard_kernel_cache()
     chosen = registry.select(device)
-    dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+    try:
+        dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+    except TinyClipError:
+        raise
+    except ValueError as e:    # a dtype name tinyclip does not know
+        raise UsageError(str(e)) from None
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
@@ -123,7 +129,7 @@ class CLIP:
         """
         pixels = self._pixels(images)
         out = self._batched(self.runner.image_features, pixels, batch_size)
-        return _normalized(out) if normalize else out
+        return unit_rows(out) if normalize else out
 
     def encode_text(self, texts, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Text embeddings (N, projection_dim) float32, as transformers' get_text_features.
@@ -132,7 +138,7 @@ class CLIP:
         """
         ids = self._ids(texts)
         out = self._batched(self.runner.text_features, ids, batch_size)
-        return _normalized(out) if normalize else out
+        return unit_rows(out) if normalize else out
 
     def logits(self, images, texts) -> np.ndarray:
         """logits_per_image (N_images, N_texts): scaled cosine similarities, as transformers."""
@@ -162,7 +168,7 @@ class CLIP:
 
     def _batched(self, run, x, batch_size: int) -> np.ndarray:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
         if x.shape[0] == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
         return run(x, batch_size)
@@ -211,7 +217,3 @@ def _first_bad(texts) -> str:
             if not isinstance(t, str):
                 return f" (item {i} is {type(t).__name__})"
     return ""
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)

@@ -8,12 +8,12 @@ config.json leaves a field out, exactly as transformers does.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .jsonfile import read_json
 
 # Activations tinyclip implements; kernels/activations.py maps each name to its function.
 # "gelu" is the exact erf GELU, "gelu_new"/"gelu_pytorch_tanh" the tanh one.
@@ -86,14 +86,7 @@ class CLIPConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json; a CLIP checkpoint folder needs the config.json that "
                               "transformers' save_pretrained writes")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        # ValueError: also integers longer than sys.get_int_max_str_digits(); RecursionError: "[[[[..."
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json(path, ConfigError), str(path))
 
     def validate(self, source: str = "config.json") -> None:
         for prefix, sub in (("text_config.", self.text_config), ("vision_config.", self.vision_config)):

@@ -34,3 +34,12 @@ class ImageError(TinyClipError, ValueError):
 
 class BackendError(TinyClipError, RuntimeError):
     """The requested device or backend is unknown or unavailable."""
+
+
+class UsageError(TinyClipError, ValueError):
+    """An argument is invalid: no labels, a template without "{}", top < 1, an embeddings file
+    from another model, ..."""
+
+
+class TruncationWarning(UserWarning):
+    """A text is longer than the model's context length and is cut, as transformers cuts it."""

@@ -75,7 +75,7 @@ def _download(repo_id: str, revision, cache_dir, local_files_only) -> pathlib.Pa
         raise CheckpointNotFoundError(
             f"{repo_id}{'@' + revision if revision else ''}: not in the Hugging Face cache "
             f"({cache_dir or hub_constants.HF_HUB_CACHE}) and {why}. Download it once while online, "
-            "point cache_dir at a cache that has it, or pass a local folder.") from None
+            "point cache_dir (the command line's --cache-dir) at a cache that has it, or pass a local folder.") from None
     except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError) as e:
         raise CheckpointNotFoundError(f"{repo_id}: repository not found or not accessible on the hub ({e.__class__.__name__}); "
                                       "check the name, or log in with `hf auth login` for a gated repo") from None

@@ -30,7 +30,6 @@ Deliberate differences from transformers:
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
+from .jsonfile import read_json
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"   # transformers 5 may nest the settings here under "image_processor"
@@ -275,7 +275,7 @@ class ImageProcessor:
             raise ConfigError(f"{path}: no such folder; from_pretrained needs the checkpoint folder that holds "
                               f"{PREPROCESSOR_CONFIG}")
         if (path / PROCESSOR_CONFIG).is_file():
-            nested = _read_json(path / PROCESSOR_CONFIG).get("image_processor")
+            nested = read_json(path / PROCESSOR_CONFIG, ConfigError, what="a JSON object").get("image_processor")
             if nested is not None:
                 return cls._from_settings(nested, f"{path / PROCESSOR_CONFIG} (key 'image_processor')")
         if (path / PREPROCESSOR_CONFIG).is_file():
@@ -288,7 +288,7 @@ class ImageProcessor:
 
     @classmethod
     def _from_file(cls, path: pathlib.Path, nested: bool) -> "ImageProcessor":
-        settings = _read_json(path)
+        settings = read_json(path, ConfigError, what="a JSON object")
         if nested:
             if "image_processor" not in settings:
                 raise ConfigError(f"{path}: has no 'image_processor' object")
@@ -526,18 +526,6 @@ def _channel_values(key: str, value) -> tuple:
     if isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value):
         return tuple(float(x) for x in value)
     raise ConfigError(f"key {key!r} must be a number or a list of 3 numbers (R, G, B), got {value!r}")
-
-
-def _read_json(path: pathlib.Path) -> dict:
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:   # ValueError includes JSONDecodeError and UnicodeDecodeError
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {_type_name(settings)}")
-    return settings
 
 
 def _is_int(x) -> bool:

@@ -14,7 +14,7 @@ model's hot operations are computed there); the model itself has no device branc
 
 `select(device)` turns what a user typed into a usable backend: a backend
 name ("cpu", "opencl"), a raw tinygrad device string ("CPU:LLVM", "CL:1"),
-or None for the best available one.
+"gpu" for the best available accelerator, or None for the best available one.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from importlib.metadata import entry_points
 from .errors import BackendError
 
 GROUP = "tinyclip.backends"
+GPU = "gpu"                   # device="gpu": the best available accelerator
+ACCELERATOR_PRIORITY = 50     # backends ranked at or above this are accelerators (CPU ones rank below)
 
 
 class Backend:
@@ -191,6 +193,8 @@ def _choose(device: str | None, backends: tuple[Backend, ...]) -> Backend | None
     if not isinstance(device, str) or not device.strip():
         raise BackendError(f"device must be a backend name or a tinygrad device string, got {device!r}")
     device = device.strip()
+    if device.lower() == GPU:
+        return next((b for b in _by_priority(backends) if b.available and b.priority >= ACCELERATOR_PRIORITY), None)
     for b in backends:
         if device.lower() == b.name.lower():
             return b
@@ -228,13 +232,35 @@ def status(b: Backend) -> str:
     return "available" if b.available else f"unavailable: {b.unavailable}"
 
 
-def _listing(device, backends, chosen) -> str:
+def shown_device(b: Backend) -> str:
+    """The tinygrad device with its compiler where an alias names one ("CPU:CLANG", "CPU:LLVM"),
+    so that backends sharing a device look different in listings."""
+    family = b.device.upper() + ":"
+    return next((a for a in b.aliases if a.upper().startswith(family) and not a[len(family):].isdigit()), b.device)
+
+
+def summary(device) -> str:
+    """Why `device` cannot be used, and the names that can, in one line (for the command line)."""
+    backends = registered()
+    usable = [b.name for b in _by_priority(backends) if b.available]
+    chosen = None if device is None or (isinstance(device, str) and device.strip().lower() == GPU) \
+        else _choose(device, backends)
+    return (f"{_head(device, chosen).rstrip('.')}; backends that run here: {', '.join(usable) or 'none'} "
+            "(`tinyclip backends` says why the others are not)")
+
+
+def _head(device, chosen) -> str:
     if device is None:
-        head = "no tinyclip backend is available on this machine."
-    elif chosen is None:
-        head = f"unknown device {device!r}: not a backend name or a tinygrad device string."
-    else:
-        head = f"device {device!r} ({chosen.name}) is not available: {chosen.unavailable}"
+        return "no tinyclip backend is available on this machine."
+    if chosen is None and isinstance(device, str) and device.strip().lower() == GPU:
+        return "no GPU backend is available here."
+    if chosen is None:
+        return f"unknown device {device!r}: not a backend name or a tinygrad device string."
+    return f"device {device!r} ({chosen.name}) is not available: {chosen.unavailable}"
+
+
+def _listing(device, backends, chosen) -> str:
+    head = _head(device, chosen)
     width = max((len(b.name) for b in backends), default=0)
     dwidth = max((len(b.device) for b in backends), default=0)
     rows = [f"  {b.name:<{width}}  {b.device:<{dwidth}}  {status(b)}" for b in backends]

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from . import _tinygrad, graph_cache, pooling
+from . import _tinygrad, graph_cache, pooling, progress
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
 # like "a photo of a {label}." (8-10 tokens) live and a step is a large share of the work, then 4 up
@@ -98,12 +98,14 @@ class Runner:
         Returns (the output, the graph file written or None)."""
         encoder = self._encoder(key)
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
+        progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
         if beam is None:
             out = _tinygrad.to_numpy(jit(t))
             beam = _tinygrad.beam_setting()
         else:
             with _tinygrad.beam_context(beam):
                 out = _tinygrad.to_numpy(jit(t))
+        progress.clear()
         self._jits[key] = jit
         saved = self.graphs.save(key, jit, tuned=beam > 0, beam=beam) if self.graphs is not None else None
         return out, saved

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ImageError, TinyClipError
+from .errors import ImageError, TruncationWarning, UsageError
 from .templates import NAMED
+from .vectors import unit_rows
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 LABEL_CACHE_SIZE = 4096       # label embeddings kept per model (4096 x 768 float32 = 12 MiB at most)
 PROMPTS_PER_CHUNK = 1024      # prompts tokenized and encoded together when building label embeddings
-
-
-class UsageError(TinyClipError, ValueError):
-    """An argument is invalid: no labels, a template without "{}", top < 1, an embeddings file
-    from another model, ..."""
 
 
 class LabelCache:
@@ -105,24 +102,59 @@ def similarity(clip, images, texts, *, batch_size: int = 32) -> np.ndarray:
     return (image_embeds @ text_embeds.T).astype(np.float32)
 
 
-def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch_size: int = 32) -> np.ndarray:
+def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch_size: int = 32,
+                     store=None, on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """The unit-length text embedding (L, D) float32 of each label, prompt-ensembled over `templates`
-    (see `classify`). Cached on `clip`: a label already embedded with the same templates is not
-    encoded again."""
+    (see `classify`).
+
+    Cached on `clip`: a label already embedded with the same templates is not encoded again. With
+    `store` (a tinyclip.label_store.LabelStore), labels are also looked up on disk, keyed by the
+    model's fingerprint, dtype and the templates, and new ones are written there.
+    `on_progress(prompts_done, prompts_total)` is called before the first chunk of prompts is encoded
+    and after each.
+    A label whose prompts exceed the context length warns (TruncationWarning) and is cut, as
+    transformers' tokenizer cuts it.
+    """
     labels = check_labels(labels)
     templates = resolve_templates(templates)
     cache: LabelCache = clip.label_cache
     missing = [label for label in dict.fromkeys(labels) if cache.get((templates, label)) is None]
+    stored: dict[str, np.ndarray] = {}
+    if missing and store is not None:
+        key = (clip.identity["fingerprint"], clip.dtype, templates)
+        stored = store.load(key)
+        for label in missing:
+            if label in stored:
+                cache.put((templates, label), stored[label])
+        missing = [label for label in missing if label not in stored]
+    _warn_truncated(clip, missing, templates)
+    encoded: dict[str, np.ndarray] = {}
     per_chunk = max(1, PROMPTS_PER_CHUNK // len(templates))
+    if missing and on_progress is not None:
+        on_progress(0, len(missing) * len(templates))     # before the wait, so a bar shows from its start
     for i in range(0, len(missing), per_chunk):
         chunk = missing[i:i + per_chunk]
         prompts = [t.replace("{}", label) for label in chunk for t in templates]
         embeds = clip.encode_text(prompts, normalize=True, batch_size=batch_size).astype(np.float64)
-        embeds = embeds.reshape(len(chunk), len(templates), -1).mean(axis=1)     # (n_labels, D)
-        embeds /= np.linalg.norm(embeds, axis=-1, keepdims=True)
+        embeds = unit_rows(embeds.reshape(len(chunk), len(templates), -1).mean(axis=1))     # (n_labels, D)
         for label, e in zip(chunk, embeds.astype(np.float32)):
             cache.put((templates, label), e)
+            encoded[label] = e
+        if on_progress is not None:
+            on_progress((i + len(chunk)) * len(templates), len(missing) * len(templates))
+    if encoded and store is not None:
+        store.save(key, {**stored, **encoded})
     return np.stack([cache.get((templates, label)) for label in labels])
+
+
+def _warn_truncated(clip, labels: Sequence[str], templates: tuple[str, ...]) -> None:
+    """One TruncationWarning per label whose longest prompt does not fit the context length."""
+    context = clip.config.text_config.max_position_embeddings
+    for label in labels:
+        longest = max(len(clip.tokenizer.encode(t.replace("{}", label))) for t in templates) + 2   # + start, end
+        if longest > context:
+            warnings.warn(f"label {label!r} is cut to fit the model's {context}-token context (its longest prompt "
+                          f"has {longest} tokens): only its start counts", TruncationWarning, stacklevel=3)
 
 
 def resolve_templates(templates) -> tuple[str, ...]:

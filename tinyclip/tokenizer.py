@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import heapq
 import html
-import json
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from tinyclip.errors import TokenizerError
+from tinyclip.jsonfile import read_json
 
 # Classes the oracle gives to code points that are unassigned in Unicode 14
 # ("first-last:class"; L letter, N number, O other). L/N entries are letters and
@@ -475,13 +475,7 @@ def _read_json(path: Path):
     """Parsed JSON, or None when the file does not exist."""
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    # ValueError: also integers longer than sys.get_int_max_str_digits(); RecursionError: "[[[[..."
-    except (ValueError, RecursionError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); restore it from the checkpoint") from e
-    except OSError as e:
-        raise TokenizerError(f"{path} cannot be read ({e.strerror or e})") from None
+    return read_json(path, TokenizerError, advice="restore it from the checkpoint")
 
 
 def _missing(path: Path) -> TokenizerError:

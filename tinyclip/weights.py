@@ -21,6 +21,7 @@ from tinygrad.nn.state import get_state_dict
 
 from . import _tinygrad
 from .errors import CheckpointError
+from .jsonfile import read_json
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -233,11 +234,11 @@ def _checkpoint_roots(folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _shards(index: pathlib.Path) -> list[pathlib.Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid shard index (JSON with a 'weight_map' object): "
-                              f"{_short(e)}") from None
+    advice = "a shard index is JSON with a 'weight_map' object"
+    index_json = read_json(index, CheckpointError, what="a JSON object", advice=advice)
+    if "weight_map" not in index_json:
+        raise CheckpointError(f"{index}: not a valid shard index, no 'weight_map' key; {advice}")
+    weight_map = index_json["weight_map"]
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
     names = []

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-COLUMNS = (("name", "NAME"), ("device", "DEVICE"), ("available", "AVAILABLE"), ("default_dtype", "DEFAULT DTYPE"),
+# DEVICE shows the compiler where backends share a device (CPU:CLANG, CPU:LLVM), so they look different.
+COLUMNS = (("name", "NAME"), ("shown_device", "DEVICE"), ("available", "AVAILABLE"), ("default_dtype", "DEFAULT DTYPE"),
            ("dtypes", "DTYPES"), ("description", "DESCRIPTION"))
 
 
@@ -25,7 +26,8 @@ def register(subparsers) -> None:
 
 def describe(b, default) -> dict:
     """One backend as plain data: what --json prints for it."""
-    return {"name": b.name, "device": b.device, "aliases": list(b.aliases), "available": b.available,
+    from .. import registry
+    return {"name": b.name, "device": b.device, "shown_device": registry.shown_device(b), "aliases": list(b.aliases), "available": b.available,
             "reason": b.unavailable, "default": b is default, "default_dtype": b.default_dtype,
             "dtypes": list(b.usable_dtypes if b.available else b.dtypes), "description": b.description}
 
@@ -33,7 +35,7 @@ def describe(b, default) -> dict:
 def table(rows: list[dict]) -> str:
     """Aligned columns, the default backend marked with *, and under each unavailable backend the reason."""
     cells = [[h for _, h in COLUMNS]] + [
-        [r["name"], r["device"], "yes" if r["available"] else "no", r["default_dtype"], ", ".join(r["dtypes"]),
+        [r["name"], r["shown_device"], "yes" if r["available"] else "no", r["default_dtype"], ", ".join(r["dtypes"]),
          r["description"]] for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
 
@@ -47,12 +49,13 @@ def table(rows: list[dict]) -> str:
             lines.append(" " * (4 + widths[0]) + f"why not: {r['reason']}")
     default = next((r["name"] for r in rows if r["default"]), None)
     lines.append(f"\n* the default (device=None): {default}" if default else "\nno backend is available here")
-    lines.append("device= and --device also take a tinygrad device string (CPU, CPU:LLVM, CL:1, CUDA).")
+    lines.append("device= and --device also take 'gpu' (the best available accelerator) or a tinygrad device "
+                 "string (CPU, CPU:LLVM, CL:1, CUDA).")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import registry
+    from .. import registry
     default = registry.default()
     rows = [describe(b, default) for b in registry.registered()]
     print(json.dumps(rows, indent=2) if args.json else table(rows))

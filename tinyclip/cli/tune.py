@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from .tasks import UsageError
+from ..errors import UsageError
+from . import DEFAULT_BATCH_SIZE, add_model_options, check_batch_size, check_device
 
 DEFAULT_BATCHES = "1,32"
 DEFAULT_TEXT_LENGTHS = "8,10,12"
@@ -43,47 +44,52 @@ minutes per graph for ViT-B/32 on a CPU. Defaults: --batch {DEFAULT_BATCHES}, --
 
 
 def register(subparsers) -> None:
-    from .hub import DEFAULT_MODEL
+    from ..hub import DEFAULT_MODEL
     p = subparsers.add_parser("tune", help="beam-search the kernels once and keep the tuned graphs",
                               description="Search for faster kernels (tinygrad's BEAM) for the chosen batch "
                                           "sizes and text lengths, and store the tuned graphs so that later "
                                           "runs use them without searching.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help=f"hub id or local folder (default: {DEFAULT_MODEL}; --model also works)")
-    p.add_argument("--model", dest="model_option", default=None, metavar="MODEL", help=argparse.SUPPRESS)
-    p.add_argument("--device", "--backend", dest="device", default=None,
-                   help="backend name or tinygrad device (default: best available; see `tinyclip backends`)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
-    p.add_argument("--batch", default=DEFAULT_BATCHES, metavar="N,N,...",
-                   help=f"batch buckets to tune (default: {DEFAULT_BATCHES})")
+    p.add_argument("model_positional", nargs="?", default=None, metavar="MODEL",
+                   help=f"hub id or local folder (default: {DEFAULT_MODEL}); the same as --model")
+    add_model_options(p, batch_help=f"the --batch-size you run embed, classify and search with (default: "
+                                    f"{DEFAULT_BATCH_SIZE}): the default buckets are 1 and it, and larger "
+                                    "buckets never run")
+    p.set_defaults(model=None)     # so that run() can tell --model given from not
+    p.add_argument("--backend", dest="device", default=None, help=argparse.SUPPRESS)   # the old name of --device
+    p.add_argument("--batch", default=None, metavar="N,N,...",
+                   help=f"batch buckets to tune (default: 1 and --batch-size, i.e. {DEFAULT_BATCHES})")
     p.add_argument("--text-length", default=DEFAULT_TEXT_LENGTHS, metavar="L,L,...",
-                   help=f"text lengths to tune: multiples of 8, or the context length, or 'all' "
-                        f"(default: {DEFAULT_TEXT_LENGTHS})")
+                   help=f"text lengths to tune: 4, 6, 8, ... (the lengths texts run at, see below, up to the "
+                        f"context length), or 'all' (default: {DEFAULT_TEXT_LENGTHS})")
     p.add_argument("--beam", type=int, default=DEFAULT_BEAM, metavar="N",
                    help=f"beam width: larger searches longer for faster kernels (default: {DEFAULT_BEAM})")
     p.add_argument("--only", choices=["image", "text"], default=None, help="tune one tower only")
-    p.add_argument("--json", action="store_true", help="print a JSON list of the tuned graphs")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from . import graph_cache
-    from .hub import DEFAULT_MODEL
-    if args.model and args.model_option and args.model != args.model_option:
-        raise UsageError(f"two models given: {args.model} and --model {args.model_option}; give one")
-    name = args.model or args.model_option or DEFAULT_MODEL
-    batches = _positive_ints(args.batch, "--batch")
+    from .. import graph_cache
+    from ..hub import DEFAULT_MODEL
+    if args.model_positional and args.model and args.model_positional != args.model:
+        raise UsageError(f"two models given: {args.model_positional} and --model {args.model}; give one")
+    name = args.model_positional or args.model or DEFAULT_MODEL
+    batch_size = check_batch_size(args)
+    batches = _positive_ints(args.batch, "--batch") if args.batch else sorted({1, batch_size})
+    if max(batches) > batch_size:
+        raise UsageError(f"--batch {args.batch}: buckets above --batch-size {batch_size} never run (a batch is "
+                         f"capped at --batch-size); raise --batch-size or drop them")
     if args.beam < 1:
         raise UsageError(f"--beam must be at least 1, got {args.beam}")
     if not graph_cache.enabled():
         raise UsageError(f"the graph cache is switched off ({graph_cache.ENV_DISABLE}="
                          f"{os.environ.get(graph_cache.ENV_DISABLE)}); tune stores its result there")
     lengths = None if args.text_length.strip().lower() == "all" else _positive_ints(args.text_length, "--text-length")
-    from . import hub
-    from .api import load
-    from .config import CLIPConfig
-    folder = hub.locate(name)
+    from .. import hub
+    from ..api import load
+    from ..config import CLIPConfig
+    check_device(args)
+    folder = hub.locate(name, revision=args.revision, cache_dir=args.cache_dir)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
     model = load(folder, device=args.device, dtype=args.dtype)
 
@@ -113,7 +119,7 @@ def run(args) -> int:
 
 def _keys(config, batches: list[int], lengths: list[int] | None, only: str | None) -> list[tuple]:
     """The runner keys to tune, after checking the text lengths against the config's context length."""
-    from .runner import text_lengths
+    from ..runner import text_lengths
     context = config.text_config.max_position_embeddings
     valid = text_lengths(context)
     if lengths is None:

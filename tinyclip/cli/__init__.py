@@ -1,0 +1,135 @@
+"""The `tinyclip` command: one module per subcommand, each with register(subparsers).
+
+    tinyclip backends [--json]
+    tinyclip classify IMAGE... --labels L1 L2 ...
+    tinyclip embed PATH... --out FILE.npz
+    tinyclip search QUERY --images FOLDER_OR_NPZ
+    tinyclip tune [MODEL] [--batch 1,32] [--text-length 8,16] [--beam 2]
+
+Errors tinyclip finds print as one line, `tinyclip: error: ...`, with exit code 1. A command line
+argparse cannot parse (an unknown option, a missing argument) keeps argparse's convention: the
+subcommand's usage line, then the error, with exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from ..errors import BackendError, TinyClipError, UsageError
+
+DEFAULT_BATCH_SIZE = 32
+JSON_SIGNIFICANT_DIGITS = 6     # what a float32 score means; more digits are noise
+
+
+def add_model_options(p: argparse.ArgumentParser, batch_help: str | None = None) -> None:
+    """The options every model-using subcommand shares."""
+    from ..hub import DEFAULT_MODEL
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default: {DEFAULT_MODEL})")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (default: main)")
+    p.add_argument("--cache-dir", default=None, metavar="FOLDER",
+                   help="Hugging Face cache to find hub models in (default: huggingface_hub's, ~/.cache/huggingface)")
+    p.add_argument("--device", default=None, help="backend name, 'gpu' (the best available accelerator) or a "
+                   "tinygrad device (default: best available; see `tinyclip backends`)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=batch_help or f"images or texts per forward pass (default: {DEFAULT_BATCH_SIZE})")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def check_device(args: argparse.Namespace):
+    """The backend --device and --dtype name, checked before the model loads: one-line errors that
+    name the option and what to pass instead."""
+    from .. import registry
+    try:
+        backend = registry.select(args.device)
+    except BackendError:
+        option = f"--device {args.device}: " if args.device is not None else ""
+        raise BackendError(option + registry.summary(args.device)) from None
+    try:
+        backend.check_dtype(args.dtype)
+    except BackendError:
+        runs = ", ".join(backend.usable_dtypes)
+        raise BackendError(f"--dtype {args.dtype}: backend {backend.name} does not run it here; it runs {runs}. "
+                           "Pass --dtype one of those, or another --device") from None
+    return backend
+
+
+def load_model(args: argparse.Namespace):
+    """The CLIP the model options name, with a status line while it loads (on a terminal)."""
+    from .. import progress
+    from ..api import load
+    check_device(args)
+    progress.status(f"loading {args.model} ...")
+    try:
+        return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+                    cache_dir=args.cache_dir)
+    finally:
+        progress.clear()
+
+
+def check_batch_size(args: argparse.Namespace) -> int:
+    """--batch-size, checked before the model loads."""
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    return args.batch_size
+
+
+def rounded(score: float) -> float:
+    """A float32 score with the digits it means (JSON_SIGNIFICANT_DIGITS), not 17."""
+    return float(f"{score:.{JSON_SIGNIFICANT_DIGITS}g}")
+
+
+def print_json(value) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: each command module imports helpers from this package.
+    from . import backends, classify, embed, search, tune
+    from .. import __version__
+    parser = argparse.ArgumentParser(prog="tinyclip", description="CLIP in tinygrad: embeddings, zero-shot "
+                                     "classification and search on CPU, OpenCL, CUDA or Metal.")
+    parser.add_argument("--version", action="version", version=f"tinyclip {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in (backends, classify, embed, search, tune):
+        command.register(sub)
+    parser.commands = sub.choices     # name -> subparser, for errors in the subcommand's own words
+    return parser
+
+
+def main(argv=None) -> int:
+    from . import classify
+    from .. import progress
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv, dashed_labels = classify.labels_after_dashes(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:     # argparse would answer with the top-level usage; the subcommand's is the useful one
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if dashed_labels:
+        args.labels = [*args.labels, *dashed_labels]
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.run(args) or 0
+    except TinyClipError as e:
+        progress.clear()
+        print(f"tinyclip: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        progress.clear()
+        print("tinyclip: interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like errors, without Python's file and line."""
+    from .. import progress
+    progress.clear()
+    print(f"tinyclip: warning: {message}", file=file or sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

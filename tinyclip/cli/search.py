@@ -1,0 +1,154 @@
+"""`tinyclip search`: rank the images of a folder or an .npz by similarity to a text or an image.
+
+Arguments are checked before the model loads, so a typo fails at once with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+
+import numpy as np
+
+from .. import tasks
+from ..errors import ImageError, UsageError
+from ..preprocess import load_image
+from ..vectors import unit_rows
+from . import add_model_options, check_batch_size, check_device, load_model, npz, print_json, rounded
+from .progress_bar import ProgressBar
+
+DEFAULT_SEARCH_TOP = 10
+
+SEARCH_EPILOG = """\
+examples:
+  tinyclip search "a dog on a beach" --images photos/           # embeds the folder on the fly
+  tinyclip embed photos/ --out photos.npz
+  tinyclip search "a dog on a beach" --images photos.npz --top 5
+  tinyclip search query.jpg --images photos.npz --json          # an image file as the query
+
+QUERY is an image when it ends in an image suffix (.jpg, .png, ...), which must
+then exist; otherwise, or with --text, it is a text. Scores are cosine
+similarities. An .npz must come from `tinyclip embed` with the same weights
+(compared by fingerprint, so a copied checkpoint or another cache is fine) and
+dtype, unless --allow-other-model. Its paths are shown as they resolve from
+here. --json prints [{"path": PATH, "score": COSINE}, ...], best first, cosines
+to 6 significant digits.
+"""
+
+
+def register(subparsers) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser("search", help="rank images by similarity to a text or an image",
+                              description="Rank the images of a folder, or of an `embed` .npz, by cosine "
+                                          "similarity to QUERY.",
+                              epilog=SEARCH_EPILOG, formatter_class=fmt)
+    p.add_argument("query", metavar="QUERY", help="a text, or the path of an image file")
+    p.add_argument("--images", required=True, metavar="FOLDER_OR_NPZ",
+                   help="a folder of images, or an .npz written by `tinyclip embed`")
+    p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
+                   help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
+    p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="search an .npz embedded with other weights or another dtype, with a warning")
+    add_model_options(p)
+    p.set_defaults(run=run_search)
+
+
+def run_search(args) -> int:
+    if not args.query.strip():
+        raise UsageError("QUERY is empty: give a text to search for, or an image file")
+    top = tasks.check_top(args.top, name="--top")
+    batch_size = check_batch_size(args)
+    image_query = not args.text and tasks.is_image_file(args.query)
+    if image_query and not os.path.isfile(args.query):
+        raise ImageError(f"{args.query}: no such image file (QUERY ending in {os.path.splitext(args.query)[1]} "
+                         "names an image); to search for these words as text, add --text")
+    source = args.images
+    if os.path.isdir(source):
+        stored = None
+        if next(iter(tasks.find_images([source])), None) is None:
+            raise UsageError(f"--images {source}: no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) "
+                             "in the folder")
+    elif os.path.isfile(source) and source.lower().endswith(".npz"):
+        stored = npz.read_image_embeddings(source)
+    elif os.path.exists(source):
+        raise UsageError(f"--images {source}: not a folder or an .npz written by `tinyclip embed`")
+    else:
+        raise UsageError(f"--images {source}: no such folder or file")
+    backend = check_device(args)
+    if stored is not None:
+        _check_same_model(stored, args, backend.check_dtype(args.dtype))
+    model = load_model(args)
+    if image_query:
+        query = model.encode_image([load_image(args.query)], normalize=True, batch_size=1)[0]
+    else:
+        query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
+
+    if stored is not None:
+        if stored.embeddings.shape[1] != model.config.projection_dim:
+            raise UsageError(f"--images {source}: embeddings have {stored.embeddings.shape[1]} dimensions, the "
+                             f"model {args.model} gives {model.config.projection_dim}; embed again with this --model")
+        scores = unit_rows(stored.embeddings) @ query
+        order = tasks.top_indices(scores, top)
+        best = [(stored.paths[i], float(scores[i])) for i in order]
+    else:
+        best = _search_folder(model, source, query, top, batch_size)
+        if not best:
+            raise ImageError(f"--images {source}: none of its image files could be read (see the warnings)")
+
+    if args.json:
+        print_json([{"path": p, "score": rounded(s)} for p, s in best])
+    else:
+        print(f"{'rank':>4}  {'score':>7}  path")
+        for rank, (p, s) in enumerate(best, 1):
+            print(f"{rank:>4}  {s:7.4f}  {p}")
+    return 0
+
+
+def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
+    """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
+    before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
+    from .. import hub, identity
+    from ..weights import checkpoint_files
+    folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
+    current = {"fingerprint": identity.fingerprint(folder, checkpoint_files(folder))}
+    if stored.identity is None:
+        problem = (f"written by an older tinyclip (format 1), which recorded the model as {stored.old_model} "
+                   "without a fingerprint of its weights")
+    elif not identity.same_model(stored.identity, current):
+        problem = (f"embedded with {identity.describe(stored.identity)}, not with {args.model} "
+                   f"(fingerprint {current['fingerprint'][:12]})")
+    elif stored.dtype != dtype:
+        problem = f"embedded in {stored.dtype}, but this search runs in {dtype} (--dtype {stored.dtype} matches it)"
+    else:
+        return
+    if not args.allow_other_model:
+        raise UsageError(f"--images {args.images}: {problem}; embed again with this model, or pass "
+                         "--allow-other-model to compare anyway")
+    warnings.warn(f"--images {args.images}: {problem}; comparing anyway (--allow-other-model), so the scores may "
+                  "mean little", stacklevel=2)
+
+
+def _search_folder(model, folder, query, top, batch_size):
+    """Embed the folder a batch at a time, keeping only the `top` best so far."""
+    total = sum(1 for _ in tasks.find_images([folder]))
+    progress = ProgressBar(total, "images")
+    best_paths, best_scores = np.array([], dtype=str), np.array([], np.float32)
+    done = skipped = 0
+
+    def skip(path, reason):
+        nonlocal skipped
+        skipped += 1
+        progress.note(f"tinyclip: warning: {path}: skipped ({reason})")
+
+    files = tasks.find_images([folder], on_error=skip)
+    for paths, embeds in tasks.embed_image_files(model, files, batch_size=batch_size, normalize=True,
+                                                 on_skip=skip):
+        best_paths = np.concatenate([best_paths, np.array(paths, dtype=str)])
+        best_scores = np.concatenate([best_scores, embeds @ query])
+        keep = tasks.top_indices(best_scores, top)
+        best_paths, best_scores = best_paths[keep], best_scores[keep]
+        done += len(paths)
+        progress.update(done + skipped, skipped)
+    progress.close()
+    return [(str(p), float(s)) for p, s in zip(best_paths, best_scores)]

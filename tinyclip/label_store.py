@@ -1,0 +1,109 @@
+"""Ensembled label embeddings kept on disk, so that a label set is encoded once per model.
+
+Encoding ImageNet's 1,000 labels with the 80 prompt templates is 80,000 texts (minutes on a
+CPU); `tinyclip classify` with the same labels later reads them back in milliseconds. One file
+per (model fingerprint, dtype, templates) holds the labels seen so far:
+
+    $TINYCLIP_CACHE_DIR/labels/<sha256 of the key>.npz    (default: ~/.cache/tinyclip/labels)
+
+with arrays `key` (the key as JSON, checked on reading), `labels` (L,) and `embeddings` (L, D)
+float32, unit rows. Files are numpy arrays read with allow_pickle=False, private to the user
+(0600 in a 0700 folder), written to a temporary file and renamed, and not read when another user
+owns them or others may write them. A file that cannot be read or written costs a warning and a
+re-encode, never a wrong answer: the stored key must match the one asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import stat
+import warnings
+
+import numpy as np
+
+FORMAT = 1     # part of the key: a new layout never reads an old file
+SUBDIR = "labels"
+
+
+class LabelStoreWarning(UserWarning):
+    """A stored label-embedding file could not be read or written; the labels are encoded afresh."""
+
+
+def default() -> "LabelStore | None":
+    """The store under tinyclip's cache folder, or None when the caches are switched off
+    (TINYCLIP_GRAPH_CACHE=0 switches off everything tinyclip keeps on disk)."""
+    from . import graph_cache
+    if not graph_cache.enabled():
+        return None
+    return LabelStore(graph_cache.cache_root() / SUBDIR)
+
+
+class LabelStore:
+    """Label embeddings on disk in `folder`, one file per (fingerprint, dtype, templates)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = pathlib.Path(folder)
+
+    def path(self, key: tuple) -> pathlib.Path:
+        return self.folder / f"{hashlib.sha256(_key_json(key).encode()).hexdigest()[:32]}.npz"
+
+    def load(self, key: tuple) -> dict[str, np.ndarray]:
+        """{label: embedding (D,) float32} stored under `key` = (fingerprint, dtype, templates);
+        empty when there is no file, or it cannot be trusted or read (with a warning)."""
+        from . import trust
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return {}
+        except OSError as e:
+            return _unusable(path, f"cannot open it ({e.strerror or e})")
+        with os.fdopen(fd, "rb") as f:
+            why = trust.untrusted_stat(os.fstat(f.fileno()), path)
+            if why is None:
+                why = trust.untrusted(self.folder)
+            if why is not None:
+                return _unusable(path, why)
+            try:
+                with np.load(f, allow_pickle=False) as data:
+                    stored_key, labels, embeds = str(data["key"]), data["labels"], data["embeddings"]
+            except Exception as e:     # a damaged file of any kind: encode again
+                return _unusable(path, f"not a readable label file ({type(e).__name__}: {e})")
+        if stored_key != _key_json(key) or embeds.ndim != 2 or labels.shape != (len(embeds),) \
+                or embeds.dtype != np.float32:
+            return _unusable(path, "it holds other labels' data than its name says")
+        return {str(label): e for label, e in zip(labels, embeds)}
+
+    def save(self, key: tuple, entries: dict[str, np.ndarray]) -> pathlib.Path | None:
+        """Store `entries` ({label: embedding}) under `key`, replacing the file atomically.
+        Returns the file, or None when it could not be written (with a warning)."""
+        path = self.path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, key=np.array(_key_json(key)), labels=np.array(list(entries), dtype=str),
+                         embeddings=np.stack(list(entries.values())).astype(np.float32))
+            os.replace(tmp, path)
+            return path
+        except OSError as e:
+            warnings.warn(f"{path}: label embeddings not stored ({e.strerror or e}); they will be encoded "
+                          "again next time", LabelStoreWarning, stacklevel=2)
+            return None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def _key_json(key: tuple) -> str:
+    fingerprint, dtype, templates = key
+    return json.dumps({"format": FORMAT, "fingerprint": fingerprint, "dtype": dtype, "templates": list(templates)})
+
+
+def _unusable(path, why: str) -> dict:
+    warnings.warn(f"{path}: stored label embeddings not used: {why}; encoding the labels again",
+                  LabelStoreWarning, stacklevel=3)
+    return {}

@@ -1,0 +1,49 @@
+"""One status line on stderr while tinyclip waits (loading a model, compiling a graph).
+
+Drawn only when stderr is a terminal, so that pipes, logs and tests get nothing, and cleared when
+the wait ends. TINYCLIP_PROGRESS=0 silences it on a terminal too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "TINYCLIP_PROGRESS"
+_shown = False
+
+
+def enabled(stream=None) -> bool:
+    """Whether status lines are drawn: on a terminal, unless TINYCLIP_PROGRESS is 0/false/no/off."""
+    stream = stream or sys.stderr
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def status(message: str, stream=None) -> None:
+    """Show `message` as the status line, replacing the one before."""
+    global _shown
+    stream = stream or sys.stderr
+    if enabled(stream):
+        stream.write(f"\r\033[K{message}")
+        stream.flush()
+        _shown = True
+
+
+def clear(stream=None) -> None:
+    """Remove the status line, if one is shown."""
+    global _shown
+    stream = stream or sys.stderr
+    if _shown:
+        stream.write("\r\033[K")
+        stream.flush()
+        _shown = False
+
+
+def compiling(key: tuple, stream=None) -> None:
+    """The status line while a runner key's graph compiles (seconds to a minute, once per shape)."""
+    if key[0] == "image":
+        what = f"the image encoder for batches of {key[1]}"
+    else:
+        what = f"the text encoder for {key[2]} tokens (batches of {key[1]})"
+    status(f"compiling {what}, once ...", stream)
