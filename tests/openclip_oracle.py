@@ -12,9 +12,10 @@ Usage: python tests/openclip_oracle.py JOB.json. JOB.json holds a list of jobs:
   load the folder back with open_clip's own loader (create_model_and_transforms("local-dir:...")) and
   get_tokenizer("local-dir:...") and write its tokens, pixels (the eval transform on the PIL images
   opened from `images`), image and text features and logits_per_image (float64) to `out` (.npz).
+- {"kind": "answer", "folder", "texts", "images", "out"}: that second half alone, in float32, for an
+  existing open_clip folder (validate.py).
 - {"kind": "tokens", "name", "texts", "out"}: get_tokenizer(name) on the texts; with the tokenizer's
   vocabulary (encoder) as JSON.
-- {"kind": "pixels", "folder", "images", "out"}: the eval transform of a folder's preprocess_cfg.
 - {"kind": "configs", "names", "models", "out"}: each built-in model config of `names`, and for those
   in `models` the parameter shapes, activation, head counts and layer-norm eps of the model open_clip
   builds from it (on the meta device: no memory).
@@ -44,39 +45,33 @@ def build(job):
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     del model
-    # The oracle proper: open_clip reads the folder back with its own loader.
-    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(folder))
-    tokenizer = open_clip.get_tokenizer("local-dir:" + str(folder))
-    model = model.eval().double()
+    answer({**job, "float64": True})
+
+
+def answer(job):
+    """open_clip reads the folder with its own loader, tokenizer and transform, and answers."""
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + job["folder"])
+    tokenizer = open_clip.get_tokenizer("local-dir:" + job["folder"])
+    dtype = torch.float64 if job.get("float64") else torch.float32
+    model = model.eval().to(dtype)
     tokens = tokenizer(job["texts"])
     pixels = torch.stack([preprocess(Image.open(p)) for p in job["images"]])
     with torch.no_grad():
-        img = model.encode_image(pixels.double())
+        img = model.encode_image(pixels.to(dtype))
         txt = model.encode_text(tokens)
         # token ids given directly (pooling where the end token is missing or repeated)
         txt_ids = model.encode_text(torch.tensor(job["ids"])) if job.get("ids") else torch.zeros(0)
         img_n, txt_n = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp() * img_n @ txt_n.T
     np.savez(job["out"], tokens=tokens.numpy(), pixels=pixels.numpy(), image_embeds=img.numpy(),
-             text_embeds=txt.numpy(), ids=np.array(job.get("ids") or []), text_embeds_ids=txt_ids.numpy(), logits=logits.numpy(),
-             keys=np.array(sorted(state)))
+             text_embeds=txt.numpy(), ids=np.array(job.get("ids") or []), text_embeds_ids=txt_ids.numpy(),
+             logits=logits.numpy())
 
 
 def tokens(job):
     tokenizer = open_clip.get_tokenizer(job["name"])
     np.savez(job["out"], tokens=tokenizer(job["texts"]).numpy(),
              encoder=np.array(json.dumps(tokenizer.encoder, ensure_ascii=False)))
-
-
-def pixels(job):
-    # create_model's preprocessing config, without building the model: the file's preprocess_cfg
-    # merged onto the defaults, its size taken from the vision tower.
-    cfg = json.loads((Path(job["folder"]) / "open_clip_config.json").read_text())
-    merged = open_clip.transform.merge_preprocess_dict(open_clip.transform.PreprocessCfg(),
-                                                       cfg.get("preprocess_cfg", {}))
-    merged["size"] = cfg["model_cfg"]["vision_cfg"]["image_size"]
-    preprocess = open_clip.image_transform_v2(open_clip.transform.PreprocessCfg(**merged), is_train=False)
-    np.savez(job["out"], pixels=torch.stack([preprocess(Image.open(p)) for p in job["images"]]).numpy())
 
 
 def configs(job):
@@ -108,4 +103,4 @@ def configs(job):
 
 if __name__ == "__main__":
     for job in json.loads(Path(sys.argv[1]).read_text()):
-        {"build": build, "tokens": tokens, "pixels": pixels, "configs": configs}[job["kind"]](job)
+        {"build": build, "answer": answer, "tokens": tokens, "configs": configs}[job["kind"]](job)

@@ -121,9 +121,15 @@ def built(tmp_path_factory, images) -> dict:
 
 # ---- tokenizer ------------------------------------------------------------------------------------
 
-def test_tokens_equal_open_clip_on_the_hard_corpus(tmp_path):
-    run_oracle([{"kind": "tokens", "name": REAL_NAME, "texts": CORPUS, "out": str(tmp_path / "t.npz")}], tmp_path)
-    oracle = np.load(tmp_path / "t.npz")
+@pytest.fixture(scope="module")
+def corpus_tokens(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("oc-tokens")
+    run_oracle([{"kind": "tokens", "name": REAL_NAME, "texts": CORPUS, "out": str(work / "t.npz")}], work)
+    return dict(np.load(work / "t.npz"))
+
+
+def test_tokens_equal_open_clip_on_the_hard_corpus(corpus_tokens, tmp_path):
+    oracle = corpus_tokens
     write_clip_vocab(tmp_path)
     ours = OpenClipTokenizer.from_pretrained(tmp_path)(CORPUS)
     differ = [(CORPUS[i], ours[i].tolist(), oracle["tokens"][i].tolist())
@@ -131,11 +137,10 @@ def test_tokens_equal_open_clip_on_the_hard_corpus(tmp_path):
     assert not differ, f"{len(differ)} texts differ; first: {differ[0]}"
 
 
-def test_open_clips_vocabulary_is_clips_vocab_json(tmp_path):
+def test_open_clips_vocabulary_is_clips_vocab_json(corpus_tokens):
     """tinyclip reads vocab.json/merges.txt; open_clip's packaged BPE must give the same ids
     (only the start/end token names differ)."""
-    run_oracle([{"kind": "tokens", "name": REAL_NAME, "texts": ["x"], "out": str(tmp_path / "t.npz")}], tmp_path)
-    encoder = json.loads(str(np.load(tmp_path / "t.npz")["encoder"]))
+    encoder = json.loads(str(corpus_tokens["encoder"]))
     vocab, _ = clip_vocab()
     renamed = {{BOS: "<start_of_text>", EOS: "<end_of_text>"}.get(k, k): v for k, v in vocab.items()}
     assert encoder == renamed
