@@ -8,9 +8,9 @@
 For each backend it compares tokens (exact), pixels, image and text
 embeddings and logits with transformers' CLIPTokenizer, CLIPImageProcessor
 and CLIPModel (for an open_clip folder: with open_clip's get_tokenizer,
-create_model_and_transforms and model, run in .venv-openclip), prints one row per backend (max abs error, max relative error
-= max|ours - theirs| / max|theirs|, minimum cosine) and exits 1 when any
-figure is beyond tolerance.
+create_model_and_transforms and model, run in .venv-openclip), prints one
+row per backend (max abs error, max relative error = max|ours - theirs| /
+max|theirs|, minimum cosine) and exits 1 when any figure is beyond tolerance.
 
 When the hub cannot be reached and the model is not cached, it says so and
 validates on a locally built checkpoint of the same architecture with random

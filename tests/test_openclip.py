@@ -23,7 +23,7 @@ from tests.test_hub import make_cache
 from tests.test_tokenizer import CORPUS
 from tinyclip import hub, openclip
 from tinyclip.config import CLIPConfig
-from tinyclip.errors import CheckpointError, ConfigError
+from tinyclip.errors import CheckpointError, ConfigError, TokenizerError
 from tinyclip.model import CLIPModel
 from tinyclip.preprocess import OpenClipImageProcessor
 from tinyclip.tokenizer import OpenClipTokenizer
@@ -41,7 +41,8 @@ REAL_NAME = "ViT-B-32"     # the one real architecture built in full (the smalle
 TINY = {
     "oc-tiny-quick": (
         {"embed_dim": 24, "quick_gelu": True,
-         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8, "mlp_ratio": 3.0},
+         "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16, "patch_size": 8,
+                        "mlp_ratio": 3.0},
          "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2}},
         {"interpolation": "bilinear", "resize_mode": "longest", "fill_color": 128,
          "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}),
@@ -105,10 +106,11 @@ def built(tmp_path_factory, images) -> dict:
     jobs = []
     for seed, (name, (model_cfg, preprocess_cfg)) in enumerate([*TINY.items(), (REAL_NAME, (None, {}))]):
         folder = work / name
+        context = model_cfg["text_cfg"]["context_length"] if model_cfg else None
         jobs.append({"kind": "build", "folder": str(folder), "seed": seed, "preprocess_cfg": preprocess_cfg,
                      **({"model_cfg": model_cfg} if model_cfg else {"name": name}),
                      "texts": TEXTS, "images": images,
-                     "ids": [r + [0] * (model_cfg["text_cfg"]["context_length"] - len(r)) for r in IDS] if model_cfg else None,
+                     "ids": [r + [0] * (context - len(r)) for r in IDS] if model_cfg else None,
                      "out": str(work / f"{name}.npz")})
     run_oracle(jobs, work)
     out = {}
@@ -144,6 +146,14 @@ def test_open_clips_vocabulary_is_clips_vocab_json(corpus_tokens):
     vocab, _ = clip_vocab()
     renamed = {{BOS: "<start_of_text>", EOS: "<end_of_text>"}.get(k, k): v for k, v in vocab.items()}
     assert encoder == renamed
+
+
+def test_a_folder_without_the_vocabulary_says_where_to_get_it(built, tmp_path):
+    folder = _copy(built["oc-tiny-quick"], tmp_path)
+    (folder / "vocab.json").unlink()
+    (folder / "merges.txt").unlink()
+    with pytest.raises(TokenizerError, match="copy them from any openai/clip-vit-"):
+        tinyclip.load(folder, device="cpu")
 
 
 def test_model_tokenize_uses_the_context_length_and_zero_padding(built):
@@ -301,7 +311,8 @@ def test_hub_repo_id_of_an_open_clip_repository_loads_from_the_cache(built, tmp_
     b = built["oc-tiny-quick"]
     make_cache(tmp_path, b.folder, repo="tinyclip-tests/open-clip-tiny")
     model = tinyclip.load("tinyclip-tests/open-clip-tiny", device="cpu", cache_dir=tmp_path, local_files_only=True)
-    np.testing.assert_array_equal(model.encode_text(["a cat"]), tinyclip.load(b.folder, device="cpu").encode_text(["a cat"]))
+    direct = tinyclip.load(b.folder, device="cpu")
+    np.testing.assert_array_equal(model.encode_text(["a cat"]), direct.encode_text(["a cat"]))
     assert model.identity["fingerprint"]
 
 

@@ -513,6 +513,11 @@ class OpenClipTokenizer(CLIPTokenizer):
         open_clip repositories on the hub carry them; start and end ids are those of
         `<|startoftext|>` and `<|endoftext|>` there."""
         folder = Path(folder)
+        if not any((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer.json")):
+            # tinyclip never imports open_clip for the copy of this vocabulary inside its package.
+            raise TokenizerError(f"{folder} has no vocab.json and merges.txt (nor tokenizer.json); open_clip's "
+                                 "tokenizer uses CLIP's BPE vocabulary, which tinyclip reads from those files: copy "
+                                 "them from any openai/clip-vit-* repository into the folder")
         tokenizer_json = _read_json(folder / "tokenizer.json")
         if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
             vocab, merges = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
