@@ -102,10 +102,12 @@ class CLIP:
         revision = self.revision
         if self.hub_id and revision is None and self.folder.parent.name == "snapshots":
             revision = self.folder.name
+        if openclip.is_openclip_folder(self.folder):
+            files, config_name = [openclip.weights_file(self.folder)], openclip.CONFIG_FILE
+        else:
+            files, config_name = checkpoint_files(self.folder), "config.json"
         return {"hub_id": self.hub_id, "revision": revision, "folder": str(self.folder.resolve()),
-                "fingerprint": identity.fingerprint(self.folder, checkpoint_files(self.folder),
-                                                    openclip.CONFIG_FILE if openclip.is_openclip_folder(self.folder)
-                                                    else "config.json")}
+                "fingerprint": identity.fingerprint(self.folder, files, config_name)}
 
     def __repr__(self) -> str:
         return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"

@@ -25,6 +25,9 @@ import math
 import pathlib
 from dataclasses import dataclass
 
+from tinygrad.nn.state import get_state_dict
+
+from . import weights
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .errors import CheckpointError, ConfigError
 
@@ -285,10 +288,11 @@ def stored_shape(ours: tuple[int, ...], how) -> tuple[int, ...]:
 
 
 def weights_file(folder: pathlib.Path) -> pathlib.Path:
-    """The folder's open_clip safetensors file; the pickle is refused, saying how to convert it."""
+    """The folder's open_clip safetensors file (checked not to lead out of the checkpoint through a
+    symbolic link, as weights.py checks its files); the pickle is refused, saying how to convert it."""
     path = folder / WEIGHTS_FILE
     if path.is_file():
-        return path
+        return weights._inside(path, folder)
     if (folder / PICKLE_FILE).exists():
         raise CheckpointError(
             f"{folder}: has {PICKLE_FILE} but no {WEIGHTS_FILE}; tinyclip reads only safetensors and never "
@@ -304,12 +308,8 @@ def load_weights(model, folder: pathlib.Path, dtype, device: str) -> None:
 
     Each stored tensor is read once; q, k and v are row slices of it, projections its transpose.
     """
-    from tinygrad.nn.state import get_state_dict
-
-    from . import weights
-
     path = weights_file(folder)
-    infos = weights.read_safetensors_header(weights._inside(path, folder))
+    infos = weights.read_safetensors_header(path)
     params = get_state_dict(model)
     # CustomTextCLIP (custom_text: true) keeps the text tower under "text."; open_clip also loads
     # such checkpoints saved without the prefix, so the file decides.

@@ -187,9 +187,6 @@ def _check_entry(path, key, entry, data_start, data_len) -> TensorInfo:
 
 def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
-    from . import openclip   # imported here: openclip's loader imports this module
-    if openclip.is_openclip_folder(folder):
-        return [_inside(openclip.weights_file(folder), folder)]
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
     if single.is_file():
         return [_inside(single, folder)]
