@@ -35,8 +35,9 @@ CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 PICKLE_FILE = "open_clip_pytorch_model.bin"
 LAYER_NORM_EPS = 1e-5          # torch's nn.LayerNorm default, which open_clip's LayerNorm keeps
-# open_clip's SimpleTokenizer: CLIP's BPE with <start_of_text> = 49406, <end_of_text> = 49407.
-ARGMAX_POOLING = 2             # tinyclip's (transformers') eos_token_id that selects argmax pooling
+# open_clip's default text pooling is at argmax(ids) (its end token, 49407, is the largest id);
+# tinyclip's model, like transformers, pools that way for the legacy eos_token_id 2.
+ARGMAX_POOLING = 2
 
 # field -> the only value(s) tinyclip computes correctly, and what the field would change.
 _VISION_REQUIRED = {
@@ -109,9 +110,7 @@ class OpenClipSpec:
     """What an open_clip_config.json says, in tinyclip's terms."""
 
     config: CLIPConfig
-    text_prefix: str          # "" for CLIP, "text." for CustomTextCLIP (custom_text: true)
     preprocess: dict          # open_clip's preprocess_cfg, with size from the vision tower
-    context_length: int
 
 
 def is_openclip_folder(folder: pathlib.Path) -> bool:
@@ -188,7 +187,7 @@ def spec_from_dict(model_cfg: dict, preprocess_cfg: dict, source: str = CONFIG_F
         raise ConfigError(f"{source}: preprocess_cfg must be an object, got {type(preprocess_cfg).__name__}")
     # open_clip's create_model sets the preprocessing size from the vision tower, whatever the file says.
     preprocess = {**preprocess_cfg, "size": image_size}
-    return OpenClipSpec(config, "text." if model_cfg.get("custom_text") else "", preprocess, context_length)
+    return OpenClipSpec(config, preprocess)
 
 
 def tokenizer_clean(model_cfg_text: dict, source: str) -> str:
