@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from tinygrad.nn.state import get_state_dict
 
-from . import weights
+from . import pooling, weights
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .errors import CheckpointError, ConfigError
 
@@ -37,7 +37,7 @@ PICKLE_FILE = "open_clip_pytorch_model.bin"
 LAYER_NORM_EPS = 1e-5          # torch's nn.LayerNorm default, which open_clip's LayerNorm keeps
 # open_clip's default text pooling is at argmax(ids) (its end token, 49407, is the largest id);
 # tinyclip's model, like transformers, pools that way for the legacy eos_token_id 2.
-ARGMAX_POOLING = 2
+ARGMAX_POOLING = pooling.LEGACY_EOS
 
 # field -> the only value(s) tinyclip computes correctly, and what the field would change.
 _VISION_REQUIRED = {
