@@ -7,9 +7,10 @@
 
 For each backend it compares tokens (exact), pixels, image and text
 embeddings and logits with transformers' CLIPTokenizer, CLIPImageProcessor
-and CLIPModel, prints one row per backend (max abs error, max relative error
-= max|ours - theirs| / max|theirs|, minimum cosine) and exits 1 when any
-figure is beyond tolerance.
+and CLIPModel (for an open_clip folder: with open_clip's get_tokenizer,
+create_model_and_transforms and model, run in .venv-openclip), prints one
+row per backend (max abs error, max relative error = max|ours - theirs| /
+max|theirs|, minimum cosine) and exits 1 when any figure is beyond tolerance.
 
 When the hub cannot be reached and the model is not cached, it says so and
 validates on a locally built checkpoint of the same architecture with random
@@ -71,6 +72,26 @@ def resolve_model(name: str) -> tuple[pathlib.Path, str]:
     return folder, f"random-init {name} architecture"
 
 
+def openclip_reference(folder: pathlib.Path, images: list[str], texts: list[str]):
+    """(ids, pixels, image, text features, logits) from open_clip itself, which runs in
+    .venv-openclip (made by `bash .ci/run`; see tests/openclip_oracle.py) as a subprocess."""
+    import json
+    import subprocess
+    python = ROOT / ".venv-openclip" / "bin" / "python"
+    if not python.exists():
+        sys.exit(f"{folder} is an open_clip checkpoint; its oracle, open_clip, runs in {python.parent.parent}, "
+                 "which is missing: run `bash .ci/run` once to create it")
+    with tempfile.TemporaryDirectory(prefix="tinyclip-validate-") as work:
+        job = pathlib.Path(work) / "job.json"
+        job.write_text(json.dumps([{"kind": "answer", "folder": str(folder), "texts": texts,
+                                    "images": [str(pathlib.Path(p).resolve()) for p in images],
+                                    "out": str(pathlib.Path(work) / "ref.npz")}]))
+        subprocess.run([str(python), str(ROOT / "tests" / "openclip_oracle.py"), str(job)], check=True, cwd=ROOT)
+        ref = np.load(pathlib.Path(work) / "ref.npz")
+        return (ref["tokens"], ref["pixels"], ref["image_embeds"], ref["text_embeds"],
+                ref["logits"].astype(np.float32))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -87,24 +108,29 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import tinyclip
-    from tinyclip import registry
+    from tinyclip import openclip, registry
 
     folder, note = resolve_model(args.model)
     images = [Image.open(p) for p in args.images]
     t0 = time.perf_counter()
-    ref = transformers.CLIPModel.from_pretrained(folder).eval()
-    ref_tok = transformers.CLIPTokenizer.from_pretrained(folder)
-    ref_proc = transformers.CLIPImageProcessor.from_pretrained(folder)
-    context = ref.config.text_config.max_position_embeddings
-    ids = ref_tok(args.texts, padding="max_length", max_length=context, truncation=True, return_tensors="np")["input_ids"]
-    pixels = ref_proc(images, return_tensors="np")["pixel_values"]
-    with torch.no_grad():
-        ref_img = features(ref.get_image_features(pixel_values=torch.from_numpy(pixels)))
-        ref_txt = features(ref.get_text_features(input_ids=torch.from_numpy(ids)))
-        ref_logits = ref(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels)) \
-            .logits_per_image.float().numpy()
-    print(f"transformers {transformers.__version__} (torch {torch.__version__}) reference: "
-          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if openclip.is_openclip_folder(folder):
+        ids, pixels, ref_img, ref_txt, ref_logits = openclip_reference(folder, args.images, args.texts)
+        print(f"open_clip reference (.venv-openclip): {time.perf_counter() - t0:.1f}s", flush=True)
+    else:
+        ref = transformers.CLIPModel.from_pretrained(folder).eval()
+        ref_tok = transformers.CLIPTokenizer.from_pretrained(folder)
+        ref_proc = transformers.CLIPImageProcessor.from_pretrained(folder)
+        context = ref.config.text_config.max_position_embeddings
+        ids = ref_tok(args.texts, padding="max_length", max_length=context, truncation=True,
+                      return_tensors="np")["input_ids"]
+        pixels = ref_proc(images, return_tensors="np")["pixel_values"]
+        with torch.no_grad():
+            ref_img = features(ref.get_image_features(pixel_values=torch.from_numpy(pixels)))
+            ref_txt = features(ref.get_text_features(input_ids=torch.from_numpy(ids)))
+            ref_logits = ref(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels)) \
+                .logits_per_image.float().numpy()
+        print(f"transformers {transformers.__version__} (torch {torch.__version__}) reference: "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
 
     devices = args.device or [b.name for b in registry.registered() if b.available]
     unavailable = [f"{b.name} ({b.unavailable})" for b in registry.registered() if not b.available]

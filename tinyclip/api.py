@@ -15,13 +15,13 @@ import pathlib
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, hub, identity, registry, tasks
+from . import _tinygrad, hub, identity, openclip, registry, tasks
 from .config import CLIPConfig
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .preprocess import ImageProcessor
+from .preprocess import ImageProcessor, OpenClipImageProcessor
 from .runner import Runner
-from .tokenizer import CLIPTokenizer
+from .tokenizer import CLIPTokenizer, OpenClipTokenizer
 from .vectors import unit_rows
 from .weights import checkpoint_files, load_weights
 
@@ -31,7 +31,8 @@ DEFAULT_BATCH_SIZE = 32
 def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
          local_files_only: bool = False, graph_cache: bool = True) -> "CLIP":
-    """Load a Hugging Face CLIPModel checkpoint.
+    """Load a Hugging Face CLIPModel checkpoint, or an open_clip one (open_clip_config.json and
+    open_clip_model.safetensors; see tinyclip.openclip).
 
     Parameters
     ----------
@@ -52,19 +53,25 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     except ValueError as e:    # a dtype name tinyclip does not know
         raise UsageError(str(e)) from None
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config = CLIPConfig.from_file(folder / "config.json")
+    # An open_clip folder (tinyclip/openclip.py) maps onto the same model; its tokenizer and
+    # preprocessing are open_clip's.
+    spec = openclip.read_config(folder) if openclip.is_openclip_folder(folder) else None
+    config = spec.config if spec else CLIPConfig.from_file(folder / "config.json")
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
     # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
     # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
     # those of the weights, as when it was read after them.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(CLIPTokenizer.from_pretrained, folder,
+        reading = pool.submit(OpenClipTokenizer.from_pretrained if spec else CLIPTokenizer.from_pretrained, folder,
                               context_length=config.text_config.max_position_embeddings)
         with chosen.context():
-            load_weights(model, folder, dt, chosen.device)
+            (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
             model.prepare()     # the kernel set stores the linear weights its way
         tokenizer = reading.result()
-    processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    if spec:
+        processor = OpenClipImageProcessor.from_dict(spec.preprocess, f"{folder / openclip.CONFIG_FILE} preprocess_cfg")
+    else:
+        processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
                 revision=revision)
@@ -101,8 +108,12 @@ class CLIP:
         revision = self.revision
         if self.hub_id and revision is None and self.folder.parent.name == "snapshots":
             revision = self.folder.name
+        if openclip.is_openclip_folder(self.folder):
+            files, config_name = [openclip.weights_file(self.folder)], openclip.CONFIG_FILE
+        else:
+            files, config_name = checkpoint_files(self.folder), "config.json"
         return {"hub_id": self.hub_id, "revision": revision, "folder": str(self.folder.resolve()),
-                "fingerprint": identity.fingerprint(self.folder, checkpoint_files(self.folder))}
+                "fingerprint": identity.fingerprint(self.folder, files, config_name)}
 
     def __repr__(self) -> str:
         return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"

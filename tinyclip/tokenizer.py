@@ -463,6 +463,86 @@ class CLIPTokenizer:
         return ids
 
 
+# open_clip's SimpleTokenizer names its start and end tokens differently from transformers'
+# vocab.json (same ids); its split regex matches them before anything else.
+OPENCLIP_START, OPENCLIP_END = "<start_of_text>", "<end_of_text>"
+_OPENCLIP_PATTERN = (rf"{OPENCLIP_START}|{OPENCLIP_END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|"
+                     r"[^\s\p{L}\p{N}]+")
+
+
+def normalize_openclip(text: str) -> str:
+    """open_clip's `clean='lower'`: ftfy's `fix_text`, `html.unescape` twice, strip, white space
+    runs (str.split) -> " ", lower-case (`tokenizer.py`, `_clean_lower`)."""
+    import ftfy   # a declared dependency, imported here as only open_clip checkpoints need it
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).strip().lower()
+
+
+class OpenClipTokenizer(CLIPTokenizer):
+    """open_clip's `SimpleTokenizer` (clean='lower'), id for id, on CLIP's BPE.
+
+    It differs from transformers' CLIPTokenizer in its cleaning (`normalize_openclip`),
+    its split regex (the `regex` package's `\\p{L}`, case-insensitive, with the literal
+    `<start_of_text>` / `<end_of_text>` as the start and end ids), and its padding: id 0.
+    Nothing is cut out of the raw text: `<|endoftext|>` in a text is BPE-encoded as text.
+    The BPE merges are the same (lowest rank first; see `CLIPTokenizer._bpe`).
+
+    Parameters
+    ----------
+    vocab, merges : CLIP's `vocab.json` and `merges.txt` (open_clip's bpe_simple_vocab_16e6).
+    context_length : int
+        Row length (open_clip: text_cfg.context_length).
+    """
+
+    PAD_ID = 0   # open_clip pads with zeros, which is also the id of "!"
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, context_length: int = 77):
+        super().__init__(vocab, merges, context_length=context_length)
+        import regex   # a declared dependency; its Unicode tables are open_clip's own
+
+        self.clean = "openclip"
+        self._normalize = normalize_openclip
+        self.pad_token_id = self.PAD_ID
+        self._pattern = regex.compile(_OPENCLIP_PATTERN, regex.IGNORECASE)
+        self._special_words = {OPENCLIP_START: self.bos_token_id, OPENCLIP_END: self.eos_token_id}
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, context_length: int | None = None, **_) -> "OpenClipTokenizer":
+        """CLIP's BPE from the folder's `vocab.json` and `merges.txt` (or `tokenizer.json`), as
+        open_clip repositories on the hub carry them; start and end ids are those of
+        `<|startoftext|>` and `<|endoftext|>` there."""
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer.json")):
+            # tinyclip never imports open_clip for the copy of this vocabulary inside its package.
+            raise TokenizerError(f"{folder} has no vocab.json and merges.txt (nor tokenizer.json); open_clip's "
+                                 "tokenizer uses CLIP's BPE vocabulary, which tinyclip reads from those files: copy "
+                                 "them from any openai/clip-vit-* repository into the folder")
+        tokenizer_json = _read_json(folder / "tokenizer.json")
+        if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
+            vocab, merges = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
+        else:
+            vocab, merges = _bpe_from_tokenizer_json(tokenizer_json, folder / "tokenizer.json")
+        return cls(vocab, merges, context_length=77 if context_length is None else context_length)
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        u = _unicode()
+        return [w.encode("utf-8").decode("latin-1").translate(u.byte_symbols) for w in self._pattern.findall(text)]
+
+    def _encode(self, text: str, limit: int | None) -> list[int]:
+        ids = []
+        symbols = _unicode().byte_symbols
+        for word in self._pattern.findall(self._normalize(text)):
+            special = self._special_words.get(word)
+            if special is not None:
+                ids.append(special)
+            else:
+                ids += self._bpe(word.encode("utf-8").decode("latin-1").translate(symbols))
+            if limit is not None and len(ids) > limit:
+                return ids
+        return ids
+
+
 def _check_text(text: str, what: str) -> None:
     """A lone surrogate (from bytes decoded with errors="surrogateescape", or a broken UTF-16
     pair) is not text and has no UTF-8 bytes; transformers raises a TypeError for it."""

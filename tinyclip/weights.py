@@ -281,17 +281,24 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
                        f"{list(params[k].shape)}"
                        for k in params if k in infos and not _same_shape(infos[k].shape, params[k].shape))
     if missing or unexpected or misshaped:
-        parts = [f"{folder / where} does not match config.json:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", misshaped)):
-            if items:
-                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-                parts.append(f"  {len(items)} {title}:\n    " + "\n    ".join(shown))
-        parts.append("Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
-                     "CLIPTextModel alone) and that config.json belongs to these weights.")
-        raise CheckpointError("\n".join(parts))
+        raise mismatch_error(f"{folder / where} does not match config.json", missing, unexpected, misshaped,
+                             "Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
+                             "CLIPTextModel alone) and that config.json belongs to these weights.")
     for key, param in params.items():
         param.replace(infos[key].load(device, dtype).reshape(param.shape))
+
+
+def mismatch_error(title: str, missing: list[str], unexpected: list[str], misshaped: list[str],
+                   advice: str) -> CheckpointError:
+    """One error listing every missing, unexpected and mis-shaped key (20 of each at most)."""
+    parts = [f"{title}:"]
+    for heading, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                           ("shape mismatches", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            parts.append(f"  {len(items)} {heading}:\n    " + "\n    ".join(shown))
+    parts.append(advice)
+    return CheckpointError("\n".join(parts))
 
 
 def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
