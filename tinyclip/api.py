@@ -22,7 +22,7 @@ from .model import CLIPModel
 from .preprocess import ImageProcessor
 from .runner import Runner
 from .tokenizer import CLIPTokenizer
-from .weights import checkpoint_files, load_weights
+from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -93,11 +93,7 @@ class CLIP:
         """Which checkpoint this is, in a form that survives copying it (tinyclip.identity): the hub id
         and revision where it came from the hub (the snapshot's commit when no revision was asked
         for), the folder, and a fingerprint of its config and weights."""
-        revision = self.revision
-        if self.hub_id and revision is None and self.folder.parent.name == "snapshots":
-            revision = self.folder.name
-        return {"hub_id": self.hub_id, "revision": revision, "folder": str(self.folder.resolve()),
-                "fingerprint": identity.fingerprint(self.folder, checkpoint_files(self.folder))}
+        return identity.of_checkpoint(self.folder, self.hub_id, self.revision)
 
     def __repr__(self) -> str:
         return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ImageError
 from .preprocess import load_image
-from . import tasks
+from . import ray_cli, shards, tasks
 from .tasks import UsageError
 
 DEFAULT_SEARCH_TOP = 10
@@ -40,6 +40,7 @@ examples:
   tinyclip embed photos/ --out photos.npz                 # every image under photos/, recursively
   tinyclip embed a.jpg b.png more/ --out some.npz --normalize
   tinyclip embed --texts captions.txt --out captions.npz  # one text per line (blank lines skipped)
+  tinyclip embed photos/ --out photos-emb --engine ray    # Ray workers: a resumable folder of Parquet shards
 
 The .npz holds `embeddings` (N x D float32), `paths` (or `texts`), and `model`,
 `projection_dim`, `normalized`, `format`. Folders are searched recursively for
@@ -86,6 +87,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.npz", help="the .npz to write")
     p.add_argument("--texts", metavar="FILE", help="embed the lines of this text file instead of images")
     p.add_argument("--normalize", action="store_true", help="store unit-length embeddings")
+    ray_cli.add_options(p)
     add_model_options(p)
     p.set_defaults(run=run_embed)
 
@@ -95,7 +97,8 @@ def register(subparsers) -> None:
                               epilog=SEARCH_EPILOG, formatter_class=fmt)
     p.add_argument("query", metavar="QUERY", help="a text, or the path of an image file")
     p.add_argument("--images", required=True, metavar="FOLDER_OR_NPZ",
-                   help="a folder of images, or an .npz written by `tinyclip embed`")
+                   help="a folder of images, an .npz written by `tinyclip embed`, or a folder written by "
+                        "`tinyclip embed --engine ray`")
     p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
                    help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
     add_model_options(p)
@@ -156,6 +159,9 @@ def _templates_option(value: str):
 # ---- embed -------------------------------------------------------------------------------------------
 
 def run_embed(args) -> int:
+    if args.engine == "ray":
+        return ray_cli.run_embed(args)
+    ray_cli.check_local(args)
     out = pathlib.Path(args.out)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"--out {args.out}: the file name must end in .npz")
@@ -270,7 +276,9 @@ def run_search(args) -> int:
     top = tasks.check_top(args.top, name="--top")
     batch_size = _batch_size(args)
     source = args.images
-    if os.path.isdir(source):
+    if os.path.isdir(source) and shards.is_output_folder(source):
+        npz = shards.read_for_search(source, args.model)
+    elif os.path.isdir(source):
         npz = None
     elif os.path.isfile(source) and source.lower().endswith(".npz"):
         npz = _read_embeddings(source, args.model)

@@ -34,3 +34,7 @@ class ImageError(TinyClipError, ValueError):
 
 class BackendError(TinyClipError, RuntimeError):
     """The requested device or backend is unknown or unavailable."""
+
+
+class MissingDependencyError(TinyClipError, ImportError):
+    """An optional feature needs a package that is not installed (Ray for `--engine ray`)."""
