@@ -95,14 +95,20 @@ def test_cli_matches_single_process_embed(ray_address, images, reference, tiny_q
     assert manifest["complete"] and manifest["count"] == N_IMAGES and manifest["dtype"] == "float32"
 
 
-def test_bad_files_are_recorded_with_their_reason(ray_address, images, tiny_quick, tmp_path):
-    out = tmp_path / "out"
-    paths = [str(images / name) for name in BAD_FILES] + [str(images / "set1" / "img001.png")]
-    tinyclip_ray.embed_to_folder(paths, out, str(tiny_quick.folder))
-    rows = rows_by_path(out)
+def test_image_embedder_takes_bytes_and_records_bad_files(ray_address, images, reference, tiny_quick):
+    good = [images / "set1" / "img001.png", images / "set2" / "img002.jpg"]
+    files = [images / name for name in BAD_FILES] + good
+    ds = ray.data.from_items([{"path": str(f), "bytes": f.read_bytes()} for f in files])
+    ds = ds.map_batches(tinyclip_ray.ImageEmbedder, fn_constructor_kwargs={"model": str(tiny_quick.folder)},
+                        batch_size=8, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    rows = {r["path"]: r for r in ds.take_all()}
+    assert set(rows) == {str(f) for f in files} and all("bytes" not in r for r in rows.values())
     for name, words in BAD_FILES.items():
-        assert words in rows[str(images / name)]["error"].lower(), rows[str(images / name)]
-    assert rows[str(images / "set1" / "img001.png")]["error"] is None
+        row = rows[str(images / name)]
+        assert words in row["error"].lower() and np.isnan(row["embedding"]).all(), row
+    for f in good:
+        assert rows[str(f)]["error"] == ""
+        np.testing.assert_allclose(rows[str(f)]["embedding"], reference[str(f)], atol=EMBED_TOLERANCE, rtol=0)
 
 
 def test_search_reads_the_output_folder_as_it_reads_an_npz(ray_address, images, tiny_quick, tmp_path, capsys):

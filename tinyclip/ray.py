@@ -36,9 +36,12 @@ from . import hub, identity, shards
 from .config import CLIPConfig
 from .preprocess import ImageProcessor, load_image
 from .tasks import UsageError
+from .weights import checkpoint_files
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SHARD_ROWS = 1024     # rows per Parquet shard: what a killed driver may have to redo
+ACTOR_BASE_MEMORY = 512 << 20   # an actor's Python, Ray and tinygrad before the weights (~370 MiB measured)
+ACTOR_WEIGHT_COPIES = 2          # the weights once as read, once as the model holds them (panels, float16)
 NO_ERROR = ""                 # the `error` column between stages: a string column, empty when the file was read
 
 
@@ -170,8 +173,13 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
         num_gpus = 1 if _wants_gpu(device) else 0
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"processor": processor}, batch_size=batch_size,
                         batch_format="numpy", num_cpus=1)
-    ds = ds.map_batches(ImageEmbedder, batch_size=batch_size, batch_format="numpy", concurrency=workers,
-                        num_cpus=0 if num_gpus else 1, num_gpus=num_gpus,
+    # `memory` tells Ray what an actor holds (the weights, tinygrad, its batches) so that a node is not
+    # packed with more actors than fit. Being a resource the decode tasks do not ask for, it also
+    # keeps Ray Data from fusing decoding into the actors: decoding stays in tasks on the free CPUs.
+    actor_memory = ACTOR_BASE_MEMORY + ACTOR_WEIGHT_COPIES * sum(f.stat().st_size for f in checkpoint_files(folder))
+    ds = ds.map_batches(ImageEmbedder, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=workers),
+                        num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, memory=actor_memory,
                         fn_constructor_kwargs=dict(model=model, device=device, dtype=dtype, batch_size=batch_size,
                                                    revision=revision, normalize=normalize))
     # A killed actor is restarted and its batch run again: Ray Data's actor pools default to
