@@ -191,6 +191,8 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
 def _wants_gpu(device: str | None) -> bool:
     if device is not None:
         return device.split(":")[0].lower() in ("cuda", "nv")
+    if not ray.is_initialized():
+        connect()          # as Ray Data itself would on first use
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -263,5 +265,7 @@ def embed_to_folder(paths: Iterable[str], out, model: str = hub.DEFAULT_MODEL, *
 
 
 def quiet_progress() -> None:
-    """Ray Data's progress bars only on a terminal (a log or a pipe gets none)."""
+    """For the command line: Ray Data's progress bars on a terminal only (a log or a pipe gets none),
+    and its warnings but not its INFO lines (execution plans, where its logs are)."""
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import time
+import uuid
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -151,7 +152,11 @@ class ShardWriter:
             self.done.update(keys)
             self.errors += table.num_rows - table.column("error").null_count
         self.rows = len(self.done)
-        self.run = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        # Names sort by start time (to the ns), so the newest run's rows win in read_embeddings; the
+        # random part keeps two writers started in the same ns from ever overwriting each other.
+        now = time.time_ns()
+        self.run = (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now // 10**9)) + f".{now % 10**9:09d}-"
+                    + uuid.uuid4().hex[:8])
         self.seq = 0
         self._write_manifest(complete=False)
 
