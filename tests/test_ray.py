@@ -27,6 +27,7 @@ EMBED_TOLERANCE = 1e-6       # max |ray - single process| per embedding value
 N_IMAGES = 240               # generated good images
 BAD_FILES = {"empty.jpg": "empty", "not-an-image.png": "not an image", "truncated.jpg": "truncated"}
 STARTUP_TIMEOUT_S = 180      # a subprocess driver starting, connecting and writing its first shards
+ACTOR_EXIT_TIMEOUT_S = 60    # actors gone after a run
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,30 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(ray_address, i
     assert killed, "the run ended before an actor could be killed"
     assert seen_after - set(killed), "no new ImageEmbedder process took over after the kill"
     assert_matches_reference(out, images, reference)
+    # The actors end with the run, leaving no processes behind (a compile pool inside an actor once
+    # hung its exit and outlived the killed one).
+    deadline = time.monotonic() + ACTOR_EXIT_TIMEOUT_S
+    while _embedder_pids() or _orphans_of_this_python():
+        assert time.monotonic() < deadline, f"left running: {_embedder_pids()} {_orphans_of_this_python()}"
+        time.sleep(0.2)
+
+
+def _orphans_of_this_python() -> list[int]:
+    """Processes adopted by init (their parent died) running this test's Python: what a killed
+    actor's own children would become."""
+    orphans = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == 1 and sys.prefix.encode() in cmdline and b"multiprocessing" in cmdline:
+                orphans.append(int(entry))
+    return orphans
 
 
 DRIVER = """

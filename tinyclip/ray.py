@@ -18,7 +18,6 @@ import io
 import logging
 import math
 import os
-import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -64,7 +63,15 @@ class ImageEmbedder:
 
     def __init__(self, model: str = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, *, revision: str | None = None, normalize: bool = False):
+        from tinygrad.helpers import CACHELEVEL, PARALLEL
         from .api import load
+        # No tinygrad compile pool in an actor: Ray owns the actor's lifetime, and the pool's spawned
+        # processes outlived killed actors and hung the exit of finished ones (the pool's lock held by
+        # a child Ray had already killed). Compiling in the actor itself then meets tinygrad's sqlite
+        # compile cache, whose connection may only be used by the thread that opened it, and Ray
+        # Data calls the actor from another thread than __init__: so that cache is off too. An actor
+        # compiles each kernel once; tinyclip's graph cache (TINYCLIP_CACHE_DIR) spares later actors.
+        PARALLEL.value, CACHELEVEL.value = 0, 0
         self.clip = load(model, device=device, dtype=dtype, revision=revision)
         self.batch_size, self.normalize = batch_size, normalize
         self.dim = self.clip.config.projection_dim
@@ -264,8 +271,8 @@ def embed_to_folder(paths: Iterable[str], out, model: str = hub.DEFAULT_MODEL, *
     return writer.finish()
 
 
-def quiet_progress() -> None:
-    """For the command line: Ray Data's progress bars on a terminal only (a log or a pipe gets none),
-    and its warnings but not its INFO lines (execution plans, where its logs are)."""
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+def quiet_logs() -> None:
+    """For the command line: Ray Data's warnings, but not its INFO lines (execution plans, where its
+    logs are, progress written as log lines when stderr is not a terminal). Progress bars on a
+    terminal stay."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -51,7 +51,7 @@ def run_embed(args) -> int:
     from . import sources
     paths = itertools.chain.from_iterable(sources.image_paths(src) for src in args.paths)
     from . import ray as tinyclip_ray      # MissingDependencyError (one line) without Ray
-    tinyclip_ray.quiet_progress()
+    tinyclip_ray.quiet_logs()
     manifest = tinyclip_ray.embed_to_folder(paths, args.out, args.model, device=args.device, dtype=args.dtype,
                                             batch_size=args.batch_size, workers=workers,
                                             normalize=args.normalize, address=args.address)
