@@ -257,3 +257,11 @@ def test_without_ray_the_engine_says_how_to_install_it(images, tmp_path):
 def test_ray_options_need_the_ray_engine(images, tmp_path, capsys):
     assert cli.main(["embed", str(images), "--out", str(tmp_path / "x.npz"), "--workers", "2"]) == 1
     assert "--workers works with --engine ray only" in capsys.readouterr().err
+
+
+def test_more_workers_than_the_cluster_holds_is_refused(ray_address, images, tiny_quick, tmp_path, capsys):
+    # two CPUs: two encoding actors would leave none for decoding, and Ray would wait forever
+    assert cli.main(["embed", str(images), "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "2",
+                     "--address", ray_address, "--model", str(tiny_quick.folder)]) == 1
+    assert "--workers 2: each worker takes a CPU and decoding needs 1 more, the Ray cluster has 2 CPUs; use " \
+           "--workers 1" in capsys.readouterr().err

@@ -41,6 +41,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_SHARD_ROWS = 1024     # rows per Parquet shard: what a killed driver may have to redo
 ACTOR_BASE_MEMORY = 512 << 20   # an actor's Python, Ray and tinygrad before the weights (~370 MiB measured)
 ACTOR_WEIGHT_COPIES = 2          # the weights once as read, once as the model holds them (panels, float16)
+DECODE_CPUS = 1                  # per decoding task
 NO_ERROR = ""                 # the `error` column between stages: a string column, empty when the file was read
 
 
@@ -178,8 +179,9 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     if num_gpus is None:
         num_gpus = 1 if _wants_gpu(device) else 0
+    _check_room(workers, num_gpus)
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"processor": processor}, batch_size=batch_size,
-                        batch_format="numpy", num_cpus=1)
+                        batch_format="numpy", num_cpus=DECODE_CPUS)
     # `memory` tells Ray what an actor holds (the weights, tinygrad, its batches) so that a node is not
     # packed with more actors than fit. Being a resource the decode tasks do not ask for, it also
     # keeps Ray Data from fusing decoding into the actors: decoding stays in tasks on the free CPUs.
@@ -193,6 +195,21 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     # max_restarts=-1, max_task_retries=-1 (passing them ourselves is deprecated in Ray 2.60);
     # tests/test_ray.py kills an actor to check that this still holds.
     return ds
+
+
+def _check_room(workers: int, num_gpus: float) -> None:
+    """Refuse a pool the cluster cannot hold: Ray would wait for it forever. On CPUs each actor takes
+    a CPU and the decoding tasks need at least one more."""
+    if not ray.is_initialized():
+        connect()
+    have = ray.cluster_resources()
+    if num_gpus and workers * num_gpus > have.get("GPU", 0):
+        raise UsageError(f"--workers {workers}: each worker asks for {num_gpus:g} GPU, the Ray cluster has "
+                         f"{have.get('GPU', 0):g}; use fewer workers, or add GPU machines")
+    if not num_gpus and workers + DECODE_CPUS > have.get("CPU", 0):
+        raise UsageError(f"--workers {workers}: each worker takes a CPU and decoding needs {DECODE_CPUS} more, "
+                         f"the Ray cluster has {have.get('CPU', 0):g} CPUs; use --workers "
+                         f"{max(1, int(have.get('CPU', 0) - DECODE_CPUS))}, or add machines")
 
 
 def _wants_gpu(device: str | None) -> bool:
