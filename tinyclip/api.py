@@ -23,7 +23,7 @@ from .preprocess import ImageProcessor, OpenClipImageProcessor
 from .runner import Runner
 from .tokenizer import CLIPTokenizer, OpenClipTokenizer
 from .vectors import unit_rows
-from .weights import checkpoint_files, load_weights
+from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -105,15 +105,7 @@ class CLIP:
         """Which checkpoint this is, in a form that survives copying it (tinyclip.identity): the hub id
         and revision where it came from the hub (the snapshot's commit when no revision was asked
         for), the folder, and a fingerprint of its config and weights."""
-        revision = self.revision
-        if self.hub_id and revision is None and self.folder.parent.name == "snapshots":
-            revision = self.folder.name
-        if openclip.is_openclip_folder(self.folder):
-            files, config_name = [openclip.weights_file(self.folder)], openclip.CONFIG_FILE
-        else:
-            files, config_name = checkpoint_files(self.folder), "config.json"
-        return {"hub_id": self.hub_id, "revision": revision, "folder": str(self.folder.resolve()),
-                "fingerprint": identity.fingerprint(self.folder, files, config_name)}
+        return identity.of_checkpoint(self.folder, self.hub_id, self.revision)
 
     def __repr__(self) -> str:
         return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"

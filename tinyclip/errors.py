@@ -43,3 +43,7 @@ class UsageError(TinyClipError, ValueError):
 
 class TruncationWarning(UserWarning):
     """A text is longer than the model's context length and is cut, as transformers cuts it."""
+
+
+class MissingDependencyError(TinyClipError, ImportError):
+    """An optional feature needs a package that is not installed (Ray for `--engine ray`)."""

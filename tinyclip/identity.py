@@ -46,6 +46,22 @@ def fingerprint(folder: pathlib.Path, weight_files: list[pathlib.Path], config_n
     return h.hexdigest()[:32]
 
 
+def of_checkpoint(folder: pathlib.Path, hub_id: str | None = None, revision: str | None = None) -> dict:
+    """The identity of the checkpoint in `folder` (what `CLIP.identity` gives), without loading it:
+    the hub id and revision where it came from the hub (the snapshot's commit when no revision was
+    asked for), the folder, and the fingerprint of its config and weights."""
+    from . import openclip
+    from .weights import checkpoint_files
+    if hub_id and revision is None and folder.parent.name == "snapshots":
+        revision = folder.name
+    if openclip.is_openclip_folder(folder):
+        files, config_name = [openclip.weights_file(folder)], openclip.CONFIG_FILE
+    else:
+        files, config_name = checkpoint_files(folder), "config.json"
+    return {"hub_id": hub_id, "revision": revision, "folder": str(folder.resolve()),
+            "fingerprint": fingerprint(folder, files, config_name)}
+
+
 def same_model(a: dict, b: dict) -> bool:
     """Whether two identities (as model_identity makes them) name the same weights: same fingerprint."""
     return isinstance(a, dict) and isinstance(b, dict) and a.get("fingerprint") == b.get("fingerprint") is not None

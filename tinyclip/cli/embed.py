@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import tasks
 from ..errors import ImageError, UsageError
-from . import add_model_options, check_batch_size, load_model, npz, print_json
+from . import add_model_options, check_batch_size, embed_ray, load_model, npz, print_json
 from .lines import read_lines
 from .progress_bar import ProgressBar
 
@@ -21,6 +21,7 @@ examples:
   tinyclip embed photos/ --out photos.npz                 # every image under photos/, recursively
   tinyclip embed a.jpg b.png more/ --out some.npz --normalize
   tinyclip embed --texts captions.txt --out captions.npz  # one text per line (blank lines skipped)
+  tinyclip embed photos/ --out photos-emb --engine ray    # Ray workers: a resumable folder of Parquet shards
 
 The .npz holds `embeddings` (N x D float32), `paths` (relative to `root`, the
 folder embed ran in) or `texts`, `model_identity` (hub id, revision, folder and a
@@ -41,11 +42,15 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.npz", help="the .npz to write")
     p.add_argument("--texts", metavar="FILE", help="embed the lines of this text file instead of images")
     p.add_argument("--normalize", action="store_true", help="store unit-length embeddings")
+    embed_ray.add_options(p)
     add_model_options(p)
     p.set_defaults(run=run_embed)
 
 
 def run_embed(args) -> int:
+    if args.engine == "ray":
+        return embed_ray.run_embed(args)
+    embed_ray.check_local(args)
     out = pathlib.Path(args.out)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"--out {args.out}: the file name must end in .npz")

@@ -10,7 +10,7 @@ import warnings
 
 import numpy as np
 
-from .. import tasks
+from .. import shards, tasks
 from ..errors import ImageError, UsageError
 from ..preprocess import load_image
 from ..vectors import unit_rows
@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                               epilog=SEARCH_EPILOG, formatter_class=fmt)
     p.add_argument("query", metavar="QUERY", help="a text, or the path of an image file")
     p.add_argument("--images", required=True, metavar="FOLDER_OR_NPZ",
-                   help="a folder of images, or an .npz written by `tinyclip embed`")
+                   help="a folder of images, an .npz written by `tinyclip embed`, or a folder written by "
+                        "`tinyclip embed --engine ray`")
     p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
                    help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
     p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
@@ -64,7 +65,10 @@ def run_search(args) -> int:
         raise ImageError(f"{args.query}: no such image file (QUERY ending in {os.path.splitext(args.query)[1]} "
                          "names an image); to search for these words as text, add --text")
     source = args.images
-    if os.path.isdir(source):
+    if os.path.isdir(source) and shards.is_output_folder(source):     # written by `embed --engine ray`
+        embeddings, paths, manifest = shards.read_embeddings(source)
+        stored = npz.ImageEmbeddings(embeddings, list(paths), manifest["model"], manifest["dtype"], None)
+    elif os.path.isdir(source):
         stored = None
         if next(iter(tasks.find_images([source])), None) is None:
             raise UsageError(f"--images {source}: no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) "
@@ -109,9 +113,8 @@ def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
     """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
     before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
     from .. import hub, identity
-    from ..weights import checkpoint_files
     folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
-    current = {"fingerprint": identity.fingerprint(folder, checkpoint_files(folder))}
+    current = identity.of_checkpoint(folder)
     if stored.identity is None:
         problem = (f"written by an older tinyclip (format 1), which recorded the model as {stored.old_model} "
                    "without a fingerprint of its weights")
