@@ -1,7 +1,6 @@
 """The OpenCL family: tinygrad's CL device (GPU drivers, or PoCL on a CPU)."""
 from __future__ import annotations
 
-import ctypes
 import functools
 
 from tinyclip import _tinygrad
@@ -30,23 +29,14 @@ class OpenCL(Backend):
 
     @functools.cached_property
     def priority(self) -> int:  # type: ignore[override]
-        # An OpenCL device that is really the CPU (PoCL) is no accelerator: rank it below the native CPU backends.
-        return CPU_PRIORITY if self.device_info[1] == "CPU" else ACCELERATOR_PRIORITY
+        # Only an OpenCL device known to be a GPU ranks as an accelerator: one that is really the CPU (PoCL),
+        # or one whose kind cannot be read, ranks below the native CPU backends.
+        return ACCELERATOR_PRIORITY if self.device_info[1] == "GPU" else CPU_PRIORITY
 
     @functools.cached_property
     def device_info(self) -> tuple[str | None, str | None]:
         """(device name, "GPU" / "CPU" / "OTHER"), or (None, None) when the device does not open."""
-        try:
-            from tinygrad import Device
-            from tinygrad.runtime.autogen import opencl as cl
-            dev = Device[self.device]
-            kind = ctypes.c_uint64()
-            cl.clGetDeviceInfo(dev.cl_dev, cl.CL_DEVICE_TYPE, ctypes.sizeof(kind), ctypes.byref(kind), None)
-            k = kind.value
-            kinds = [(cl.CL_DEVICE_TYPE_GPU, "GPU"), (cl.CL_DEVICE_TYPE_CPU, "CPU")]
-            return dev.device_name, next((name for bit, name in kinds if k & bit), "OTHER")
-        except Exception:
-            return None, None
+        return _tinygrad.opencl_device_kind(self.device)
 
     @property
     def description(self) -> str:  # type: ignore[override]

@@ -321,3 +321,12 @@ def test_nv_explains_a_gpu_its_runtime_does_not_drive(monkeypatch):
     why = cuda.NV().probe()
     assert why.startswith("tinygrad's NV device opened the NVIDIA driver but does not drive this GPU")
     assert why.endswith("use the cuda backend")
+
+
+@pytest.mark.parametrize("kind, accelerator", [("GPU", True), ("CPU", False), ("OTHER", False), (None, False)])
+def test_only_an_opencl_gpu_outranks_the_native_cpu_backend(kind, accelerator):
+    """PoCL (an OpenCL CPU device), and a device whose kind the driver would not tell, rank below cpu."""
+    from tinyclip_backends.opencl import OpenCL
+    cl = OpenCL()
+    cl.__dict__["device_info"] = ("some device" if kind else None, kind)   # what the driver answered
+    assert (cl.priority > by_name("cpu").priority) is accelerator

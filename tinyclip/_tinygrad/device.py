@@ -125,3 +125,18 @@ def kernel_cache_path() -> str:
 def synchronize(device: str) -> None:
     """Wait until everything queued on `device` has run (for timing: tinygrad's calls return when queued)."""
     Device[device].synchronize()
+
+
+def opencl_device_kind(device: str = "CL") -> tuple[str | None, str | None]:
+    """(device name, "GPU" / "CPU" / "OTHER") of tinygrad's OpenCL device, asked of the driver
+    (clGetDeviceInfo on tinygrad's cl_dev, an internal); (None, None) when it does not open or answer."""
+    import ctypes
+    try:
+        from tinygrad.runtime.autogen import opencl as cl
+        dev = Device[device]
+        kind = ctypes.c_uint64()
+        cl.clGetDeviceInfo(dev.cl_dev, cl.CL_DEVICE_TYPE, ctypes.sizeof(kind), ctypes.byref(kind), None)
+        kinds = [(cl.CL_DEVICE_TYPE_GPU, "GPU"), (cl.CL_DEVICE_TYPE_CPU, "CPU")]
+        return dev.device_name, next((name for bit, name in kinds if kind.value & bit), "OTHER")
+    except Exception:   # no driver, no device, another tinygrad: the kind is unknown
+        return None, None
