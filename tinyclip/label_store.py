@@ -61,9 +61,7 @@ class LabelStore:
         except OSError as e:
             return _unusable(path, f"cannot open it ({e.strerror or e})")
         with os.fdopen(fd, "rb") as f:
-            why = trust.untrusted_stat(os.fstat(f.fileno()), path)
-            if why is None:
-                why = trust.untrusted(self.folder)
+            why = trust.untrusted_stat(os.fstat(f.fileno()), path) or trust.untrusted(self.folder)
             if why is not None:
                 return _unusable(path, why)
             try:
