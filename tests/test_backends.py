@@ -116,6 +116,7 @@ def _env_with_plugin():
     return env
 
 
+@pytest.mark.slow   # compiles both towers, several times: about a minute
 def test_a_third_party_backend_installed_by_its_dist_info_loads_models(tiny_quick, inputs, tmp_path):
     """tests/plugin holds what pip would install for a plugin package: *.dist-info with METADATA and
     entry_points.txt, and the module. A subprocess with it on sys.path must find "mycpu" (and list,

@@ -134,6 +134,7 @@ def tiny16(tmp_path_factory):
     return folder, torch_model
 
 
+@pytest.mark.slow   # compiles both towers, several times: about a minute
 def test_a_model_on_the_cpu_set_equals_the_same_model_on_default_kernels_and_transformers(isa, tiny16, monkeypatch):
     import torch
     from tinyclip_backends.cpu import CPU

@@ -124,6 +124,7 @@ UNIT_NORM_TOL = 1e-6    # |norm - 1| of a normalised embedding
 UNIT_VALUE_TOL = 1e-7   # a normalised embedding's values against numpy's division
 
 
+@pytest.mark.slow   # compiles both towers, several times: about a minute
 @pytest.mark.parametrize("n", [1, 3, 5])
 def test_fast_path_equals_plain_path(tiny_quick, pil_images, n):
     """Buckets (padding the batch), text cut to the longest real length, and TinyJit replays
