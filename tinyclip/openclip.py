@@ -20,7 +20,6 @@ Reference: open_clip 3.3.0, `model.py` (CLIPVisionCfg, CLIPTextCfg, CLIP),
 """
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from tinygrad.nn.state import get_state_dict
 from . import pooling, weights
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .errors import CheckpointError, ConfigError
+from .jsonfile import read_json
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -39,13 +39,10 @@ LAYER_NORM_EPS = 1e-5          # torch's nn.LayerNorm default, which open_clip's
 # tinyclip's model, like transformers, pools that way for the legacy eos_token_id 2.
 ARGMAX_POOLING = pooling.LEGACY_EOS
 
-# field -> the only value(s) tinyclip computes correctly, and what the field would change.
-_VISION_REQUIRED = {
+# field -> the only value(s) tinyclip computes correctly, and what the field would change. First the
+# transformer-block settings either tower may carry, then each tower's own.
+_BLOCK_REQUIRED = {
     "ls_init_value": ((None,), "layer scale"),
-    "attentional_pool": ((False,), "an attentional pooler"),
-    "no_ln_pre": ((False,), "no ln_pre before the transformer"),
-    "pos_embed_type": (("learnable",), "a fixed sin-cos position embedding"),
-    "pool_type": (("tok",), "pooling other than the class token"),
     "output_tokens": ((False,), "token outputs"),
     "act_kwargs": ((None, {}), "activation arguments"),
     "norm_kwargs": ((None, {}), "layer-norm arguments"),
@@ -56,6 +53,13 @@ _VISION_REQUIRED = {
     "scale_attn_inner": ((False,), "an inner attention layer norm"),
     "scale_attn": ((False,), "a post-attention layer norm"),
     "scale_fc": ((False,), "an MLP layer norm"),
+}
+_VISION_REQUIRED = {
+    **_BLOCK_REQUIRED,
+    "attentional_pool": ((False,), "an attentional pooler"),
+    "no_ln_pre": ((False,), "no ln_pre before the transformer"),
+    "pos_embed_type": (("learnable",), "a fixed sin-cos position embedding"),
+    "pool_type": (("tok",), "pooling other than the class token"),
     "timm_model_name": ((None, ""), "a timm image trunk"),
     "input_patchnorm": ((False,), "patch layer norm"),
     "global_average_pool": ((False,), "average pooling"),
@@ -68,24 +72,14 @@ _VISION_INERT = ("layers", "width", "head_width", "mlp_ratio", "patch_size", "im
                  "attn_pooler_queries", "attn_pooler_heads", "timm_model_pretrained", "timm_pool", "timm_proj",
                  "timm_proj_bias", "timm_drop", "timm_drop_path", "timm_model_kwargs")
 _TEXT_REQUIRED = {
+    **_BLOCK_REQUIRED,
     "hf_model_name": ((None, ""), "a Hugging Face text tower"),
     "hf_tokenizer_name": ((None, ""), "a Hugging Face tokenizer"),
-    "ls_init_value": ((None,), "layer scale"),
     "embed_cls": ((False,), "a text class token"),
     "no_causal_mask": ((False,), "attention without the causal mask"),
     "pool_type": (("argmax", "eos"), "pooling other than at the end token"),
     "proj_bias": ((False,), "a text projection bias"),
     "proj_type": (("linear",), "a text projection other than linear"),
-    "output_tokens": ((False,), "token outputs"),
-    "act_kwargs": ((None, {}), "activation arguments"),
-    "norm_kwargs": ((None, {}), "layer-norm arguments"),
-    "block_type": ((None, "default"), "custom attention blocks"),
-    "qk_norm": ((False,), "q/k layer norms"),
-    "scaled_cosine_attn": ((False,), "scaled cosine attention"),
-    "scale_heads": ((False,), "per-head attention scales"),
-    "scale_attn_inner": ((False,), "an inner attention layer norm"),
-    "scale_attn": ((False,), "a post-attention layer norm"),
-    "scale_fc": ((False,), "an MLP layer norm"),
     "text_arch": (("clip",), "another text architecture"),
     "variable_text": ((False,), "variable-length text"),
     "tokenizer_mode": ((None,), "a Hugging Face tokenizer mode"),
@@ -122,12 +116,7 @@ def is_openclip_folder(folder: pathlib.Path) -> bool:
 def read_config(folder: pathlib.Path) -> OpenClipSpec:
     """Read `open_clip_config.json` of `folder` into an `OpenClipSpec`; refuse what tinyclip cannot run."""
     path = folder / CONFIG_FILE
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    d = read_json(path, ConfigError)
     if not isinstance(d, dict) or not isinstance(d.get("model_cfg"), dict):
         raise ConfigError(f"{path}: needs a 'model_cfg' object (open_clip's model config), as open_clip's "
                           "push_to_hf_hub writes it")
