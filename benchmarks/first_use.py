@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""A new user's first hour, timed: each command in a fresh process with empty caches, as typed.
+
+    python benchmarks/first_use.py [--model FOLDER] [--tinyclip PATH/TO/tinyclip] [--skip-transformers]
+
+Scenarios (random-init ViT-B/32 by default, the cpu backend, tinygrad's kernel cache and tinyclip's
+caches new and empty at the start of each scenario, kept within it):
+- classify: 6 photographs against 10 labels with the 80 ImageNet templates (800 prompts);
+- search: 5 text queries of different lengths against an .npz of the 6 photographs, one process each;
+- embed: 100 images (the photographs, resized copies) into an .npz.
+Prints wall seconds per scenario for tinyclip's CLI (`--tinyclip` picks the executable, so an older
+checkout's can be timed the same way) and for the same work in transformers (one process per command
+too: import, load, compute).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LABELS = ["cat", "dog", "horse", "rocket", "astronaut", "coffee", "camera", "tree", "ship", "bird"]
+QUERIES = ["a cat", "a photo of a dog", "an astronaut riding a horse on the moon", "coffee",
+           "a black and white photograph of a man holding an old camera in a busy street"]
+
+TRANSFORMERS = r"""
+import runpy, sys, numpy as np, torch, transformers
+from PIL import Image
+job, folder, templates, *rest = sys.argv[1:]
+IMAGENET_TEMPLATES = runpy.run_path(templates)["IMAGENET_TEMPLATES"]   # the same prompts, without importing tinyclip
+model = transformers.CLIPModel.from_pretrained(folder).eval()
+tok = transformers.CLIPTokenizer.from_pretrained(folder)
+proc = transformers.CLIPImageProcessorPil.from_pretrained(folder)
+def feats(out):
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+with torch.no_grad():
+    if job == "classify":
+        labels, images = rest[0].split(","), rest[1:]
+        prompts = [t.format(l) for l in labels for t in IMAGENET_TEMPLATES]
+        txt = torch.cat([feats(model.get_text_features(**tok(prompts[i:i + 32], padding=True, return_tensors="pt")))
+                         for i in range(0, len(prompts), 32)])
+        pil = [Image.open(p).convert("RGB") for p in images]
+        img = feats(model.get_image_features(**proc(pil, return_tensors="pt")))
+    elif job == "search":
+        feats(model.get_text_features(**tok([rest[0]], padding=True, return_tensors="pt")))
+    else:
+        for i in range(0, len(rest), 32):
+            feats(model.get_image_features(**proc([Image.open(p).convert("RGB") for p in rest[i:i + 32]],
+                                                  return_tensors="pt")))
+"""
+
+
+def timed(cmd, env) -> float:
+    start = time.perf_counter()
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed:\n{r.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="checkpoint folder (default: a random-init ViT-B/32 built in a temp dir)")
+    ap.add_argument("--tinyclip", default=str(pathlib.Path(sys.executable).parent / "tinyclip"))
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args(argv)
+    from PIL import Image
+    from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
+    folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
+    if not (folder / "config.json").exists():
+        build_checkpoint(folder, clip_config(**ARCHITECTURES["openai/clip-vit-base-patch32"]))
+    photos = sorted(str(p) for p in (ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
+    with tempfile.TemporaryDirectory() as work:
+        work = pathlib.Path(work)
+        hundred = work / "hundred"
+        hundred.mkdir()
+        for i in range(100):
+            with Image.open(photos[i % len(photos)]) as im:
+                im.convert("RGB").resize((200 + i, 180 + i)).save(hundred / f"{i:03d}.jpg")
+        many = sorted(str(p) for p in hundred.glob("*.jpg"))
+
+        def fresh_env():
+            caches = work / f"caches-{time.monotonic_ns()}"
+            caches.mkdir()
+            return dict(os.environ, TINYCLIP_CACHE_DIR=str(caches / "tinyclip"), CACHEDB=str(caches / "kernels.db"))
+
+        model = ["--model", str(folder), "--device", "cpu"]
+        tc = {}
+        env = fresh_env()
+        tc["classify"] = timed([args.tinyclip, "classify", *photos, "--labels", *LABELS, *model], env)
+        env = fresh_env()
+        npz = work / "photos.npz"
+        subprocess.run([args.tinyclip, "embed", *photos, "--out", str(npz), *model], env=env, check=True,
+                       capture_output=True)
+        tc["search"] = sum(timed([args.tinyclip, "search", q, "--images", str(npz), *model], env) for q in QUERIES)
+        env = fresh_env()
+        tc["embed"] = timed([args.tinyclip, "embed", str(hundred), "--out", str(work / "h.npz"), *model], env)
+        hf = {}
+        if not args.skip_transformers:
+            env, templates = dict(os.environ), str(ROOT / "tinyclip" / "templates.py")
+            python = [sys.executable, "-c", TRANSFORMERS]
+            hf["classify"] = timed([*python, "classify", str(folder), templates, ",".join(LABELS), *photos], env)
+            hf["search"] = sum(timed([*python, "search", str(folder), templates, q], env) for q in QUERIES)
+            hf["embed"] = timed([*python, "embed", str(folder), templates, *many], env)
+        for name, what in (("classify", "6 images x 10 labels x 80 templates"),
+                           ("search", "5 text queries, 5 processes"), ("embed", "100 images")):
+            line = f"{name:<9} ({what}): tinyclip {tc[name]:6.1f} s"
+            if hf:
+                line += f"   transformers {hf[name]:6.1f} s   ratio {tc[name] / hf[name]:5.2f}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
