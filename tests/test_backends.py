@@ -288,6 +288,7 @@ def test_cli_json_describes_every_backend():
         assert (r["device"], r["available"], r["reason"]) == (b.device, b.available, b.unavailable)
         assert (r["default_dtype"], r["description"]) == (b.default_dtype, b.description)
         assert r["dtypes"] == list(b.usable_dtypes if b.available else b.dtypes)
+        assert r["kernels"] == (b.kernel_set().describe() if b.available else None)
     assert [name for name, r in rows.items() if r["default"]] == [registry.select(None).name]
 
 

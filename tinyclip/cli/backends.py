@@ -27,9 +27,22 @@ def register(subparsers) -> None:
 def describe(b, default) -> dict:
     """One backend as plain data: what --json prints for it."""
     from .. import registry
-    return {"name": b.name, "device": b.device, "shown_device": registry.shown_device(b), "aliases": list(b.aliases), "available": b.available,
-            "reason": b.unavailable, "default": b is default, "default_dtype": b.default_dtype,
-            "dtypes": list(b.usable_dtypes if b.available else b.dtypes), "description": b.description}
+    return {"name": b.name, "device": b.device, "shown_device": registry.shown_device(b), "aliases": list(b.aliases),
+            "available": b.available, "reason": b.unavailable, "default": b is default,
+            "default_dtype": b.default_dtype,
+            "dtypes": list(b.usable_dtypes if b.available else b.dtypes), "description": b.description,
+            "kernels": _kernels(b)}
+
+
+def _kernels(b) -> str | None:
+    """What computes the model's hot operations on `b` (its kernel set), where `b` runs; the reason it
+    would refuse (TINYCLIP_CPU_ISA naming a set this CPU lacks) shows as the backend's 'why not'."""
+    if not b.available:
+        return None
+    try:
+        return b.kernel_set().describe()
+    except Exception as e:   # a plugin's kernel set failing to describe itself must not break the listing
+        return f"unknown ({type(e).__name__}: {e})"
 
 
 def table(rows: list[dict]) -> str:
@@ -47,6 +60,8 @@ def table(rows: list[dict]) -> str:
         lines.append(line("*" if r["default"] else " ", c))
         if not r["available"]:
             lines.append(" " * (4 + widths[0]) + f"why not: {r['reason']}")
+        elif r["kernels"]:
+            lines.append(" " * (4 + widths[0]) + f"kernels: {r['kernels']}")
     default = next((r["name"] for r in rows if r["default"]), None)
     lines.append(f"\n* the default (device=None): {default}" if default else "\nno backend is available here")
     lines.append("device= and --device also take 'gpu' (the best available accelerator) or a tinygrad device "
