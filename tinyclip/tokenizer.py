@@ -341,11 +341,7 @@ class CLIPTokenizer:
         if not folder.is_dir():
             raise TokenizerError(f"{folder} is not a folder; pass the checkpoint folder that holds vocab.json "
                                  "and merges.txt")
-        tokenizer_json = _read_json(folder / "tokenizer.json")
-        if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
-            vocab, merges = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
-        else:
-            vocab, merges = _bpe_from_tokenizer_json(tokenizer_json, folder / "tokenizer.json")
+        tokenizer_json, vocab, merges = _read_bpe(folder)
         config = _read_json(folder / "tokenizer_config.json") or {}
         names, added = _special_tokens(config, _read_json(folder / "special_tokens_map.json"), tokenizer_json, folder)
         if context_length is None:
@@ -518,11 +514,7 @@ class OpenClipTokenizer(CLIPTokenizer):
             raise TokenizerError(f"{folder} has no vocab.json and merges.txt (nor tokenizer.json); open_clip's "
                                  "tokenizer uses CLIP's BPE vocabulary, which tinyclip reads from those files: copy "
                                  "them from any openai/clip-vit-* repository into the folder")
-        tokenizer_json = _read_json(folder / "tokenizer.json")
-        if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
-            vocab, merges = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
-        else:
-            vocab, merges = _bpe_from_tokenizer_json(tokenizer_json, folder / "tokenizer.json")
+        _, vocab, merges = _read_bpe(folder)
         return cls(vocab, merges, context_length=77 if context_length is None else context_length)
 
     def pre_tokenize(self, text: str) -> list[str]:
@@ -549,6 +541,15 @@ def _check_text(text: str, what: str) -> None:
     if not text.isascii() and (bad := _SURROGATE.search(text)):
         raise TokenizerError(f"{what} holds a lone surrogate at index {bad.start()}, which is not text; "
                              "decode the bytes with errors='replace' or drop it")
+
+
+def _read_bpe(folder: Path):
+    """(tokenizer.json's content or None, vocabulary, merges) of a folder: from vocab.json and merges.txt
+    where either is there (missing one is then an error naming it), else from tokenizer.json."""
+    tokenizer_json = _read_json(folder / "tokenizer.json")
+    if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
+        return tokenizer_json, _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
+    return (tokenizer_json, *_bpe_from_tokenizer_json(tokenizer_json, folder / "tokenizer.json"))
 
 
 def _read_json(path: Path):
