@@ -29,8 +29,7 @@ class ISA:
     registers: int            # vector registers the compiler can allocate
     tile_rows: tuple[int, ...]  # candidate rows of a matmul register tile two vectors wide, whose rows x 2
                               # accumulators leave room for the operands (a spilling tile runs at half
-                              # speed or worse; clang unrolls the reduction by two, which can spill even a
-                              # tile that fits); tuning.py times each on the machine and keeps the fastest
+                              # speed or worse); tuning.py times each on the machine and keeps the fastest
     arch: str                 # tinygrad's target arch (clang -march / LLVM cpu) when forced on a wider CPU
     machine: str = "x86_64"   # platform.machine() values it runs on
 

@@ -31,7 +31,7 @@ from ..._tinygrad.device import cpu_threads
 from .isa import ISA, cpu_flags
 from .machine import Machine, cache_sizes
 
-FORMAT = 2
+FORMAT = 3       # 3: accumulators held as vectors (cpu_runtime._coalesce_wide); tiles measured before differ
 TILE_SHAPE = (256, 768, 768)    # rows, inputs, outputs timed for the tile: 151M multiply-adds, a few ms a run
 ORDER_SHAPE = (768, 1536)       # inputs, outputs timed for the loop order, on twice as many rows as fill L2
 RUNS = 5                        # timed rounds over the candidates, after the runs that compile them; the fastest counts
