@@ -19,6 +19,7 @@ from tinygrad import Tensor
 from tinygrad.helpers import Context
 
 import tinyclip
+from tinyclip import cpu_info
 from tinyclip._tinygrad import cpu_runtime, cpu_threads
 from tinyclip.errors import BackendError
 from tinyclip.kernels import TINYGRAD, cpu
@@ -41,7 +42,7 @@ DEFAULT_TILE_ROWS = 4      # a tile every ISA has among its candidates: whole ti
 def isa(request):
     chosen = isas.BY_NAME[request.param]
     if chosen not in isas.runnable():
-        missing = [f for f in chosen.needs if f not in isas.cpu_flags()]
+        missing = [f for f in chosen.needs if f not in cpu_info.flags()]
         pytest.skip(f"this CPU cannot run the {chosen.name} path (lacks {', '.join(missing) or 'the architecture'})")
     return chosen
 

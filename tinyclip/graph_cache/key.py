@@ -17,11 +17,10 @@ import importlib.metadata
 import inspect
 import json
 import pathlib
-import platform
 
 from tinygrad.nn.state import get_state_dict
 
-from .. import _tinygrad
+from .. import _tinygrad, cpu_info
 
 FORMAT = 2                               # of the file; part of the key
 PACKAGE = pathlib.Path(__file__).resolve().parents[1]     # tinyclip/
@@ -105,12 +104,5 @@ def tinygrad_version() -> str:
 
 @functools.cache
 def host_cpu() -> str:
-    """A hash of the host CPU's model and feature flags (one core's worth of /proc/cpuinfo lines)."""
-    info = f"{platform.machine()} {platform.processor()}"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        info += "".join(dict.fromkeys(lines))      # the first of each distinct line: one core's worth
-    except OSError:
-        pass
-    return hashlib.sha256(info.encode()).hexdigest()[:16]
+    """A hash of the host CPU's model and feature flags (cpu_info)."""
+    return hashlib.sha256(cpu_info.description().encode()).hexdigest()[:16]

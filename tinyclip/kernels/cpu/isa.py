@@ -12,10 +12,10 @@ NEON entry is added here) runs tinygrad's default kernels: same numbers, slower.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import platform
 
+from ... import cpu_info
 from ...errors import BackendError
 
 ENV = "TINYCLIP_CPU_ISA"
@@ -44,22 +44,9 @@ BY_NAME = {isa.name: isa for isa in ISAS}
 SETTINGS = ("native", *BY_NAME)
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The host CPU's feature flags (x86 `flags`, arm `Features`), from /proc/cpuinfo; empty where unreadable."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def runnable(flags: frozenset[str] | None = None, machine: str | None = None) -> list[ISA]:
     """The instruction sets this CPU can run, widest first."""
-    flags = cpu_flags() if flags is None else flags
+    flags = cpu_info.flags() if flags is None else flags
     machine = (machine or platform.machine()).lower().replace("amd64", "x86_64")
     return [isa for isa in ISAS if isa.machine == machine and set(isa.needs) <= flags]
 
@@ -84,7 +71,7 @@ def choose(wanted: str | None = None, flags: frozenset[str] | None = None,
     if isa is None:
         raise BackendError(f"{ENV}={wanted!r} is not one of {', '.join(SETTINGS)}")
     if isa not in can:
-        have = cpu_flags() if flags is None else flags
+        have = cpu_info.flags() if flags is None else flags
         missing = [f for f in isa.needs if f not in have]
         raise BackendError(f"{ENV}={wanted} but this CPU cannot run it (missing: {', '.join(missing) or machine}); "
                            f"it runs {', '.join(i.name for i in can) or 'none of ' + ', '.join(BY_NAME)}. "
