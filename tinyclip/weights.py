@@ -7,6 +7,7 @@ Nothing here ever unpickles: a folder with only pytorch_model.bin is refused.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -32,6 +33,7 @@ NON_PARAMETERS = ("text_model.embeddings.position_ids", "vision_model.embeddings
 
 # safetensors dtype name -> how its bytes are read: little-endian, as safetensors stores them; BF16 as
 # its raw 16 bits. Floats only: CLIP's parameters are floats.
+READ_THREADS = 4    # tensors read at once by load_weights: more than 2 cores help little, fewer leave one idle
 FILE_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 KNOWN_NON_FLOAT = ("BOOL", "U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64", "F8_E4M3", "F8_E5M2")
 MAX_SHOWN = 120     # characters of a header value quoted in an error message
@@ -50,22 +52,30 @@ class TensorInfo:
         file read-write (failing on a read-only checkpoint, and extending a file shorter than
         asked for) and keeps one mapping per path for the whole process.
         """
+        tensor, view = self.direct(device, dtype)
+        if view is not None:
+            self.read_into(view)
+            return tensor
+        return self.converted(device, dtype)
+
+    def direct(self, device: str, dtype: DType) -> tuple[Tensor | None, memoryview | None]:
+        """Where the file's bytes are already `dtype` and the device is host memory: a new tensor and
+        the view of its buffer that read_into fills (the bytes go straight in, no copy); else (None, None)."""
         if FILE_DTYPES[self.dtype] == _tinygrad.numpy_dtype(dtype) and sys.byteorder == "little":
-            # Bytes already in the compute dtype go straight into the device buffer where the
-            # device is host memory.
-            tensor, view = _tinygrad.host_tensor(self.shape, dtype, device)
-            if view is not None:
-                self._read_into(view)
-                return tensor
+            return _tinygrad.host_tensor(self.shape, dtype, device)
+        return None, None
+
+    def converted(self, device: str, dtype: DType) -> Tensor:
+        """The tensor read into numpy, converted to `dtype` there and uploaded."""
         array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
-        self._read_into(memoryview(array).cast("B"))
+        self.read_into(memoryview(array).cast("B"))
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         if self.dtype == "BF16":   # bfloat16's 16 bits are the top half of a float32: exact
             array = (array.astype(np.uint32) << 16).view(np.float32)
         # numpy rounds to nearest even when narrowing, as tinygrad's casts do
         return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False).reshape(self.shape), device)
 
-    def _read_into(self, target: memoryview) -> None:
+    def read_into(self, target: memoryview) -> None:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.start)
@@ -284,8 +294,22 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
         raise mismatch_error(f"{folder / where} does not match config.json", missing, unexpected, misshaped,
                              "Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
                              "CLIPTextModel alone) and that config.json belongs to these weights.")
+    # Tensors whose bytes go straight into host buffers are read by READ_THREADS threads at once (file reads
+    # release the GIL, and filling fresh memory costs a page fault per page, which one core does at about
+    # 1.2 GB/s: half a second for ViT-B/32); tinygrad's own objects are made on this thread only.
+    loaded, reads = {}, []
+    for key in params:
+        tensor, view = infos[key].direct(device, dtype)
+        if view is None:
+            tensor = infos[key].converted(device, dtype)
+        else:
+            reads.append((infos[key], view))
+        loaded[key] = tensor
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        for _ in pool.map(lambda job: job[0].read_into(job[1]), reads):
+            pass   # re-raises the first CheckpointError; leaving the pool waits for the other reads
     for key, param in params.items():
-        param.replace(infos[key].load(device, dtype).reshape(param.shape))
+        param.replace(loaded[key].reshape(param.shape))
 
 
 def mismatch_error(title: str, missing: list[str], unexpected: list[str], misshaped: list[str],
