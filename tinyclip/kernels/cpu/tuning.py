@@ -6,8 +6,8 @@
   threads, as it runs (each thread then streams its share of the weights, or all of the input, from L3
   at the same time); rows outside must win by ORDER_MARGIN, else panels stay outside: they need a
   quarter of the bandwidth (each input float feeds a panel's 2 vectors of columns, each weight float
-  a tile's few rows), and on a 2-core Zen 4 they ran ViT-B/32's text MLP (324 rows) at 103 against
-  62 GFLOPS, while the two tied at the measured shape on one core;
+  a tile's few rows). On a 2-core Zen 4 the two orders ran every ViT-B/32 shape within a few percent
+  of each other once the accumulators stayed in registers;
 - the thread hand-off: waking tinyclip's helper threads and hearing back (tens of microseconds on a
   VM, a few on bare metal): a kernel that one core finishes in a few hand-offs stays on one thread;
 - the matmul's speed on one core (multiply-adds per microsecond), from which the other kernels'
