@@ -9,6 +9,7 @@ A path this CPU cannot run is skipped, with the flags it lacks.
 """
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -197,6 +198,11 @@ def test_kernels_use_the_isas_vectors_in_process_and_in_compile_workers(isa, ren
     source = out[out.index(f"void {name}(" if renderer == "CLANG" else f"@{name}("):]
     source = source[:source.index("\n}")]
     assert (f"float{isa.lanes} " if renderer == "CLANG" else f"<{isa.lanes} x float>") in source
+    # The accumulators (a register array) are reached as whole vectors only: every offset into the
+    # array is a multiple of the lanes (scalar accesses, which clang 14 spills on AVX2, would not be).
+    offsets = [int(n) for n in re.findall(r"\bbuf\d+\+(\d+)\)" if renderer == "CLANG" else
+                                          r"%reg_\d+, i32 (\d+)", source)]
+    assert len(set(offsets)) == 4 * 2 and all(n % isa.lanes == 0 for n in offsets), sorted(set(offsets))
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
