@@ -64,6 +64,10 @@ class CPULLVM(CPU):
     renderer = "LLVM"
 
     def probe(self) -> str | None:
+        try:
+            self._isa
+        except BackendError as e:
+            return str(e)
         if why := compiler_problem():   # tinygrad builds its CPU device's own helper programs with $CC
             return why
         why = _tinygrad.probe_device(self.device, self.context())

@@ -412,6 +412,16 @@ def test_a_forced_set_the_cpu_lacks_says_which_flags_are_missing():
         isas.choose("sse")
 
 
+@pytest.mark.parametrize("name", ["cpu", "cpu-llvm"])
+def test_both_cpu_backends_report_a_bad_isa_setting_as_it_is(monkeypatch, name):
+    """The setting's own sentence is the backend's reason, with nothing prefixed (tinyclip backends shows it)."""
+    from tinyclip_backends.cpu import CPU, CPULLVM
+    monkeypatch.setenv("TINYCLIP_CPU_ISA", "sse")
+    backend = {"cpu": CPU, "cpu-llvm": CPULLVM}[name]()
+    assert not backend.available
+    assert backend.unavailable == "TINYCLIP_CPU_ISA='sse' is not one of native, avx512, avx2"
+
+
 def test_a_cpu_without_a_tiled_path_runs_tinygrads_kernels(monkeypatch, tiny16):
     """An older x86-64 or an arm64 gets the plain set: the cpu backend still loads and computes."""
     from tinyclip_backends.cpu import CPU
