@@ -37,6 +37,9 @@ DEFAULT_TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut in a whit
                  "a rocket launching at night", "a horse", "a man with a camera", "", "A PHOTO of 2 cats & 1 dog!"]
 # Relative tolerances (max |ours - theirs| / max |theirs|) and minimum cosine per dtype.
 TOLERANCE = {"float32": (1e-5, 0.999999), "float16": (1e-2, 0.9999)}
+# float32 with TF32 matmuls (--tf32): TF32 rounds each matmul input to float16's 10-bit mantissa and
+# adds in float32, so float16's bounds.
+TF32_TOLERANCE = TOLERANCE["float16"]
 PIXEL_ATOL = 1e-5
 
 
@@ -101,6 +104,8 @@ def main(argv=None) -> int:
     ap.add_argument("--images", nargs="+", default=[str(p) for p in DEFAULT_IMAGES], help="image files")
     ap.add_argument("--texts", nargs="+", default=DEFAULT_TEXTS, help="texts")
     ap.add_argument("--dtype", default="float32", choices=sorted(TOLERANCE))
+    ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda, nv), "
+                    "checked to float16's tolerance; other backends warn and run exact float32")
     args = ap.parse_args(argv)
 
     import torch
@@ -134,9 +139,11 @@ def main(argv=None) -> int:
 
     devices = args.device or [b.name for b in registry.registered() if b.available]
     unavailable = [f"{b.name} ({b.unavailable})" for b in registry.registered() if not b.available]
-    rel_tol, cos_tol = TOLERANCE[args.dtype]
+    if args.tf32 and args.dtype != "float32":
+        ap.error("--tf32 applies to --dtype float32")
+    rel_tol, cos_tol = TF32_TOLERANCE if args.tf32 else TOLERANCE[args.dtype]
     print(f"model: {args.model}{' [' + note + ']' if note else ''}  folder: {folder}")
-    print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}; tolerance: relative <= {rel_tol:g}, "
+    print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}{' (TF32 matmuls)' if args.tf32 else ''}; tolerance: relative <= {rel_tol:g}, "
           f"cosine >= {cos_tol}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
     if unavailable and not args.device:
         print("not available here: " + "; ".join(unavailable))
@@ -148,7 +155,7 @@ def main(argv=None) -> int:
     for name in devices:
         try:
             t0 = time.perf_counter()
-            model = tinyclip.load(folder, device=name, dtype=args.dtype)
+            model = tinyclip.load(folder, device=name, dtype=args.dtype, allow_tf32=args.tf32)
             our_ids = model.tokenize(args.texts)
             our_pixels = model.preprocess(images)
             img, txt = model.encode_image(our_pixels), model.encode_text(our_ids)

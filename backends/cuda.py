@@ -25,6 +25,7 @@ class CUDA(Backend):
     priority = 100
     dtypes = ("float32", "float16")
     description = "tinygrad CUDA device (NVIDIA driver and nvrtc)"
+    tf32 = True
 
     def probe(self) -> str | None:
         return explain(_tinygrad.probe_device(self.device, self.context()), CUDA_REASONS)
@@ -36,6 +37,7 @@ class NV(Backend):
     priority = 101   # tinygrad's own preference: its NV runtime launches kernels with less overhead than CUDA's
     dtypes = ("float32", "float16")
     description = "tinygrad NV device (NVIDIA GPU through the kernel driver directly, no libcuda)"
+    tf32 = True
 
     def probe(self) -> str | None:
         why = _tinygrad.probe_device(self.device, self.context())

@@ -21,6 +21,8 @@ from tests.conftest import ROOT
 # float32: as tests/test_parity.py. float16 weights and activations, LayerNorm and softmax in float32:
 REL_TOL = {"float32": 1e-5, "float16": 1e-2}          # max |ours - theirs| / max |theirs|
 COS_TOL = {"float32": 1 - 1e-6, "float16": 0.9999}    # per-row cosine, at least
+# float32 with TF32 matmuls: inputs rounded to float16's 10-bit mantissa, sums in float32 (validate.py's bounds)
+TF32_REL_TOL, TF32_COS_TOL = REL_TOL["float16"], COS_TOL["float16"]
 BUILTIN = ("cpu", "cpu-llvm", "cuda", "metal", "nv", "opencl")
 IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))[:3]
 TEXTS = ["a photo of a cat", "", "RÉSUMÉ of 3 horses & 2 rockets!! 🚀"]
@@ -274,6 +276,64 @@ def test_backend_matches_transformers(name, dtype, tiny_quick, inputs):
         print(f"{name} {dtype} {what}: max relative error {rel:.3g}, 1 - min cosine {1 - cos:.3g}")
         assert rel <= REL_TOL[dtype], f"{name} {dtype} {what} embeddings: relative error {rel:.3g} > {REL_TOL[dtype]}"
         assert cos >= COS_TOL[dtype], f"{name} {dtype} {what} embeddings: cosine {cos} < {COS_TOL[dtype]}"
+
+
+@pytest.mark.parametrize("name", ["cuda", "nv"])
+def test_tf32_stays_within_its_tolerance_and_takes_effect(name, tiny_quick, inputs):
+    """allow_tf32 on NVIDIA: within TF32's bounds of transformers, and not bit-equal to exact float32
+    (which would mean the tensor cores were not used). Runs on a GPU machine only (benchmarks/gpu/check.sh)."""
+    require(name)
+    ids, pixels, img, txt = inputs
+    fast = tinyclip.load(tiny_quick.folder, device=name, allow_tf32=True)
+    exact = loaded(tiny_quick, name)
+    assert fast.tf32 and not exact.tf32
+    for what, ours, theirs, plain in [("image", fast.encode_image(pixels), img, exact.encode_image(pixels)),
+                                      ("text", fast.encode_text(ids), txt, exact.encode_text(ids))]:
+        rel, cos = errors(ours, theirs)
+        print(f"{name} tf32 {what}: max relative error {rel:.3g}, 1 - min cosine {1 - cos:.3g}")
+        assert rel <= TF32_REL_TOL and cos >= TF32_COS_TOL, f"{name} tf32 {what}: {rel:.3g}, cosine {cos}"
+        assert not np.array_equal(ours, plain), f"{name} tf32 {what}: bit-equal to exact float32"
+
+
+def test_tf32_where_it_cannot_apply_warns_and_stays_exact(tiny_quick, inputs):
+    ids, pixels, _, _ = inputs
+    with pytest.warns(UserWarning, match="allow_tf32 has no effect on backend cpu: it has no TF32 tensor cores"):
+        model = tinyclip.load(tiny_quick.folder, device="cpu", allow_tf32=True)
+    assert not model.tf32 and "TF32" not in repr(model)
+    exact = loaded(tiny_quick, "cpu")
+    np.testing.assert_array_equal(model.encode_image(pixels), exact.encode_image(pixels))
+    np.testing.assert_array_equal(model.encode_text(ids), exact.encode_text(ids))
+
+
+def test_tf32_on_a_float16_model_warns(tiny_quick):
+    class TF32Backend(type(by_name("cpu"))):   # the cpu backend, declaring tensor cores it does not have
+        tf32 = True
+    with pytest.warns(UserWarning, match="allow_tf32 has no effect on a float16 model"):
+        model = tinyclip.load(tiny_quick.folder, device=TF32Backend(), dtype="float16", allow_tf32=True)
+    assert not model.tf32
+
+
+def test_tf32_graphs_are_cached_apart_from_exact_ones(tiny_quick):
+    """A backend with TF32 compiles under ALLOW_TF32; its graphs get their own cache key."""
+    class TF32Backend(type(by_name("cpu"))):
+        tf32 = True
+    model = tinyclip.load(tiny_quick.folder, device=TF32Backend(), allow_tf32=True)
+    assert model.tf32 and repr(model).endswith("with TF32 matmuls>")
+    exact = loaded(tiny_quick, "cpu")
+    assert model.runner.graphs.key(("image", 1))["tf32"] is True
+    assert exact.runner.graphs.key(("image", 1))["tf32"] is False
+    assert model.runner.graphs.path(("image", 1)) != exact.runner.graphs.path(("image", 1))
+    from tinygrad.helpers import ALLOW_TF32
+    with model.runner.context():
+        assert ALLOW_TF32.value == 1
+    with exact.runner.context():
+        assert ALLOW_TF32.value == 0
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_allow_tf32_must_be_true_or_false(tiny_quick, value):
+    with pytest.raises(tinyclip.UsageError, match=r"allow_tf32 must be True or False, got"):
+        tinyclip.load(tiny_quick.folder, device="cpu", allow_tf32=value)
 
 
 # ---- tinyclip backends ---------------------------------------------------------------------------

@@ -176,6 +176,21 @@ def test_allow_other_model_warns_and_searches(tiny_quick, work, tmp_path, galler
     assert len(json.loads(allowed.stdout)) == len(GOOD)
 
 
+def test_tf32_on_the_cpu_is_one_warning_line_and_an_exact_result(tiny_quick, work):
+    exact = run_cli(work, "embed", "--texts", "texts.txt", "--out", "exact.npz", model=tiny_quick.folder)
+    fast = run_cli(work, "embed", "--texts", "texts.txt", "--out", "tf32.npz", "--tf32", model=tiny_quick.folder)
+    assert_ok(exact), assert_ok(fast)
+    warnings = [line for line in fast.stderr.splitlines() if line.startswith("tinyclip: warning: ")]
+    assert len(warnings) == 1 and "allow_tf32 has no effect on backend cpu" in warnings[0], fast.stderr
+    with np.load(work / "exact.npz") as a, np.load(work / "tf32.npz") as b:
+        np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
+
+
+def test_tf32_is_not_passed_to_ray_workers(capsys, work):
+    code, err = main_error(capsys, "embed", work / "gallery", "--out", work / "shards", "--engine", "ray", "--tf32")
+    assert_one_line(code, err, "--tf32 is not passed to Ray workers")
+
+
 # ---- classify: labels after --, truncation, rounding --------------------------------------------------
 
 @pytest.mark.slow     # compiles the text encoder at the full 77-token context: ~20 s

@@ -11,6 +11,7 @@ import concurrent.futures
 import functools
 import os
 import pathlib
+import warnings
 
 import numpy as np
 from tinygrad import Tensor, dtypes
@@ -30,7 +31,7 @@ DEFAULT_BATCH_SIZE = 32
 
 def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-         local_files_only: bool = False, graph_cache: bool = True) -> "CLIP":
+         local_files_only: bool = False, graph_cache: bool = True, allow_tf32: bool = False) -> "CLIP":
     """Load a Hugging Face CLIPModel checkpoint, or an open_clip one (open_clip_config.json and
     open_clip_model.safetensors; see tinyclip.openclip).
 
@@ -43,7 +44,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
     graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
         tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
+    allow_tf32 : let float32 matmuls run on TF32 tensor cores (NVIDIA, the cuda and nv backends):
+        faster, and no longer exact float32 (README: its tolerance). Off by default. Where it cannot
+        apply (another backend, a float16 model) a warning says so and the model computes exactly.
     """
+    if not isinstance(allow_tf32, bool):
+        raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
     _tinygrad.guard_kernel_cache()
     chosen = registry.select(device)
     try:
@@ -74,7 +80,19 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
-                revision=revision)
+                revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt))
+
+
+def _tf32_applies(backend: registry.Backend, dtype) -> bool:
+    """Whether allow_tf32 changes anything for this backend and dtype; a warning where it does not."""
+    if not backend.tf32:
+        warnings.warn(f"allow_tf32 has no effect on backend {backend.name}: it has no TF32 tensor cores; "
+                      "computing in exact float32", stacklevel=3)
+        return False
+    if dtype != dtypes.float32:
+        warnings.warn("allow_tf32 has no effect on a float16 model (its matmuls are float16 already)", stacklevel=3)
+        return False
+    return True
 
 
 class CLIP:
@@ -82,14 +100,14 @@ class CLIP:
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
                  backend: registry.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True,
-                 hub_id: str | None = None, revision: str | None = None):
+                 hub_id: str | None = None, revision: str | None = None, tf32: bool = False):
         self.model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
         self.hub_id, self.revision = hub_id, revision
         self.config = model.config
         self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
         # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
-        self.runner = Runner(model, backend, jit=jit, cache=graph_cache)
+        self.runner = Runner(model, backend, jit=jit, cache=graph_cache, tf32=tf32)
 
     @property
     def device(self) -> str:
@@ -107,8 +125,14 @@ class CLIP:
         for), the folder, and a fingerprint of its config and weights."""
         return identity.of_checkpoint(self.folder, self.hub_id, self.revision)
 
+    @property
+    def tf32(self) -> bool:
+        """Whether float32 matmuls run on TF32 tensor cores (load(allow_tf32=True) on the cuda or nv backend)."""
+        return self.runner.tf32
+
     def __repr__(self) -> str:
-        return f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}>"
+        return (f"<tinyclip.CLIP {self.folder.name} on {self.backend.name} ({self.backend.device}), {self.dtype}"
+                + (" with TF32 matmuls>" if self.tf32 else ">"))
 
     # ---- inputs -> arrays ----------------------------------------------------------------------
 
@@ -149,7 +173,7 @@ class CLIP:
         return self.logits_from_embeddings(img, txt)
 
     def logits_from_embeddings(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
-        with self.runner.lock, self.backend.context():
+        with self.runner.lock, self.runner.context():
             logits = self.model.logits(_tinygrad.to_tensor(np.asarray(image_embeds, np.float32), self.backend.device),
                                        _tinygrad.to_tensor(np.asarray(text_embeds, np.float32), self.backend.device))
             return _tinygrad.as_float32(logits)
@@ -177,7 +201,7 @@ class CLIP:
         return run(x, batch_size)
 
     def _numpy(self, t: Tensor) -> np.ndarray:
-        with self.runner.lock, self.backend.context():
+        with self.runner.lock, self.runner.context():
             return t.numpy()
 
     def _pixels(self, images) -> np.ndarray:

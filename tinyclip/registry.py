@@ -41,6 +41,8 @@ class Backend:
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
                    checks them here. default_dtype is used when none is asked for
     description    one line for `tinyclip backends`
+    tf32           whether load(allow_tf32=True) changes anything here: tinygrad then runs float32
+                   matmuls on TF32 tensor cores (NVIDIA's CUDA and NV devices only)
 
     A backend overrides `probe()` to say why it cannot run (the default runs
     one kernel), `context()` for device-specific tinygrad settings, and
@@ -54,6 +56,7 @@ class Backend:
     dtypes: tuple[str, ...] = ("float32",)
     default_dtype: str = "float32"
     description: str = ""
+    tf32: bool = False
 
     def probe(self) -> str | None:
         """None when the backend can run here, else the reason it cannot (no driver, no compiler ...)."""

@@ -20,6 +20,7 @@ text cut to the longest real length, and compiled graphs kept on disk.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -56,19 +57,26 @@ class Runner:
 
     jit=False runs every call plain (no TinyJit, no graph cache). cache=False, or the
     environment variable TINYCLIP_GRAPH_CACHE=0, keeps compiled graphs in memory only.
+    tf32=True compiles float32 matmuls for TF32 tensor cores (a backend whose `tf32` is True).
     """
 
-    def __init__(self, model, backend, jit: bool = True, cache: bool = True):
-        self.model, self.backend, self.jit = model, backend, jit
-        self.graphs = graph_cache.GraphStore(model, backend) if jit and graph_cache.enabled(cache) else None
+    def __init__(self, model, backend, jit: bool = True, cache: bool = True, tf32: bool = False):
+        self.model, self.backend, self.jit, self.tf32 = model, backend, jit, tf32
+        self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
         self.lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def context(self):
+        """The backend's settings and this model's precision, under which every computation of it runs."""
+        with self.backend.context(), _tinygrad.tf32_context(self.tf32):
+            yield
 
     def _encoder(self, key: tuple):
         return self.model.get_image_features if key[0] == "image" else self.model.get_text_features
 
     def _run(self, key: tuple, x: np.ndarray) -> np.ndarray:
-        with self.lock, self.backend.context():
+        with self.lock, self.context():
             t = _tinygrad.to_tensor(x, self.backend.device)
             if not self.jit:
                 return _tinygrad.as_float32(self._encoder(key)(t))
@@ -160,7 +168,7 @@ class Runner:
             x = np.zeros((key[1], v.num_channels, v.image_size, v.image_size), np.float32)
         else:
             x = np.zeros((key[1], key[2]), np.int32)
-        with self.lock, self.backend.context():
+        with self.lock, self.context():
             start = time.perf_counter()
             _, saved = self._capture(key, _tinygrad.to_tensor(x, self.backend.device), beam=beam)
             return time.perf_counter() - start, saved

@@ -250,7 +250,7 @@ def _logit_scale(clip) -> float:
     cache: LabelCache = clip.label_cache
     if cache.logit_scale is None:
         from . import _tinygrad
-        with clip.runner.lock, clip.backend.context():
+        with clip.runner.lock, clip.runner.context():
             raw = _tinygrad.as_float32(clip.model.logit_scale)
         cache.logit_scale = float(np.exp(np.float64(raw)))
     return cache.logit_scale

@@ -15,11 +15,11 @@ The names most of tinyclip uses are re-exported here.
 from .buffers import (NUMPY_DTYPES, as_float32, from_numpy, gather_rows, host_array, host_tensor, numpy_dtype,
                       to_numpy, to_tensor)
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
-                     opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize)
+                     opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize, tf32_context)
 from .jit import beam_context, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
 __all__ = ["NUMPY_DTYPES", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
-           "supports_half", "synchronize", "beam_context", "beam_setting", "captured_graph", "jit_error",
+           "supports_half", "synchronize", "tf32_context", "beam_context", "beam_setting", "captured_graph", "jit_error",
            "jit_from_captured", "new_jit"]

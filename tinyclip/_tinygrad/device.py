@@ -94,6 +94,12 @@ def guard_kernel_cache() -> None:
 
 
 
+def tf32_context(enabled: bool):
+    """Settings under which tinygrad may run float32 matmuls on TF32 tensor cores (ALLOW_TF32, read when
+    a kernel is compiled, and part of tinygrad's own kernel cache key; it acts on CUDA and NV only)."""
+    return Context(ALLOW_TF32=1) if enabled else Context()
+
+
 def codegen(device: str) -> str:
     """The code generator tinygrad uses for `device` now (inside the backend's context): renderer class and
     target (the target names the instruction set a CPU kernel is compiled for), the device's name and

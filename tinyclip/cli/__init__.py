@@ -33,6 +33,8 @@ def add_model_options(p: argparse.ArgumentParser, batch_help: str | None = None)
     p.add_argument("--device", default=None, help="backend name, 'gpu' (the best available accelerator) or a "
                    "tinygrad device (default: best available; see `tinyclip backends`)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
+    p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda and nv backends): "
+                   "faster, not exact float32 (README: its tolerance); a warning elsewhere")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=batch_help or f"images or texts per forward pass (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -64,7 +66,7 @@ def load_model(args: argparse.Namespace):
     progress.status(f"loading {args.model} ...")
     try:
         return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
-                    cache_dir=args.cache_dir)
+                    cache_dir=args.cache_dir, allow_tf32=args.tf32)
     finally:
         progress.clear()
 

@@ -37,6 +37,9 @@ def run_embed(args) -> int:
     into the folder --out with Ray; prints a summary (JSON with --json)."""
     if args.texts:
         raise UsageError("--engine ray embeds images; embed --texts without --engine ray")
+    if args.tf32:
+        raise UsageError("--tf32 is not passed to Ray workers (their embeddings are exact float32); "
+                         "drop --tf32, or embed without --engine ray")
     if not args.paths:
         raise UsageError("nothing to embed: give a folder, a text file of paths, or a .parquet/.csv with a "
                          "path column")

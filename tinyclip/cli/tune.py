@@ -91,7 +91,7 @@ def run(args) -> int:
     check_device(args)
     folder = hub.locate(name, revision=args.revision, cache_dir=args.cache_dir)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
-    model = load(folder, device=args.device, dtype=args.dtype)
+    model = load(folder, device=args.device, dtype=args.dtype, allow_tf32=args.tf32)
 
     done, failed = [], 0
     for key in keys:

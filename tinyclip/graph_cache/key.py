@@ -5,7 +5,8 @@ the architecture (config.json's fields, and each state-dict entry's name, shape 
 values), the code that builds the graph (every tinyclip source file, recursively, the backend's
 module and its kernel set's), the backend, its device and code generator (for CPUs the host CPU
 and instruction set, as kernels are compiled for it, and the number of threads kernels are split
-between), the kernel set's own key (its ISA and tuning), the compute dtype, the tinygrad and
+between), the kernel set's own key (its ISA and tuning), the compute dtype and whether float32 matmuls may
+use TF32 tensor cores, the tinygrad and
 tinyclip versions, and the graph's (tower, batch bucket, text length).
 """
 from __future__ import annotations
@@ -28,8 +29,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1]     # tinyclip/
 TINYGRAD_SOURCES = ("uop/ops.py", "engine/jit.py", "engine/realize.py", "device.py", "dtype.py", "tensor.py")
 
 
-def base_key(model, backend) -> dict:
-    """The parts of the key shared by all of one model's graphs on one backend."""
+def base_key(model, backend, tf32: bool = False) -> dict:
+    """The parts of the key shared by all of one model's graphs on one backend (tf32: compiled for TF32
+    tensor cores, Runner's setting)."""
     from .. import __version__
     dtype = model.logit_scale.dtype
     kernels = model.kernels
@@ -46,6 +48,7 @@ def base_key(model, backend) -> dict:
         "codegen": codegen,
         "kernels": kernels.key(),
         "dtype": "float16" if dtype.itemsize == 2 else "float32",
+        "tf32": tf32,
         "tinygrad": tinygrad_version(),
         "tinyclip": __version__,
     }

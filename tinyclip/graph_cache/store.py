@@ -47,8 +47,8 @@ class GraphStore:
     `graph` arguments are the runner's keys: ("image", batch) or ("text", batch, length).
     """
 
-    def __init__(self, model, backend, folder: os.PathLike | None = None):
-        self.model, self.backend = model, backend
+    def __init__(self, model, backend, folder: os.PathLike | None = None, tf32: bool = False):
+        self.model, self.backend, self.tf32 = model, backend, tf32
         self.folder = pathlib.Path(folder) if folder is not None else cache_dir()
         self._warned: set[tuple[str, str]] = set()
         self._base_key: dict | None = None
@@ -57,7 +57,7 @@ class GraphStore:
 
     def key(self, graph: tuple) -> dict:
         if self._base_key is None:
-            self._base_key = keys.base_key(self.model, self.backend)
+            self._base_key = keys.base_key(self.model, self.backend, self.tf32)
         return {**self._base_key, "graph": list(graph)}
 
     def path(self, graph: tuple) -> pathlib.Path:
