@@ -6,7 +6,7 @@ from PIL import Image
 from tinygrad import Tensor
 
 import tinyclip
-from tinyclip import pooling, registry
+from tinyclip import batch_plan, pooling, registry
 from tests.conftest import ROOT
 
 REL_TOL = 1e-5          # max |ours - theirs| / max |theirs|
@@ -147,10 +147,10 @@ def test_text_is_cut_to_the_longest_pooled_position(tiny_quick):
     np.testing.assert_array_equal(pooling.positions(ids, model.config.text_config.eos_token_id), [3, 9])
     model.encode_text(ids)
     assert ("text", 2, 10) in model.runner._jits     # 10 positions: a length a text batch runs at
-    longer = model.tokenize(["a photo of a dog on a red sofa"])
-    np.testing.assert_array_equal(pooling.positions(longer, model.config.text_config.eos_token_id), [10])
+    longer = model.tokenize(["a photo of a dog on a red sofa", "a cat"])
+    np.testing.assert_array_equal(pooling.positions(longer, model.config.text_config.eos_token_id), [10, 3])
     model.encode_text(longer)
-    assert ("text", 1, 12) in model.runner._jits     # 11 positions, rounded up to the next length: 12
+    assert ("text", 2, 12) in model.runner._jits     # 11 positions, rounded up to the next length: 12
 
 
 @pytest.mark.parametrize("ids, match", [
@@ -194,22 +194,58 @@ def test_tensor_inputs_are_accepted(tiny_quick, pil_images):
     np.testing.assert_array_equal(model.encode_image(Tensor(pixels, device="CPU")), model.encode_image(pixels))
 
 
-def test_a_compiled_longer_text_graph_serves_texts_up_to_half_its_length(tiny_quick):
-    """A batch runs at a longer length already compiled (up to REUSE_LENGTH_FACTOR times its own) instead of
-    compiling its own: exact under the causal mask, to float32 rounding."""
-    from tinyclip.runner import REUSE_LENGTH_FACTOR
-    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
-    model.encode_text(["a photo of a dog on a red sofa"])                  # 11 positions: runs at 12
-    assert set(model.runner._jits) == {("text", 1, 12)}
-    ids = model.tokenize(["a photo of a cat"])                              # 6 positions
-    assert REUSE_LENGTH_FACTOR * 6 >= 12
-    reused = model.encode_text(ids)
-    assert set(model.runner._jits) == {("text", 1, 12)}, "6 positions ran on the 12-position graph"
+def plain_text_features(model, ids):
+    """get_text_features at the full context, without the runner (no buckets, no JIT, no plan)."""
     with model.backend.context():
-        plain = model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
-    assert np.abs(reused - plain).max() <= FAST_REL_TOL * np.abs(plain).max()
-    model.encode_text(["a cat"])                                            # 4 positions: 12 is over twice that
-    assert ("text", 1, 4) in model.runner._jits
+        return model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
+
+
+def test_a_batch_pads_into_a_compiled_longer_graph_until_the_padding_has_cost_a_compile(tiny_quick, monkeypatch):
+    """A batch runs in a longer graph already compiled instead of compiling its own (exact under the causal
+    mask, to float32 rounding) until the padding spent in its place exceeds what a compile costs."""
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
+    model.encode_text(["a photo of a dog on a red sofa", "a dog"])          # 11 positions: runs at 12
+    assert set(model.runner._jits) == {("text", 2, 12)}
+    ids = model.tokenize(["a photo of a cat", "a cat"])                     # 7 positions: its own length is 8
+    padding = 2 * 12 - 2 * 8                                                # tokens a call pads
+    monkeypatch.setattr(batch_plan, "TEXT_COMPILE_TOKENS", 2 * padding)
+    plain = plain_text_features(model, ids)
+    for _ in range(2):
+        reused = model.encode_text(ids)
+        assert set(model.runner._jits) == {("text", 2, 12)}, "7 positions ran on the 12-position graph"
+        assert np.abs(reused - plain).max() <= FAST_REL_TOL * np.abs(plain).max()
+    model.encode_text(ids)                                                  # a third call's padding is more
+    assert ("text", 2, 8) in model.runner._jits
+
+
+def test_a_query_compiles_the_full_context_and_later_queries_of_any_length_run_in_it(tiny_quick):
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
+    context = model.config.text_config.max_position_embeddings
+    for text in ("a cat", "a photo of a dog on a red sofa", "x"):
+        ids = model.tokenize([text])
+        ours = model.encode_text(ids)
+        assert set(model.runner._jits) == {("text", 1, context)}, text
+        plain = plain_text_features(model, ids)
+        assert np.abs(ours - plain).max() <= FAST_REL_TOL * np.abs(plain).max(), text
+
+
+@pytest.mark.parametrize("compile_tokens, graphs", [
+    (None, {("text", 2, 12)}),                                     # the later batches pad into the first's graph
+    (0, {("text", 2, 12), ("text", 2, 8), ("text", 1, 4)}),        # compiling costs nothing: each its own
+])
+def test_a_text_job_runs_longest_first_and_keeps_the_order_of_its_texts(tiny_quick, monkeypatch, compile_tokens,
+                                                                         graphs):
+    """Rows are sorted by length into batches (positions needed: 11, 11 | 7, 4 | 3) and put back in order."""
+    if compile_tokens is not None:
+        monkeypatch.setattr(batch_plan, "TEXT_COMPILE_TOKENS", compile_tokens)
+    model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
+    texts = ["a cat", "a photo of a dog on a red sofa", "x", "a photo of a cat", "a dog on a very old and red sofa"]
+    ids = model.tokenize(texts)
+    ours = model.encode_text(ids, batch_size=2)
+    assert set(model.runner._jits) == graphs
+    plain = plain_text_features(model, ids)
+    for i, text in enumerate(texts):
+        assert np.abs(ours[i] - plain[i]).max() <= FAST_REL_TOL * np.abs(plain[i]).max(), text
 
 
 @pytest.mark.parametrize("eos", [pooling.LEGACY_EOS, 49407, 7])

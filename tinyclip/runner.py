@@ -4,12 +4,14 @@ text cut to the longest real length, and compiled graphs kept on disk.
 - Batches are padded up to a power-of-two bucket (1, 2, 4, ... up to the batch
   size), so any batch size reuses a compiled graph; padded rows are dropped
   from the output. Rows never interact in CLIP, so this is exact.
-- Texts run only up to the last position any row pools from (its first eos),
-  rounded up to the next of TEXT_LENGTHS, or to a longer one whose graph is
-  already compiled (in this process or in the graph cache) when it is at most
-  REUSE_LENGTH_FACTOR times as long: a new user's first texts compile a few
-  lengths, not one per prompt length. The causal mask means no position sees a
-  later one, so the states up to there are exactly those of the full context.
+- Texts run only up to the last position any row pools from, rounded up to the next of
+  TEXT_LENGTHS: the causal mask means no position sees a later one, so the states up to there are
+  exactly those of the full context.
+- A batch may instead run padded in a bigger graph (more rows, a longer length) that is already
+  compiled, where that costs less than compiling its own: batch_plan.py decides, for a whole job at
+  once (a text job's rows sorted longest first, the order restored here). So a new user's first
+  queries and label prompts compile a few graphs, not one per prompt length, and a job's last,
+  partial batch runs in the bucket its full batches compiled.
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
   its first call (tinygrad's default would run the encoder plain once and
   capture on the second, scheduling every kernel twice).
@@ -27,23 +29,13 @@ import time
 import numpy as np
 
 from . import _tinygrad, graph_cache, pooling, progress
+from .batch_plan import Planner, bucket  # noqa: F401 (bucket: the runner's rule)
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
 # like "a photo of a {label}." (8-10 tokens) live and a step is a large share of the work, then 4 up
 # to 40 and 8 beyond; 19 lengths (each a graph to compile once) for a context of 77, as a step of 4
 # would give, but never more than about 1/6 of the work spent on padding.
 TEXT_LENGTHS = (*range(4, 20, 2), *range(20, 40, 4), *range(40, 512, 8))
-# A compiled graph up to this many times the length a batch needs runs it instead of compiling its own
-# (10-15 s for ViT-B/32's text tower on 2 cores): at worst twice the work for that batch, once compiled.
-REUSE_LENGTH_FACTOR = 2
-
-
-def bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n, capped at `limit` (n <= limit)."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max(limit, n))
 
 
 def text_lengths(context: int) -> list[int]:
@@ -64,6 +56,7 @@ class Runner:
         self.model, self.backend, self.jit, self.tf32 = model, backend, jit, tf32
         self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
+        self.planner = Planner(self.compiled)
         self.lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -120,38 +113,39 @@ class Runner:
 
     def image_features(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
         out = []
-        for i in range(0, len(pixels), batch_size):
+        starts = range(0, len(pixels), batch_size)
+        with self.lock:
+            buckets = self.planner.images([min(batch_size, len(pixels) - i) for i in starts], batch_size,
+                                          lambda b: ("image", b))
+        for i, b in zip(starts, buckets):
             chunk = pixels[i:i + batch_size]
-            b = bucket(len(chunk), batch_size)
             padded = np.zeros((b, *chunk.shape[1:]), np.float32)
             padded[:len(chunk)] = chunk
             out.append(self._run(("image", b), padded)[:len(chunk)])
         return np.concatenate(out)
 
     def text_features(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
-        out = []
-        for i in range(0, len(ids), batch_size):
-            chunk = ids[i:i + batch_size]
-            b = bucket(len(chunk), batch_size)
-            length = self.text_length(chunk, b)
-            padded = np.zeros((b, length), np.int32)
-            padded[:len(chunk)] = chunk[:, :length]
-            padded[len(chunk):] = chunk[0, :length]   # any valid row; dropped below
-            out.append(self._run(("text", b, length), padded)[:len(chunk)])
-        return np.concatenate(out)
+        needed = pooling.positions(ids, self.model.config.text_config.eos_token_id) + 1
+        with self.lock:
+            plan = list(self.planner.text(needed, batch_size, text_lengths(ids.shape[1])))
+        out = None
+        for rows, (_, b, length) in plan:
+            padded = np.empty((b, length), np.int32)
+            padded[:len(rows)] = ids[rows, :length]
+            padded[len(rows):] = ids[rows[0], :length]   # any valid row; dropped below
+            features = self._run(("text", b, length), padded)[:len(rows)]
+            if out is None:
+                out = np.empty((len(ids), *features.shape[1:]), features.dtype)
+            out[rows] = features
+        return out
 
     def text_length(self, ids: np.ndarray, batch: int | None = None) -> int:
-        """The length a batch of (N, context) ids runs at, in the batch bucket `batch` (default: N): the
-        last position any row pools from, rounded up to the next of TEXT_LENGTHS (or the context length),
-        unless a graph for a longer length up to REUSE_LENGTH_FACTOR times that is already compiled."""
-        needed = int(pooling.positions(ids, self.model.config.text_config.eos_token_id).max()) + 1
-        fits = [n for n in text_lengths(ids.shape[1]) if n >= needed]
-        for n in fits:
-            if n > REUSE_LENGTH_FACTOR * fits[0]:
-                break
-            if self.compiled(("text", batch or len(ids), n)):
-                return n
-        return fits[0]
+        """The length a batch of (N, context) ids runs at, in the batch bucket `batch` (default: N): see
+        batch_plan.Planner.text (the rents stay as they are)."""
+        needed = pooling.positions(ids, self.model.config.text_config.eos_token_id) + 1
+        with self.lock:
+            _, key = next(self.planner.text(needed, batch or len(ids), text_lengths(ids.shape[1]), record=False))
+        return key[2]
 
     def compiled(self, key: tuple) -> bool:
         """Whether the graph for `key` runs without compiling: captured in this process, or in the graph cache."""
