@@ -10,13 +10,16 @@ caches new and empty at the start of each scenario, kept within it):
 - embed: 100 images (the photographs, resized copies) into an .npz.
 Prints wall seconds per scenario for tinyclip's CLI (`--tinyclip` picks the executable, so an older
 checkout's can be timed the same way) and for the same work in transformers (one process per command
-too: import, load, compute).
+too: import, load, compute), and beside each the CPU seconds the commands and their child processes
+(compile workers, clang) used: on a machine that others share, wall time depends on what they run,
+CPU time much less.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,12 +57,33 @@ with torch.no_grad():
 """
 
 
-def timed(cmd, env) -> float:
-    start = time.perf_counter()
+class Seconds:
+    """Wall and CPU seconds (user + system, of the commands and every child process they waited for)."""
+
+    def __init__(self, wall: float = 0.0, cpu: float = 0.0):
+        self.wall, self.cpu = wall, cpu
+
+    def __add__(self, other: "Seconds") -> "Seconds":
+        return Seconds(self.wall + other.wall, self.cpu + other.cpu)
+
+    def __radd__(self, other) -> "Seconds":     # sum() starts from 0
+        return self if other == 0 else self + other
+
+    def __str__(self) -> str:
+        return f"{self.wall:6.1f} s (cpu {self.cpu:6.1f} s)"
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(cmd, env) -> Seconds:
+    start, cpu = time.perf_counter(), _children_cpu()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if r.returncode:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed:\n{r.stderr[-2000:]}")
-    return time.perf_counter() - start
+    return Seconds(time.perf_counter() - start, _children_cpu() - cpu)
 
 
 def main(argv=None) -> int:
@@ -108,9 +132,9 @@ def main(argv=None) -> int:
             hf["embed"] = timed([*python, "embed", str(folder), templates, *many], env)
         for name, what in (("classify", "6 images x 10 labels x 80 templates"),
                            ("search", "5 text queries, 5 processes"), ("embed", "100 images")):
-            line = f"{name:<9} ({what}): tinyclip {tc[name]:6.1f} s"
+            line = f"{name:<9} ({what}): tinyclip {tc[name]}"
             if hf:
-                line += f"   transformers {hf[name]:6.1f} s   ratio {tc[name] / hf[name]:5.2f}"
+                line += f"   transformers {hf[name]}   ratio {tc[name].wall / hf[name].wall:5.2f}"
             print(line, flush=True)
     return 0
 
