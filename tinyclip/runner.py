@@ -14,7 +14,8 @@ text cut to the longest real length, and compiled graphs kept on disk.
   partial batch runs in the bucket its full batches compiled.
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
   its first call (tinygrad's default would run the encoder plain once and
-  capture on the second, scheduling every kernel twice).
+  capture on the second, scheduling every kernel twice). Its kernels compile
+  in forked workers (_tinygrad/compile_pool.py) where that is safe.
 - The graph cache (tinyclip/graph_cache/) saves each captured graph, without
   the weights, and a later process loads it instead of capturing: its first
   embedding skips tinygrad's scheduling and code generation. `tinyclip tune`
@@ -101,7 +102,8 @@ class Runner:
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
         progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
         if beam is None:
-            out = _tinygrad.to_numpy(jit(t))
+            with _tinygrad.forked_compiles():
+                out = _tinygrad.to_numpy(jit(t))
             beam = _tinygrad.beam_setting()
         else:
             with _tinygrad.beam_context(beam):

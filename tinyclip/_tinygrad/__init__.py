@@ -6,6 +6,7 @@ wrapped here, split by concern, so an upgrade touches this package alone:
 - device.py       dtype names, opening and probing devices, what a device compiles for, the kernel cache
 - buffers.py      numpy arrays in and out of device buffers without the scheduler
 - jit.py          TinyJit capture and replay, BEAM settings
+- compile_pool.py a capture's kernels compiled in forked workers (tinygrad's pool spawns them)
 - graph_pickle.py a captured graph pickled without its weights, bound to a model on loading
 - cpu_runtime.py  the CPU patches (wide vectors, threads on several cores), installed on first use
 - kernel.py       the custom-kernel API (UOp ranges, opts) tinyclip's hand-written kernels are built with
@@ -16,10 +17,11 @@ from .buffers import (NUMPY_DTYPES, as_float32, from_numpy, gather_rows, host_ar
                       to_numpy, to_tensor)
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
                      opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize, tf32_context)
+from .compile_pool import forked_compiles
 from .jit import beam_context, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
 __all__ = ["NUMPY_DTYPES", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
            "supports_half", "synchronize", "tf32_context", "beam_context", "beam_setting", "captured_graph", "jit_error",
-           "jit_from_captured", "new_jit"]
+           "jit_from_captured", "new_jit", "forked_compiles"]
