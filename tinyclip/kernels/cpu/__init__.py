@@ -6,7 +6,7 @@ tiles come from data: the instruction set (isa.py: lanes, registers, candidate t
 core's caches, and what tuning.py measures once on this machine (the fastest tile and loop order,
 the thread hand-off, the matmul's speed). The cpu backends choose the instruction set (isa.choose,
 TINYCLIP_CPU_ISA) and make a CPUKernels for it. Everything they cannot take (float16,
-widths the tiles do not divide, an activation other than quick_gelu in the epilogue, a CPU without
+widths the tiles do not divide, an activation other than quick_gelu after a linear layer, a CPU without
 AVX2, a tinygrad version the runtime patches were not written for) runs in the plain tinygrad set:
 the same numbers to float32 rounding, slower.
 """

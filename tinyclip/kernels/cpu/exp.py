@@ -1,4 +1,4 @@
-"""A branch-free exp2 for the CPU kernels' epilogues (quick_gelu) and the softmax."""
+"""A branch-free exp2 for the CPU kernels' quick_gelu (after fc1) and the softmax."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ EXP2_TAYLOR = tuple(math.log(2) ** k / math.factorial(k) for k in range(8))
 
 
 def quick_gelu(x):
-    """x * sigmoid(1.702 x), CLIP's activation, for the matmul kernel's epilogue (x a UOp there).
+    """x * sigmoid(1.702 x), CLIP's activation, for matmul.activation's kernel (x a UOp there).
 
     tinygrad's own exp2 rounds with a select on the sign of its argument, which clang compiles
     to a branch once vectorized: with signs at random it mispredicts half the time (about 9 ns a
