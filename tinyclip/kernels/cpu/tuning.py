@@ -13,7 +13,8 @@
 - the matmul's speed on one core (multiply-adds per microsecond), from which the other kernels'
   times are estimated by ratios (norm.VALUE_COST, attention.SCORE_COST, ...).
 
-Measuring takes a few seconds (a handful of small kernels to compile, a few runs each). The result
+Measuring takes a few seconds (a handful of small kernels to compile, together on all cores, and a few
+runs each). The result
 is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by the CPU's model and
 flags, the thread count, the instruction set and the tinyclip and tinygrad versions; like graph
 files it is read only when it and its folder are yours alone, and written atomically. Delete it to
@@ -31,7 +32,7 @@ import time
 import numpy as np
 
 from ... import cpu_info, trust
-from ..._tinygrad import buffers, cpu_runtime, jit
+from ..._tinygrad import buffers, cpu_runtime, forked_compiles, jit
 from ..._tinygrad.device import cpu_threads
 from .isa import ISA
 from .machine import Machine, cache_sizes
@@ -51,17 +52,29 @@ def measure(isa: ISA, device: str) -> dict:
     rng = np.random.default_rng(0)
 
     def candidate(shape, tile_rows, rows_outer, threads=1):
-        """A compiled run of the matmul (replayed by a TinyJit: the times are the kernel's, not tinygrad's
-        scheduling), and its multiply-adds."""
+        """(an input, the matmul on it, its multiply-adds) for one candidate."""
         M, K, N = shape
         machine = Machine(isa, *cache_sizes(), threads=threads, tile_rows=tile_rows, rows_outer=rows_outer,
                           handoff_us=1.0, macs_per_us=1.0)
         x = buffers.from_numpy(rng.standard_normal((M, K), dtype=np.float32), device)
         w = matmul.to_panels(buffers.from_numpy(rng.standard_normal((N, K), dtype=np.float32), device),
                              matmul.panel_width(N, isa.lanes))
-        run = jit.new_jit(lambda inp: matmul.panel_linear(inp, w, None, None, None, machine).realize())
-        run(x)   # captures: compiles
-        return lambda: run(x), M * N * K
+        return x, lambda inp: matmul.panel_linear(inp, w, None, None, None, machine), M * N * K
+
+    def compiled(candidates: dict) -> dict:
+        """Each candidate as (a call that runs it, its multiply-adds). Their kernels are compiled together,
+        in parallel (most of a compile is tinygrad's code generation, in Python: one kernel a core), then
+        each is captured by a TinyJit, which finds its kernel compiled: the times are the kernel's, not
+        tinygrad's scheduling."""
+        outputs = [matmul_of(x) for x, matmul_of, _ in candidates.values()]
+        with forked_compiles():
+            outputs[0].realize(*outputs[1:])
+        calls = {}
+        for name, (x, matmul_of, macs) in candidates.items():
+            run = jit.new_jit(lambda inp, matmul_of=matmul_of: matmul_of(inp).realize())
+            run(x)   # captures
+            calls[name] = ((lambda run=run, x=x: run(x)), macs)
+        return calls
 
     def fastest(candidates: dict) -> tuple[object, dict]:
         """Time the candidates in turn, RUNS rounds (so that a busy moment slows all of them alike), and
@@ -75,10 +88,10 @@ def measure(isa: ISA, device: str) -> dict:
         speeds = {name: candidates[name][1] / (best[name] * 1e6) for name in candidates}
         return max(speeds, key=speeds.get), speeds
 
-    tile_rows, tiles = fastest({rows: candidate(TILE_SHAPE, rows, False) for rows in isa.tile_rows})
+    tile_rows, tiles = fastest(compiled({rows: candidate(TILE_SHAPE, rows, False) for rows in isa.tile_rows}))
     K, N = ORDER_SHAPE
     big = (2 * l2 // (K * 4) // tile_rows + 1) * tile_rows, K, N
-    _, orders = fastest({outer: candidate(big, tile_rows, outer, cpu_threads()) for outer in (False, True)})
+    _, orders = fastest(compiled({outer: candidate(big, tile_rows, outer, cpu_threads()) for outer in (False, True)}))
     rows_outer = orders[True] > ORDER_MARGIN * orders[False]
     handoffs = [cpu_runtime.handoff_seconds() for _ in range(50)]
     return {"tile_rows": tile_rows, "rows_outer": rows_outer,
