@@ -17,6 +17,7 @@ import tinyclip
 from tinyclip import graph_cache, registry
 from tinyclip.api import CLIP
 from tinyclip.graph_cache import GraphCacheWarning
+from tinyclip.pixels import PixelScaling
 from tests.conftest import ROOT, TINY, checkpoint
 
 from tests.checkpoints import build_checkpoint, clip_config
@@ -281,6 +282,10 @@ def test_what_shapes_the_graph_changes_the_file_and_the_weights_do_not(tiny_quic
         others["threads"] = load(tiny_quick.folder).runner.graphs.path(("image", 1))
     if registry.select("cpu-llvm").available:
         others["device"] = tinyclip.load(tiny_quick.folder, device="cpu-llvm").runner.graphs.path(("image", 1))
+    # images as uint8 crops, normalised in the graph with the processor's constants (tinyclip/pixels.py)
+    runner = load(tiny_quick.folder).runner
+    others["uint8 crops"] = base.path(runner.image_key(1, PixelScaling(1 / 255, (0.5,) * 3, (0.25,) * 3)))
+    others["their normalisation"] = base.path(runner.image_key(1, PixelScaling(1 / 255, (0.5,) * 3, (0.3,) * 3)))
     for what, path in others.items():
         assert path != image1, f"a different {what} uses the same file"
     assert len(set(others.values())) == len(others)

@@ -57,7 +57,9 @@ def test_tiny_configs_match_transformers(tiny, pil_images):
 def test_raw_inputs_equal_preprocessed_inputs(tiny_quick, pil_images):
     model = tinyclip.load(tiny_quick.folder, device=DEVICE)
     np.testing.assert_array_equal(model.encode_text(TEXTS), model.encode_text(model.tokenize(TEXTS)))
-    np.testing.assert_array_equal(model.encode_image(IMAGES[:2]), model.encode_image(model.preprocess(pil_images[:2])))
+    # files go up as uint8 crops normalised on the device (tests/test_host_path.py): float32 rounding apart
+    raw, pixels = model.encode_image(IMAGES[:2]), model.encode_image(model.preprocess(pil_images[:2]))
+    assert np.abs(raw - pixels).max() <= REL_TOL * np.abs(pixels).max()
 
 
 def test_batching_does_not_change_results(tiny_quick):

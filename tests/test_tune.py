@@ -45,18 +45,25 @@ def tuned(micro, tmp_path_factory):
     return root, json.loads(done.stdout)
 
 
-def pixels():
-    return np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+def images():
+    """A batch of one 8x8 RGB image, which goes up as a uint8 crop: the image graph tune tunes."""
+    return np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3)).astype(np.uint8)
 
 
-def test_tune_stores_the_graph_marked_tuned(tuned):
+def image_key(model, batch: int) -> tuple:
+    return model.runner.image_key(batch, model.image_scaling())
+
+
+def test_tune_stores_the_graph_marked_tuned(tuned, micro):
     root, report = tuned
     [entry] = report
     assert (entry["tower"], entry["batch"], entry["beam"]) == ("image", 1, 1)
     assert entry["path"].startswith(str(root / "graphs"))
     header = graph_cache.read_graph_header(entry["path"])
     assert header["tuned"] is True and header["beam"] == 1
-    assert header["key"]["graph"] == ["image", 1] and header["key"]["backend"] == "cpu"
+    assert header["key"]["graph"] == list(image_key(tinyclip.load(micro, device="cpu"), 1))
+    assert header["key"]["graph"][2].startswith("uint8-") and header["key"]["backend"] == "cpu"
+    assert entry["input"] == "uint8 crops"
 
 
 # What a later process runs: embed a batch of one, report whether the graph came from the cache, tuned.
@@ -68,8 +75,8 @@ from tinyclip.graph_cache import GraphCacheWarning
 warnings.simplefilter("error", GraphCacheWarning)
 folder, work = sys.argv[1:]
 model = tinyclip.load(folder, device="cpu")
-np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/pixels.npy"), batch_size=1))
-header = getattr(model.runner._jits[("image", 1)], "graph_header", None)
+np.save(f"{work}/img.npy", model.encode_image(np.load(f"{work}/images.npy"), batch_size=1))
+header = getattr(model.runner._jits[model.runner.image_key(1, model.image_scaling())], "graph_header", None)
 print(json.dumps(header and header["tuned"]))
 """
 
@@ -77,13 +84,13 @@ print(json.dumps(header and header["tuned"]))
 def test_a_later_process_runs_the_tuned_graph_and_matches_the_plain_path(tuned, micro, tmp_path):
     root, [entry] = tuned
     before = open(entry["path"], "rb").read()
-    np.save(tmp_path / "pixels.npy", pixels())
+    np.save(tmp_path / "images.npy", images())
     done = subprocess.run([sys.executable, "-c", CHILD, str(micro), str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "TINYCLIP_CACHE_DIR": str(root)}, timeout=600)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) is True, "the tuned graph was not loaded"
     m = tinyclip.load(micro, device="cpu", graph_cache=False)
-    want = CLIP(m.model, m.tokenizer, m.processor, m.backend, m.folder, jit=False).encode_image(pixels())
+    want = CLIP(m.model, m.tokenizer, m.processor, m.backend, m.folder, jit=False).encode_image(images())
     got = np.load(tmp_path / "img.npy")
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel <= TUNED_REL_TOL, f"relative error {rel:.3g} > {TUNED_REL_TOL}"
@@ -95,14 +102,15 @@ def test_an_untuned_capture_never_replaces_a_tuned_graph(tuned, micro, tmp_path,
     shutil.copytree(root, tmp_path / "cache")
     monkeypatch.setenv("TINYCLIP_CACHE_DIR", str(tmp_path / "cache"))
     untuned = tinyclip.load(micro, device="cpu", graph_cache=False)
-    untuned.encode_image(pixels(), batch_size=1)
-    jit = untuned.runner._jits[("image", 1)]
+    untuned.encode_image(images(), batch_size=1)
+    key = image_key(untuned, 1)
+    jit = untuned.runner._jits[key]
     store = tinyclip.load(micro, device="cpu").runner.graphs
-    path = store.path(("image", 1))
+    path = store.path(key)
     before = path.read_bytes()
-    assert store.save(("image", 1), jit) is None
+    assert store.save(key, jit) is None
     assert path.read_bytes() == before
-    assert store.save(("image", 1), jit, tuned=True, beam=1) == path, "tune must replace what is there"
+    assert store.save(key, jit, tuned=True, beam=1) == path, "tune must replace what is there"
 
 
 @pytest.mark.parametrize("args, env, message", [

@@ -20,7 +20,8 @@ from . import _tinygrad, hub, identity, openclip, registry, tasks
 from .config import CLIPConfig
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .preprocess import ImageProcessor, OpenClipImageProcessor
+from .pixels import PixelScaling
+from .preprocess import ImageProcessor, OpenClipImageProcessor, as_batch
 from .runner import Runner
 from .tokenizer import CLIPTokenizer, OpenClipTokenizer
 from .vectors import unit_rows
@@ -153,9 +154,22 @@ class CLIP:
 
         `images`: PIL images, paths, HWC uint8 arrays, or already preprocessed pixel values
         (a float array or tinygrad Tensor of shape (N, C, S, S)).
+
+        Images are preprocessed one batch at a time, the next while the device encodes this one,
+        and uploaded as uint8 crops that the device rescales and normalises (tinyclip/pixels.py):
+        the pixel values differ from preprocess()'s by float32 rounding (PIXEL_TOL in the tests).
+        A processor whose float steps cannot run on the device, or whose crops vary in size, goes
+        through preprocess() as a whole first.
         """
-        pixels = self._pixels(images)
-        out = self._batched(self.runner.image_features, pixels, batch_size)
+        _check_batch_size(batch_size)
+        if isinstance(images, Tensor):
+            images = self._numpy(images)
+        crops = self._crops(images)
+        if crops is not None:
+            n, fill, scaling = crops
+            out = self.runner.images(n, batch_size, fill, scaling)
+        else:
+            out = self._batched(self.runner.image_features, self._pixels(images), batch_size)
         return unit_rows(out) if normalize else out
 
     def encode_text(self, texts, *, normalize: bool = False, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
@@ -194,8 +208,7 @@ class CLIP:
     # ---- helpers -------------------------------------------------------------------------------
 
     def _batched(self, run, x, batch_size: int) -> np.ndarray:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
+        _check_batch_size(batch_size)
         if x.shape[0] == 0:
             return np.zeros((0, self.config.projection_dim), np.float32)
         return run(x, batch_size)
@@ -203,6 +216,45 @@ class CLIP:
     def _numpy(self, t: Tensor) -> np.ndarray:
         with self.runner.lock, self.runner.context():
             return t.numpy()
+
+    def _encode_crops(self, crops: list[np.ndarray], scaling: PixelScaling, *, normalize: bool = False,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """Image embeddings of uint8 crops (S, S, 3) that processor.crop made (tasks.embed_image_files)."""
+        def fill(rows: np.ndarray, start: int, stop: int) -> None:
+            for j, i in enumerate(range(start, stop)):
+                rows[j] = crops[i]
+        out = self.runner.images(len(crops), batch_size, fill, scaling)
+        return unit_rows(out) if normalize else out
+
+    def image_scaling(self) -> PixelScaling | None:
+        """The float preprocessing steps that the encoder graph computes for images given as files,
+        PIL images or uint8 arrays (tinyclip/pixels.py), or None where such images go through
+        preprocess() whole first: the processor cannot split its steps (scaling() is None), or its
+        crops are not the model's size."""
+        v = self.config.vision_config
+        scaling = self.processor.scaling() if hasattr(self.processor, "scaling") else None
+        if scaling is None or v.num_channels != 3 or self.processor.crop_shape() != (v.image_size, v.image_size):
+            return None
+        return scaling
+
+    def _crops(self, images):
+        """(n, fill, scaling) for Runner.images when `images` (not pixel values) go up as uint8 crops,
+        else None."""
+        if isinstance(images, np.ndarray) and images.dtype.kind == "f":
+            return None
+        if (scaling := self.image_scaling()) is None:
+            return None
+        v, processor = self.config.vision_config, self.processor
+        batch = as_batch(images)
+
+        def fill(rows: np.ndarray, start: int, stop: int) -> None:
+            for j, i in enumerate(range(start, stop)):
+                crop = processor.crop(batch[i], i)
+                if crop.shape != rows.shape[1:]:    # crop_shape() promised otherwise
+                    raise ImageError(f"image {i} is {crop.shape} after preprocessing; this checkpoint takes "
+                                     f"{rows.shape[1:]} (vision_config.image_size {v.image_size})")
+                rows[j] = crop
+        return len(batch), fill, scaling
 
     def _pixels(self, images) -> np.ndarray:
         v = self.config.vision_config
@@ -236,6 +288,11 @@ class CLIP:
             raise TokenizerError(f"token ids have length {texts.shape[1]}; this checkpoint takes 1 to "
                                  f"{t.max_position_embeddings} (text_config.max_position_embeddings)")
         return texts.astype(np.int32)
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _first_bad(texts) -> str:

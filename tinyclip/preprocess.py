@@ -39,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
 from .jsonfile import read_json
+from .pixels import PixelScaling
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"   # transformers 5 may nest the settings here under "image_processor"
@@ -322,7 +323,7 @@ class ImageProcessor:
         `images` is one image or a list/tuple of images (see the class docstring);
         a single image gives N = 1.
         """
-        batch = _as_batch(images)
+        batch = as_batch(images)
         pixels = []
         for i, image in enumerate(batch):
             pixels.append(self._process(self._rgb(image, i), i))
@@ -392,8 +393,49 @@ class ImageProcessor:
                              "do_convert_rgb is false; the model needs 3 channels")
         return np.ascontiguousarray(hwc)
 
+    # ---- the split CLIP.encode_image uploads at (tinyclip/pixels.py) ----------------------------------
+
+    def crop(self, image, i: int = 0) -> np.ndarray:
+        """One image through the steps before the float ones (RGB conversion, resize, center crop):
+        (H, W, 3) uint8, which `scaling()` turns into this processor's pixel values. `i` is the
+        image's place in its batch, for error messages (the errors are those of __call__)."""
+        return self._resize_crop(self._rgb(image, i), i)
+
+    def crop_shape(self) -> tuple[int, int] | None:
+        """(height, width) of every crop, or None where it depends on the image (a resize by an edge
+        without a center crop)."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        if self.do_resize and set(self.size) == {"height", "width"}:
+            return self.size["height"], self.size["width"]
+        return None
+
+    def scaling(self) -> PixelScaling | None:
+        """The float steps after `crop` (rescale, normalize), to run on the device; None where they
+        cannot: with do_pad, padding follows normalisation (its zeros are normalised values)."""
+        if self.do_pad:
+            return None
+        return PixelScaling(scale=self.rescale_factor if self.do_rescale else None,
+                            mean=self.image_mean if self.do_normalize else None,
+                            std=self.image_std if self.do_normalize else None)
+
     def _process(self, pixels: np.ndarray, i: int) -> np.ndarray:
         """resize -> center crop -> rescale -> normalize -> pad, on (H, W, 3); returns (3, H', W')."""
+        pixels = self._resize_crop(pixels, i)
+        if self.do_rescale:
+            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        if self.do_normalize:
+            if not np.issubdtype(pixels.dtype, np.floating):
+                pixels = pixels.astype(np.float32)
+            mean = np.array(self.image_mean, dtype=pixels.dtype)
+            std = np.array(self.image_std, dtype=pixels.dtype)
+            pixels = (pixels - mean) / std
+        if self.do_pad:
+            pixels = _pad_bottom_right(pixels, self.pad_size["height"], self.pad_size["width"], i)
+        return pixels.transpose(2, 0, 1)   # (H, W, 3) -> (3, H, W)
+
+    def _resize_crop(self, pixels: np.ndarray, i: int) -> np.ndarray:
+        """resize -> center crop, on (H, W, 3) uint8."""
         if self.do_resize:
             height, width = self._resized_shape(*pixels.shape[:2])
             if height <= 0 or width <= 0:
@@ -410,17 +452,7 @@ class ImageProcessor:
             pixels = np.asarray(resized)
         if self.do_center_crop:
             pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
-        if self.do_rescale:
-            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        if self.do_normalize:
-            if not np.issubdtype(pixels.dtype, np.floating):
-                pixels = pixels.astype(np.float32)
-            mean = np.array(self.image_mean, dtype=pixels.dtype)
-            std = np.array(self.image_std, dtype=pixels.dtype)
-            pixels = (pixels - mean) / std
-        if self.do_pad:
-            pixels = _pad_bottom_right(pixels, self.pad_size["height"], self.pad_size["width"], i)
-        return pixels.transpose(2, 0, 1)   # (H, W, 3) -> (3, H, W)
+        return pixels
 
     def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after resizing, with transformers' rounding (int() truncation)."""
@@ -486,7 +518,9 @@ def _pad_bottom_right(pixels: np.ndarray, height: int, width: int, i: int) -> np
     return padded
 
 
-def _as_batch(images) -> list:
+def as_batch(images) -> list:
+    """The images a processor's input holds, in order: one image, a list or tuple of images, or 4-D
+    uint8 arrays (each a batch). Raises ImageError for an empty batch."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         batch = list(images)
     elif isinstance(images, (list, tuple)):
@@ -621,7 +655,7 @@ class OpenClipImageProcessor:
 
     def __call__(self, images) -> np.ndarray:
         """Pixel values (N, 3, size, size) float32."""
-        return np.stack([self._process(self._pil(image, i), i) for i, image in enumerate(_as_batch(images))])
+        return np.stack([self._process(self._pil(image, i), i) for i, image in enumerate(as_batch(images))])
 
     def _pil(self, image, i: int) -> Image.Image:
         if isinstance(image, (str, os.PathLike)):
@@ -649,7 +683,29 @@ class OpenClipImageProcessor:
         raise ImageError(f"image {i} has unsupported type {_type_name(image)}; pass a PIL.Image.Image, a file "
                          "path (str or pathlib.Path) or a uint8 numpy array (H, W, 3)")
 
+    def crop(self, image, i: int = 0) -> np.ndarray:
+        """One image through the steps before the float ones (resize, crop, RGB conversion):
+        (size, size, 3) uint8, which `scaling()` turns into this processor's pixel values. `i` is
+        the image's place in its batch, for error messages (the errors are those of __call__)."""
+        return self._crop(self._pil(image, i), i)
+
+    def crop_shape(self) -> tuple[int, int]:
+        """(height, width) of every crop."""
+        return self.size, self.size
+
+    def scaling(self) -> PixelScaling:
+        """The float steps after `crop` (divide by 255, normalize), to run on the device."""
+        return PixelScaling(scale=1 / 255, mean=self.image_mean, std=self.image_std)
+
     def _process(self, image: Image.Image, i: int) -> np.ndarray:
+        pixels = self._crop(image, i)
+        # torchvision's to_tensor (uint8 / 255) and Normalize, in float32
+        x = pixels.astype(np.float32) / np.float32(255)
+        x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
+        return x.transpose(2, 0, 1)   # (H, W, 3) -> (3, H, W)
+
+    def _crop(self, image: Image.Image, i: int) -> np.ndarray:
+        """resize -> crop (or pad and crop) -> RGB, as (size, size, 3) uint8."""
         width, height = image.size
         if width == 0 or height == 0:
             raise ImageError(f"image {i} is empty: {width}x{height} pixels")
@@ -679,10 +735,7 @@ class OpenClipImageProcessor:
         except Exception as e:   # a lazily opened file that fails to decode, or a mode Pillow cannot convert
             raise ImageError(f"image {i} (PIL mode {image.mode}, {width}x{height}) cannot be decoded, resized or "
                              f"converted to RGB: {type(e).__name__}: {e}") from None
-        # torchvision's to_tensor (uint8 / 255) and Normalize, in float32
-        x = pixels.astype(np.float32) / np.float32(255)
-        x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
-        return x.transpose(2, 0, 1)   # (H, W, 3) -> (3, H, W)
+        return pixels
 
 
 def _openclip_center_crop(image: Image.Image, size: int, fill: int) -> Image.Image:

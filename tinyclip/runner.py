@@ -12,6 +12,14 @@ text cut to the longest real length, and compiled graphs kept on disk.
   once (a text job's rows sorted longest first, the order restored here). So a new user's first
   queries and label prompts compile a few graphs, not one per prompt length, and a job's last,
   partial batch runs in the bucket its full batches compiled.
+- Images given as files, PIL images or uint8 arrays are uploaded as uint8 crops (N, S, S, C), the
+  output of the processor's steps before the float ones; the graph converts and normalises them
+  (tinyclip/pixels.py), a quarter of the bytes of float32 pixel values. Their graphs are keyed
+  ("image", batch, "uint8-<the scaling's key>"); float32 pixel values run ("image", batch).
+- Each batch is written by the host straight into a staging array of its bucket's size (two per
+  bucket, used in turn; the bucket batch_plan.py chose), uploaded as it is: rows past the batch keep what an earlier batch left
+  (or zeros) and are dropped. While the device encodes one batch, a thread fills the next
+  (decoding and resizing in Pillow, which releases the GIL).
 - Each (tower, batch bucket, text length) gets its own TinyJit, captured on
   its first call (tinygrad's default would run the encoder plain once and
   capture on the second, scheduling every kernel twice). Its kernels compile
@@ -23,14 +31,17 @@ text cut to the longest real length, and compiled graphs kept on disk.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
 from . import _tinygrad, graph_cache, pooling, progress
 from .batch_plan import Planner, bucket  # noqa: F401 (bucket: the runner's rule)
+from .pixels import PixelScaling
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
 # like "a photo of a {label}." (8-10 tokens) live and a step is a large share of the work, then 4 up
@@ -58,6 +69,7 @@ class Runner:
         self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
         self.planner = Planner(self.compiled)
+        self._scalings: dict[str, PixelScaling] = {}    # uint8 image graphs' key part -> their float steps
         self.lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -66,12 +78,36 @@ class Runner:
         with self.backend.context(), _tinygrad.tf32_context(self.tf32):
             yield
 
-    def _encoder(self, key: tuple):
-        return self.model.get_image_features if key[0] == "image" else self.model.get_text_features
+    def image_key(self, batch: int, scaling: PixelScaling | None = None) -> tuple:
+        """The key of the image graph for a batch bucket: of float32 pixel values (scaling None), or of
+        uint8 crops that the graph turns into pixel values with `scaling`."""
+        if scaling is None:
+            return ("image", batch)
+        name = f"uint8-{scaling.key()}"
+        self._scalings[name] = scaling
+        return ("image", batch, name)
 
-    def _run(self, key: tuple, x: np.ndarray) -> np.ndarray:
+    def _encoder(self, key: tuple):
+        if key[0] == "text":
+            return self.model.get_text_features
+        if len(key) == 2:
+            return self.model.get_image_features
+        scaling = self._scalings[key[2]]
+        return lambda crops: self.model.get_image_features(scaling.pixel_values(crops))
+
+    def _input_shape(self, key: tuple) -> tuple[tuple[int, ...], np.dtype]:
+        """(shape, dtype) of the input of the graph for `key`."""
+        if key[0] == "text":
+            return (key[1], key[2]), np.dtype(np.int32)
+        v = self.model.config.vision_config
+        if len(key) == 2:
+            return (key[1], v.num_channels, v.image_size, v.image_size), np.dtype(np.float32)
+        return (key[1], v.image_size, v.image_size, v.num_channels), np.dtype(np.uint8)
+
+    def _run(self, key: tuple, x) -> np.ndarray:
+        """The encoder's output for the input `x`: a numpy array, or a Staging (uploaded as it is)."""
         with self.lock, self.context():
-            t = _tinygrad.to_tensor(x, self.backend.device)
+            t = x.upload() if isinstance(x, _tinygrad.Staging) else _tinygrad.to_tensor(x, self.backend.device)
             if not self.jit:
                 return _tinygrad.as_float32(self._encoder(key)(t))
             if (jit := self._jits.get(key)) is not None:
@@ -114,16 +150,47 @@ class Runner:
         return out, saved
 
     def image_features(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+        """Embeddings of float32 pixel values (N, C, S, S), batch_size at a time."""
+        def fill(rows: np.ndarray, start: int, stop: int) -> None:
+            rows[:stop - start] = pixels[start:stop]
+        return self.images(len(pixels), batch_size, fill)
+
+    def images(self, n: int, batch_size: int, fill: Callable[[np.ndarray, int, int], None],
+               scaling: PixelScaling | None = None) -> np.ndarray:
+        """Embeddings (n, projection_dim) of n images, batch_size at a time, in order.
+
+        fill(rows, start, stop) writes images start..stop-1 into rows[0:stop - start] of a staging
+        array of the batch's bucket: uint8 crops (S, S, C) that the graph scales and normalises with
+        `scaling`, or float32 pixel values (C, S, S) when it is None. It runs in a second thread for
+        every batch after the first, while the device encodes the one before; an exception it raises
+        is raised here, at its batch's turn, so the first failing image (in order) is the one reported.
+        """
+        chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        with self.lock:     # each batch's bucket: its own, or a bigger compiled one (batch_plan.py)
+            buckets = self.planner.images([stop - start for start, stop in chunks], batch_size,
+                                          lambda b: self.image_key(b, scaling))
+        stagings: dict[tuple[int, int], _tinygrad.Staging] = {}
+
+        def staging(k: int) -> _tinygrad.Staging:
+            # two per bucket, in turn: one is filled while the device reads the other
+            b = buckets[k]
+            if (b, k % 2) not in stagings:
+                shape, dtype = self._input_shape(self.image_key(b, scaling))
+                with self.lock, self.context():
+                    stagings[b, k % 2] = _tinygrad.Staging(shape, dtype, self.backend.device)
+            return stagings[b, k % 2]
+
+        def filled(k: int, rows: _tinygrad.Staging) -> _tinygrad.Staging:
+            fill(rows.array, *chunks[k])
+            return rows
         out = []
-        starts = range(0, len(pixels), batch_size)
-        with self.lock:
-            buckets = self.planner.images([min(batch_size, len(pixels) - i) for i in starts], batch_size,
-                                          lambda b: ("image", b))
-        for i, b in zip(starts, buckets):
-            chunk = pixels[i:i + batch_size]
-            padded = np.zeros((b, *chunk.shape[1:]), np.float32)
-            padded[:len(chunk)] = chunk
-            out.append(self._run(("image", b), padded)[:len(chunk)])
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tinyclip-prefetch") as pool:
+            batch = filled(0, staging(0))
+            for k, (start, stop) in enumerate(chunks):
+                following = pool.submit(filled, k + 1, staging(k + 1)) if k + 1 < len(chunks) else None
+                out.append(self._run(self.image_key(batch.shape[0], scaling), batch)[:stop - start])
+                if following is not None:
+                    batch = following.result()
         return np.concatenate(out)
 
     def text_features(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
@@ -156,14 +223,11 @@ class Runner:
         return self.jit and self.graphs is not None and self.graphs.has(key)
 
     def tune(self, key: tuple, beam: int) -> tuple[float, object]:
-        """Beam-search the kernels of the graph for `key` (("image", batch) or ("text", batch, length)),
+        """Beam-search the kernels of the graph for `key` (see image_key, or ("text", batch, length)),
         keep it for this process and store it in the graph cache marked tuned, replacing any graph
         there. Returns (seconds taken, the file written or None when the cache is off)."""
-        if key[0] == "image":
-            v = self.model.config.vision_config
-            x = np.zeros((key[1], v.num_channels, v.image_size, v.image_size), np.float32)
-        else:
-            x = np.zeros((key[1], key[2]), np.int32)
+        shape, dtype = self._input_shape(key)
+        x = np.zeros(shape, dtype)
         with self.lock, self.context():
             start = time.perf_counter()
             _, saved = self._capture(key, _tinygrad.to_tensor(x, self.backend.device), beam=beam)

@@ -12,6 +12,7 @@ normalised again; the probabilities are softmax(exp(logit_scale) * cosine).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import warnings
@@ -294,26 +295,50 @@ def find_images(paths: Iterable, on_error: Callable[[str, str], None] | None = N
 
 def embed_image_files(clip, files: Iterable[str], *, batch_size: int = 32, normalize: bool = False,
                       on_skip: Callable[[str, str], None] | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Embed image files a batch at a time, holding one batch of pixels in memory.
+    """Embed image files a batch at a time, holding two batches of crops in memory.
 
     Yields (paths, embeddings (n, D) float32) per batch of up to `batch_size` readable files.
-    A file that cannot be read or preprocessed is skipped and reported to `on_skip(path, reason)`.
+    A file that cannot be read or preprocessed is skipped and reported to `on_skip(path, reason)`,
+    in order, before the batch that follows it. While the device encodes one batch, a thread reads
+    and crops the files of the next (`files` is advanced from that thread, one batch at a time);
+    the crops go up as uint8 and are normalised in the graph (CLIP.image_scaling), or, where the
+    processor cannot split its steps, as preprocessed pixel values.
     """
     from .preprocess import load_image
     _positive_int(batch_size, "batch_size")
-    paths: list[str] = []
-    pixels: list[np.ndarray] = []
-    for path in files:
-        try:
-            pixels.append(clip.preprocess(load_image(path)))     # (1, C, S, S)
-        except Exception as e:     # one bad file must never end a long run
-            if on_skip is not None:
+    scaling = clip.image_scaling()
+    files = iter(files)
+
+    def prepare(image) -> np.ndarray:
+        return clip.processor.crop(image) if scaling is not None else clip.preprocess(image)[0]
+
+    def next_batch() -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
+        """(paths, their crops or pixel values, skipped (path, reason)) of the next batch of files."""
+        paths, arrays, skipped = [], [], []
+        for path in files:
+            try:
+                arrays.append(prepare(load_image(path)))
+            except Exception as e:     # one bad file must never end a long run
                 reason = str(e)
-                on_skip(path, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason)
-            continue
-        paths.append(path)
-        if len(paths) == batch_size:
-            yield paths, clip.encode_image(np.concatenate(pixels), normalize=normalize, batch_size=batch_size)
-            paths, pixels = [], []
-    if paths:
-        yield paths, clip.encode_image(np.concatenate(pixels), normalize=normalize, batch_size=batch_size)
+                skipped.append((path, reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason))
+                continue
+            paths.append(path)
+            if len(paths) == batch_size:
+                break
+        return paths, arrays, skipped
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tinyclip-files") as pool:
+        coming = pool.submit(next_batch)
+        while True:
+            paths, arrays, skipped = coming.result()
+            for path, reason in skipped:
+                if on_skip is not None:
+                    on_skip(path, reason)
+            if not paths:
+                return
+            coming = pool.submit(next_batch)
+            if scaling is None:
+                embeds = clip.encode_image(np.stack(arrays), normalize=normalize, batch_size=batch_size)
+            else:
+                embeds = clip._encode_crops(arrays, scaling, normalize=normalize, batch_size=batch_size)
+            yield paths, embeds

@@ -4,7 +4,7 @@ tinygrad moves fast (setup.cfg pins the tested range); what tinyclip relies on o
 wrapped here, split by concern, so an upgrade touches this package alone:
 
 - device.py       dtype names, opening and probing devices, what a device compiles for, the kernel cache
-- buffers.py      numpy arrays in and out of device buffers without the scheduler
+- buffers.py      numpy arrays in and out of device buffers without the scheduler; staging (pinned on CUDA)
 - jit.py          TinyJit capture and replay, BEAM settings
 - compile_pool.py a capture's kernels compiled in forked workers (tinygrad's pool spawns them)
 - graph_pickle.py a captured graph pickled without its weights, bound to a model on loading
@@ -13,14 +13,14 @@ wrapped here, split by concern, so an upgrade touches this package alone:
 
 The names most of tinyclip uses are re-exported here.
 """
-from .buffers import (NUMPY_DTYPES, as_float32, from_numpy, gather_rows, host_array, host_tensor, numpy_dtype,
-                      to_numpy, to_tensor)
+from .buffers import (NUMPY_DTYPES, Staging, as_float32, from_numpy, gather_rows, host_array, host_tensor,
+                      numpy_dtype, to_numpy, to_tensor)
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
                      opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize, tf32_context)
 from .compile_pool import forked_compiles
 from .jit import beam_context, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
-__all__ = ["NUMPY_DTYPES", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
+__all__ = ["NUMPY_DTYPES", "Staging", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
            "supports_half", "synchronize", "tf32_context", "beam_context", "beam_setting", "captured_graph", "jit_error",

@@ -3,9 +3,12 @@
 `Tensor(array).realize()` goes through tinygrad's scheduler and a compiled copy, milliseconds each:
 for the ~400 weights of a checkpoint and each encoder call's input that was most of the time. These
 helpers write host buffers in place, or copy through the device's allocator (tinygrad internals:
-Allocator._copyin, Allocator._as_buffer).
+Allocator._copyin, Allocator._as_buffer). `Staging` is the host side of an encoder's input: an array
+the host fills in place, then uploads (on CUDA from page-locked memory).
 """
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 from tinygrad import Tensor, dtypes
@@ -21,17 +24,17 @@ def gather_rows(table: Tensor, idx: Tensor) -> Tensor:
 
 # numpy dtype -> tinygrad dtype, for the arrays tinyclip moves to and from devices itself
 NUMPY_DTYPES = {np.dtype(np.float32): dtypes.float32, np.dtype(np.float16): dtypes.float16,
-                np.dtype(np.int32): dtypes.int32}
+                np.dtype(np.int32): dtypes.int32, np.dtype(np.uint8): dtypes.uint8}
 _TO_NUMPY = {v: k for k, v in NUMPY_DTYPES.items()}
 
 
 def numpy_dtype(dtype: DType) -> np.dtype:
-    """The numpy dtype of a tinygrad dtype in NUMPY_DTYPES (float32, float16, int32)."""
+    """The numpy dtype of a tinygrad dtype in NUMPY_DTYPES (float32, float16, int32, uint8)."""
     return _TO_NUMPY[dtype]
 
 
 def from_numpy(array: np.ndarray, device: str) -> Tensor:
-    """A realized tensor holding a copy of a float32, float16 or int32 array (any strides), in a new
+    """A realized tensor holding a copy of a float32, float16, int32 or uint8 array (any strides), in a new
     buffer: written in place in one pass where the buffer is host memory, else copied in by the
     device's allocator. `Tensor(array).realize()` would go through tinygrad's scheduler, and
     Buffer.copy_from through a compiled copy, milliseconds each: for the ~400 weights of a
@@ -74,7 +77,7 @@ def host_array(t: Tensor) -> np.ndarray:
 
 
 def to_tensor(array: np.ndarray, device: str) -> Tensor:
-    """A numpy array onto a device, copied once. float32, float16 and int32 arrays (the encoders'
+    """A numpy array onto a device, copied once. float32, float16, int32 and uint8 arrays (the encoders'
     inputs) go by from_numpy, without tinygrad's scheduler: a new process's first schedule costs
     it a few hundred ms of pattern compiling."""
     if array.dtype in NUMPY_DTYPES:
@@ -91,3 +94,76 @@ def as_float32(t: Tensor) -> np.ndarray:
     """Realize `t` (inside the caller's backend context) as a float32 numpy array."""
     return (t.float() if t.dtype != dtypes.float32 else t).numpy()
 
+
+
+class Staging:
+    """An encoder input's host side: `array`, which the host fills in place, and `upload()`, which
+    puts its contents on the device as a realized tensor of the same shape and dtype (the same
+    tensor on every call, so a JIT replays on it).
+
+    - CPU devices (CPU, CPU:LLVM): `array` is the device buffer itself; upload() copies nothing.
+    - CUDA: `array` is page-locked host memory (cuMemHostAlloc: tinygrad's BufferSpec(host=True)),
+      and upload() queues one DMA copy from it on the stream tinygrad's kernels run on, so the
+      kernels queued after it read the new contents. tinygrad's own copy-in would first memmove the
+      pageable array into a page-locked bounce buffer. NOT RUN on the machines this was written on
+      (no GPU): benchmarks/gpu/check.sh exercises it (the cuda tests of tests/test_staging.py) and
+      benchmarks/speed_gpu.py times it.
+    - every other device: a numpy array, copied in by the device's allocator on upload().
+
+    A copy that upload() queued may still be reading `array` when it returns: fill the array again
+    only after something that waits for the device (reading the encoder's output) has run.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype, device: str):
+        self.shape, self.dtype, self.device = tuple(shape), np.dtype(dtype), device
+        tdtype = NUMPY_DTYPES[self.dtype]
+        self._host = None                       # the page-locked Buffer behind `array`, on CUDA
+        self.tensor, view = host_tensor(self.shape, tdtype, device)
+        if view is not None:
+            self.kind = "device buffer"
+            self.array = np.frombuffer(view, self.dtype).reshape(self.shape)
+            self.array[:] = 0                   # (one pass; freshly mapped pages already read as zeros)
+            return
+        self.tensor = Tensor.empty(*self.shape, dtype=tdtype, device=device)
+        self._buf = self.tensor.uop.buffer.allocate() if 0 not in self.shape else None
+        if device.split(":")[0] == "CUDA" and self._buf is not None:
+            self.kind = "page-locked"
+            self.array, self._host = _pinned_array(self.shape, self.dtype, tdtype, device)
+            # cleared so that rows a batch leaves unfilled never hold uninitialised memory (a NaN, a
+            # denormal that slows the kernels): tinygrad's allocator may hand back a used buffer
+            self.array[:] = 0
+        else:
+            self.kind = "copied"
+            self.array = np.zeros(self.shape, self.dtype)
+
+    def upload(self) -> Tensor:
+        """The device tensor holding `array`'s contents (a copy queued where it is not host memory)."""
+        if self._host is not None:
+            _cuda_copyin(self._buf, self._host, self.array.nbytes, self.device)
+        elif self.kind == "copied" and self._buf is not None:
+            self._buf.allocator._copyin(self._buf._buf, memoryview(self.array.reshape(-1)).cast("B"))
+        return self.tensor
+
+
+def _pinned_array(shape: tuple[int, ...], dtype: np.dtype, tdtype: DType, device: str):
+    """(numpy array over page-locked host memory, the tinygrad Buffer that owns it) for a CUDA device.
+    tinygrad's CUDAAllocator allocates BufferSpec(host=True) with cuMemHostAlloc (tinygrad internals:
+    Buffer(options=...), Buffer._buf, a ctypes.c_void_p there)."""
+    from tinygrad.device import Buffer, BufferSpec
+    n = int(np.prod(shape))
+    host = Buffer(device, max(n, 1), tdtype, options=BufferSpec(host=True)).allocate()
+    address = host._buf.value
+    raw = (ctypes.c_uint8 * (max(n, 1) * dtype.itemsize)).from_address(address)
+    return np.frombuffer(raw, dtype, count=n).reshape(shape), host
+
+
+def _cuda_copyin(dest, host, nbytes: int, device: str) -> None:
+    """Queue a copy of `nbytes` from the page-locked `host` Buffer into the device Buffer `dest`, on the
+    default stream, where tinygrad 0.14 launches CUDA kernels (CUDAProgram: cuLaunchKernel(..., None, ...))."""
+    from tinygrad import Device
+    from tinygrad.runtime.autogen import cuda
+    from tinygrad.runtime.ops_cuda import check
+    if not nbytes:
+        return
+    check(cuda.cuCtxSetCurrent(Device[device].context))
+    check(cuda.cuMemcpyHtoDAsync_v2(dest._buf, host._buf, nbytes, None))

@@ -8,7 +8,9 @@ captured under tinygrad's BEAM=n, which times candidate kernels on the device an
 fastest, and is stored in the graph cache (tinyclip/graph_cache/) marked tuned. Later processes
 with the same model architecture, backend and dtype load the tuned graphs and search nothing; an
 ordinary run never replaces a tuned graph with an untuned one, and running tune again does.
-tinygrad also keeps the search results in its own kernel cache.
+tinygrad also keeps the search results in its own kernel cache. The image graphs tuned are those
+that images given as files, PIL images or uint8 arrays run (uint8 crops normalised in the graph),
+not those of already preprocessed pixel values.
 
 Arguments are checked before the model loads, so a typo fails at once.
 """
@@ -92,6 +94,8 @@ def run(args) -> int:
     folder = hub.locate(name, revision=args.revision, cache_dir=args.cache_dir)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
     model = load(folder, device=args.device, dtype=args.dtype, allow_tf32=args.tf32)
+    # images given as files go up as uint8 crops, to the graph that normalises them: tune that one
+    keys = [model.runner.image_key(key[1], model.image_scaling()) if key[0] == "image" else key for key in keys]
 
     done, failed = [], 0
     for key in keys:
@@ -105,6 +109,7 @@ def run(args) -> int:
             continue
         size = path.stat().st_size
         done.append({"tower": key[0], "batch": key[1], "text_length": key[2] if key[0] == "text" else None,
+                     "input": ("float32 pixels" if len(key) == 2 else "uint8 crops") if key[0] == "image" else None,
                      "beam": args.beam, "seconds": round(seconds, 2), "path": str(path), "bytes": size})
         if not args.json:
             print(f"{what}: tuned in {seconds:.1f} s -> {path} ({size / 1e6:.1f} MB)", flush=True)
