@@ -4,14 +4,23 @@
     python benchmarks/speed_gpu.py                       # cuda, float32 and float16, random-init ViT-B/32
     python benchmarks/speed_gpu.py --device cuda --dtype float16 --batches 1,32,256 --repeats 5
 
-For each dtype: images at each batch size and texts (77 tokens, and short "a photo of a {label}."
-prompts) at the largest batch. Two times per row and library, medians of --repeats after a warm-up:
+For each dtype: images at each batch size (float32 pixel values, and uint8 crops), texts (77 tokens,
+and short "a photo of a {label}." prompts) at the largest batch, and the upload of one batch of the
+largest size. Two times per row and library, medians of --repeats after a warm-up:
 - end to end: host numpy in, host numpy out (tinyclip's encode_*; transformers with the upload, the
   forward and the copy back), what a user waits for;
 - device: the forward alone on inputs already on the device, synchronised (tinyclip: the captured
   graph replayed on a device tensor; torch: the forward between two synchronisations).
 Prints throughputs and tinyclip/transformers ratios (above 1: tinyclip faster). transformers runs in
-float16 by .half(), with float32 inputs cast on the device as its users do. `--device cpu` runs the
+float16 by .half(), with float32 inputs cast on the device as its users do.
+
+uint8 crops (N, S, S, 3), as images given as files or arrays go up (tinyclip/pixels.py): tinyclip's
+encode_image of the array (crop on the host, staged, uploaded as uint8 from page-locked memory on
+CUDA, normalised in the graph) against transformers given the same uint8 on the device, converted
+and normalised there by torch (the fastest a transformers user gets; its CLIPImageProcessor on the
+host is far slower). Uploads: one batch of uint8 crops and of float32 pixels, synchronised, through
+tinyclip's staging (page-locked on CUDA) and tinygrad's own copy-in (pageable), against torch's
+.to(device) from pageable and from pinned memory. `--device cpu` runs the
 same on the CPU (small batches), to check the script itself.
 """
 from __future__ import annotations
@@ -101,6 +110,14 @@ def main(argv=None) -> int:
                     _tinygrad.synchronize(ours.backend.device)
             return run
 
+        scaling = ours.image_scaling()
+        mean = torch.tensor(scaling.mean, device=tdev).reshape(1, 3, 1, 1)
+        std = torch.tensor(scaling.std, device=tdev).reshape(1, 3, 1, 1)
+
+        def torch_pixels(u8):
+            """uint8 (N, S, S, 3) on the device -> the pixel values, as tinyclip's graph makes them."""
+            return ((u8.permute(0, 3, 1, 2).float() * scaling.scale - mean) / std).to(tdtype)
+
         with torch.no_grad():
             for batch in batches:
                 px = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -111,6 +128,15 @@ def main(argv=None) -> int:
                         pixel_values=torch.from_numpy(px).to(tdev).to(tdtype))).float().cpu().numpy(),
                     device_run(("image", batch), px),
                     lambda: (ref.get_image_features(pixel_values=tpx), sync()))
+                crops = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+                tcrops = torch.from_numpy(crops).to(tdev)
+                row(f"images uint8, batch {batch}", batch,
+                    lambda: ours.encode_image(crops, batch_size=batch),
+                    lambda: features(ref.get_image_features(
+                        pixel_values=torch_pixels(torch.from_numpy(crops).to(tdev)))).float().cpu().numpy(),
+                    device_run(ours.runner.image_key(batch, scaling), crops),
+                    lambda: (ref.get_image_features(pixel_values=torch_pixels(tcrops)), sync()))
+            uploads(ours, batches[-1], size, tdev, sync, args.repeats, dtype)
             batch = batches[-1]
             for name, texts in (("texts x 77 tokens", ["x " * 80] * batch),
                                 ("texts, short prompts", [f"a photo of a {LABELS[i % len(LABELS)]}." for i in range(batch)])):
@@ -125,6 +151,38 @@ def main(argv=None) -> int:
                     device_run(("text", batch, length), ids[:, :length].astype(np.int32)),
                     lambda: (ref.get_text_features(input_ids=tids), sync()))
     return 0
+
+
+def uploads(ours, batch: int, size: int, tdev: str, sync, repeats: int, dtype: str) -> None:
+    """One batch of uint8 crops and of float32 pixels onto the device, synchronised: tinyclip's staging
+    (page-locked on CUDA), tinygrad's copy-in from pageable memory, torch from pageable and pinned."""
+    import torch
+    from tinyclip import _tinygrad
+    device = ours.backend.device
+    for what, np_dtype in (("uint8 crops", np.uint8), ("float32 pixels", np.float32)):
+        shape = (batch, size, size, 3) if np_dtype == np.uint8 else (batch, 3, size, size)
+        x = np.random.default_rng(1).integers(0, 256, shape).astype(np_dtype)
+        with ours.backend.context():
+            staging = _tinygrad.Staging(shape, np_dtype, device)
+        staging.array[:] = x
+
+        def ours_staged():
+            with ours.backend.context():
+                staging.upload()
+                _tinygrad.synchronize(device)
+
+        def ours_pageable():
+            with ours.backend.context():
+                _tinygrad.to_tensor(x, device)
+                _tinygrad.synchronize(device)
+        pageable = torch.from_numpy(x)
+        pinned = pageable.pin_memory() if tdev == "cuda" else pageable
+        t = [median_seconds(f, repeats) for f in (ours_staged, ours_pageable, lambda: (pageable.to(tdev), sync()),
+                                                  lambda: (pinned.to(tdev, non_blocking=True), sync()))]
+        mb = x.nbytes / 1e6
+        print(f"{dtype} upload {what}, batch {batch} ({mb:.0f} MB): tinyclip staging ({staging.kind}) "
+              f"{mb / t[0]:8.0f} MB/s, tinygrad copy-in {mb / t[1]:8.0f} MB/s | torch pageable {mb / t[2]:8.0f} MB/s, "
+              f"pinned {mb / t[3]:8.0f} MB/s", flush=True)
 
 
 if __name__ == "__main__":

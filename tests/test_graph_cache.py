@@ -17,7 +17,7 @@ import tinyclip
 from tinyclip import graph_cache, registry
 from tinyclip.api import CLIP
 from tinyclip.graph_cache import GraphCacheWarning
-from tinyclip.pixels import PixelScaling
+from tinyclip.preprocess import PixelScaling
 from tests.conftest import ROOT, TINY, checkpoint
 
 from tests.checkpoints import build_checkpoint, clip_config

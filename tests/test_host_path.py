@@ -19,8 +19,8 @@ from tinygrad import Tensor
 import tinyclip
 from tinyclip import _tinygrad, registry
 from tinyclip.errors import ImageError
-from tinyclip.pixels import PixelScaling
-from tinyclip.preprocess import ImageProcessor, OpenClipImageProcessor
+from tinyclip.pixels import pixel_values
+from tinyclip.preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling
 from tests.conftest import ROOT
 from tests.test_preprocess import CONFIGS
 
@@ -44,7 +44,7 @@ def device_pixels(processor, images, b: registry.Backend) -> np.ndarray:
     """The pixel values the encoder graph makes: the processor's uint8 crops, uploaded, scaled on the device."""
     crops = np.stack([processor.crop(image, i) for i, image in enumerate(images)])
     with b.context():
-        return processor.scaling().pixel_values(Tensor(crops, device=b.device)).numpy()
+        return pixel_values(Tensor(crops, device=b.device), processor.scaling()).numpy()
 
 
 def oracle_features(ck, images) -> np.ndarray:
@@ -303,6 +303,22 @@ def test_a_bad_file_in_a_later_batch_raises_what_preprocess_raises(tiny_quick, t
         assert str(ours.value) == str(expected.value)
 
 
+@pytest.mark.parametrize("pad", [False, True], ids=["crops", "padding processor"])
+def test_embedding_files_equals_encoding_them(tiny_quick, tmp_path, pad):
+    """tasks.embed_image_files (embed, search) reads the next batch in a thread and uploads crops, or
+    preprocessed pixels where the processor cannot split: the numbers of encode_image on the paths."""
+    from tinyclip import tasks
+    v = tiny_quick.config.vision_config
+    folder = with_preprocessor(tiny_quick, tmp_path, **(dict(crop_size=v.image_size - 4, do_pad=True,
+                                                              pad_size=v.image_size) if pad else {}))
+    model = tinyclip.load(folder, device="cpu")
+    paths = [str(p) for p in PHOTOS] * 2
+    batches = list(tasks.embed_image_files(model, paths, batch_size=4))
+    assert [p for batch, _ in batches for p in batch] == paths
+    np.testing.assert_array_equal(np.concatenate([e for _, e in batches]), model.encode_image(paths, batch_size=4))
+    assert (model.image_scaling() is None) == pad
+
+
 def test_order_is_kept_across_many_batches(tiny_quick):
     model = tinyclip.load(tiny_quick.folder, device="cpu")
     images = [Image.open(p) for p in PHOTOS] * 3
@@ -310,3 +326,5 @@ def test_order_is_kept_across_many_batches(tiny_quick):
     assert_close(many, oracle_features(tiny_quick, images), "float32", "batches of 2")
     whole = model.encode_image(images, batch_size=len(images))
     assert np.abs(many - whole).max() <= FAST_REL_TOL * np.abs(whole).max()
+    model.runner.prefetch = False     # every batch prepared in turn, in this thread: the same numbers
+    np.testing.assert_array_equal(model.encode_image(images, batch_size=2), many)

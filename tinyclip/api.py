@@ -20,8 +20,7 @@ from . import _tinygrad, hub, identity, openclip, registry, tasks
 from .config import CLIPConfig
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .pixels import PixelScaling
-from .preprocess import ImageProcessor, OpenClipImageProcessor, as_batch
+from .preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling, as_batch
 from .runner import Runner
 from .tokenizer import CLIPTokenizer, OpenClipTokenizer
 from .vectors import unit_rows

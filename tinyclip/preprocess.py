@@ -30,6 +30,8 @@ Deliberate differences from transformers:
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import os
 import pathlib
@@ -39,7 +41,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ConfigError, ImageError
 from .jsonfile import read_json
-from .pixels import PixelScaling
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"   # transformers 5 may nest the settings here under "image_processor"
@@ -80,6 +81,23 @@ RESIZE_KEY_SETS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "lo
                    {"max_height", "max_width"})
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 CHANNEL_COUNTS = (1, 3, 4)   # what transformers looks for when guessing an array's channel axis
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelScaling:
+    """A processor's float steps after its uint8 crop, each per channel and skipped when None:
+    x * scale, then (x - mean) / std, in float32. The encoder graph computes them on the device
+    (tinyclip/pixels.py) for images uploaded as uint8 crops."""
+    scale: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def key(self) -> str:
+        """A short name for these steps, exact (float.hex) and the same in every process: part of the
+        graph cache key of the encoder graphs that compute them (their constants are in the graph)."""
+        def exact(v):
+            return None if v is None else tuple(float(x).hex() for x in v) if isinstance(v, tuple) else float(v).hex()
+        return hashlib.sha256(repr((exact(self.scale), exact(self.mean), exact(self.std))).encode()).hexdigest()[:12]
 
 
 def load_image(image) -> Image.Image:

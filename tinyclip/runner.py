@@ -41,7 +41,8 @@ import numpy as np
 
 from . import _tinygrad, graph_cache, pooling, progress
 from .batch_plan import Planner, bucket  # noqa: F401 (bucket: the runner's rule)
-from .pixels import PixelScaling
+from .pixels import pixel_values
+from .preprocess import PixelScaling
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
 # like "a photo of a {label}." (8-10 tokens) live and a step is a large share of the work, then 4 up
@@ -70,6 +71,7 @@ class Runner:
         self._jits: dict[tuple, object] = {}
         self.planner = Planner(self.compiled)
         self._scalings: dict[str, PixelScaling] = {}    # uint8 image graphs' key part -> their float steps
+        self.prefetch = True    # prepare the next image batch in a thread while this one runs (see images())
         self.lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -93,7 +95,7 @@ class Runner:
         if len(key) == 2:
             return self.model.get_image_features
         scaling = self._scalings[key[2]]
-        return lambda crops: self.model.get_image_features(scaling.pixel_values(crops))
+        return lambda crops: self.model.get_image_features(pixel_values(crops, scaling))
 
     def _input_shape(self, key: tuple) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of the input of the graph for `key`."""
@@ -164,7 +166,10 @@ class Runner:
         `scaling`, or float32 pixel values (C, S, S) when it is None. It runs in a second thread for
         every batch after the first, while the device encodes the one before; an exception it raises
         is raised here, at its batch's turn, so the first failing image (in order) is the one reported.
+        With `prefetch` False every batch is filled in this thread, after the one before has run.
         """
+        if n == 0:
+            return np.zeros((0, self.model.config.projection_dim), np.float32)
         chunks = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
         with self.lock:     # each batch's bucket: its own, or a bigger compiled one (batch_plan.py)
             buckets = self.planner.images([stop - start for start, stop in chunks], batch_size,
@@ -187,10 +192,11 @@ class Runner:
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tinyclip-prefetch") as pool:
             batch = filled(0, staging(0))
             for k, (start, stop) in enumerate(chunks):
-                following = pool.submit(filled, k + 1, staging(k + 1)) if k + 1 < len(chunks) else None
+                last = k + 1 == len(chunks)
+                following = pool.submit(filled, k + 1, staging(k + 1)) if self.prefetch and not last else None
                 out.append(self._run(self.image_key(batch.shape[0], scaling), batch)[:stop - start])
-                if following is not None:
-                    batch = following.result()
+                if not last:
+                    batch = following.result() if following is not None else filled(k + 1, staging(k + 1))
         return np.concatenate(out)
 
     def text_features(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
