@@ -9,7 +9,11 @@ heat of the machine fall on both alike). A process loads the checkpoint, runs ea
 compile (or load its graphs), then times each task --repeats times and prints the medians:
 - encode_image: `model.encode_image(paths, batch_size=32)` on the N files;
 - embed_files:  `tasks.embed_image_files` over the N files, what `tinyclip embed` runs;
-- encode_no_prefetch (trees that have Runner.prefetch): encode_image with the prefetch thread off.
+- encode_no_prefetch (trees that have Runner.prefetch): encode_image with the prefetch thread off;
+- host_only: the host's share of encode_image alone (before: preprocess() of every file, float32;
+  after: the processor's uint8 crops).
+Each is timed in wall-clock seconds and in the process's CPU seconds ("cpu": all its threads, the
+kernels' included), which a busy shared machine disturbs less.
 The tasks run in turn within a process. The last lines are the medians (and minima) over every run
 and the ratios before/after (above 1: this tree faster).
 Files: the test photographs resized to various sizes and saved as JPEG and PNG, made once in a temp dir.
@@ -54,15 +58,22 @@ def child(args) -> int:
             "embed_files": lambda: [e for _, e in tasks.embed_image_files(model, paths, batch_size=32)]}
     if hasattr(model.runner, "prefetch"):
         runs["encode_no_prefetch"] = lambda: encode_without_prefetch(model, paths)
+    # the host's share alone: what encode_image prepares before uploading (before: float32 pixel
+    # values of every image; after: the uint8 crops)
+    crop = getattr(model.processor, "crop", None)
+    runs["host_only"] = (lambda: [crop(p, i) for i, p in enumerate(paths)]) if crop else \
+        (lambda: model.preprocess(paths))
     times = {name: [] for name in runs}
+    cpu = {f"{name} cpu": [] for name in runs}
     for fn in runs.values():
         fn()    # compile or load the graphs
     for _ in range(args.repeats):     # the tasks in turn, so that a busy moment falls on each alike
         for name, fn in runs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
-    print(json.dumps({"tinyclip": tinyclip.__file__, **times}))
+            cpu[f"{name} cpu"].append(time.process_time() - start_cpu)
+    print(json.dumps({"tinyclip": tinyclip.__file__, **times, **cpu}))
     return 0
 
 
@@ -108,13 +119,13 @@ def main(argv=None) -> int:
             got = json.loads(done.stdout.strip().splitlines()[-1])
             assert got["tinyclip"].startswith(str(tree)), f"{name} ran {got['tinyclip']}, not {tree}"
             tasks = [t for t in got if t != "tinyclip"]
-            print(f"round {r + 1} {name:<6} " + "  ".join(f"{t} {statistics.median(got[t]):.3f} s" for t in tasks),
-                  flush=True)
+            print(f"round {r + 1} {name:<6} " + "  ".join(f"{t} {statistics.median(got[t]):.3f} s" for t in tasks
+                                                        if not t.endswith(" cpu")), flush=True)
             for t in tasks:
                 results[name].setdefault(t, []).extend(got[t])
     print(f"seconds for {args.images} images on {args.device}, median (min) of {args.rounds} processes x "
           f"{args.repeats} runs; ratio before/after (above 1: after faster)")
-    for t in TASKS:
+    for t in [*TASKS, "host_only", *(f"{t} cpu" for t in (*TASKS, "host_only"))]:
         b, a = results["before"][t], results["after"][t]
         print(f"{t:<18} before {statistics.median(b):7.3f} ({min(b):.3f})  after {statistics.median(a):7.3f} "
               f"({min(a):.3f})  ratio {statistics.median(b) / statistics.median(a):.2f}x ({min(b) / min(a):.2f}x)")

@@ -23,7 +23,10 @@ from tests.conftest import ROOT
 from tinyclip import cli, identity, shards, sources
 from tinyclip import ray as tinyclip_ray
 
-EMBED_TOLERANCE = 1e-6       # max |ray - single process| per embedding value
+# max |ray - single process| per embedding value (values are O(1)): Ray's decoding tasks send float32
+# pixel values, single-process embed sends uint8 crops that the graph normalises, which differ by
+# float32 rounding (under 1e-6 per pixel, tests/test_host_path.py); same pixels gave 1e-6 at most
+EMBED_TOLERANCE = 1e-5
 N_IMAGES = 240               # generated good images
 BAD_FILES = {"empty.jpg": "empty", "not-an-image.png": "not an image", "truncated.jpg": "truncated"}
 STARTUP_TIMEOUT_S = 180      # a subprocess driver starting, connecting and writing its first shards
