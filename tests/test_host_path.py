@@ -68,6 +68,13 @@ def assert_close(ours, theirs, dtype, what):
     assert cos.min() >= COS_TOL[dtype], f"{what}: cosine {cos.min()}"
 
 
+def float_graphs_only(model) -> bool:
+    """Whether every image graph the model ran takes float32 pixel values (its bucket may be one the
+    graph cache already had: batch_plan.py pads into a compiled graph)."""
+    keys = [k for k in model.runner._jits if k[0] == "image"]
+    return bool(keys) and all(len(k) == 2 for k in keys)
+
+
 def with_preprocessor(ck, tmp_path, **settings):
     """A copy of a checkpoint folder whose preprocessor_config.json has `settings` changed."""
     folder = tmp_path / "checkpoint"
@@ -163,7 +170,7 @@ def test_preprocessed_pixels_still_run_the_float_graph(tiny_quick):
     model = tinyclip.load(tiny_quick.folder, device="cpu")
     pixels = model.preprocess(PHOTOS[:3])
     out = model.encode_image(pixels)
-    assert set(model.runner._jits) == {("image", 4)}
+    assert float_graphs_only(model)
     assert_close(out, oracle_features(tiny_quick, PHOTOS[:3]), "float32", "pixel values")
 
 
@@ -172,7 +179,7 @@ def test_a_padding_processor_falls_back_to_preprocess(tiny_quick, tmp_path):
     folder = with_preprocessor(tiny_quick, tmp_path, crop_size=v.image_size - 4, do_pad=True, pad_size=v.image_size)
     model = tinyclip.load(folder, device="cpu")
     np.testing.assert_array_equal(model.encode_image(PHOTOS[:3]), model.encode_image(model.preprocess(PHOTOS[:3])))
-    assert set(model.runner._jits) == {("image", 4)}
+    assert float_graphs_only(model)
 
 
 def test_crops_of_varying_size_fall_back_to_preprocess_and_its_errors(tiny_quick, tmp_path):
@@ -181,7 +188,7 @@ def test_crops_of_varying_size_fall_back_to_preprocess_and_its_errors(tiny_quick
     model = tinyclip.load(folder, device="cpu")
     square = [np.full((50, 50, 3), 40 * i, np.uint8) for i in range(3)]
     np.testing.assert_array_equal(model.encode_image(square), model.encode_image(model.preprocess(square)))
-    assert set(model.runner._jits) == {("image", 4)}
+    assert float_graphs_only(model)
     with pytest.raises(ImageError, match="images differ in size after preprocessing"):
         model.encode_image(square + [np.zeros((50, 80, 3), np.uint8)])
 
