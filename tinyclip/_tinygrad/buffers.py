@@ -106,7 +106,7 @@ class Staging:
       and upload() queues one DMA copy from it on the stream tinygrad's kernels run on, so the
       kernels queued after it read the new contents. tinygrad's own copy-in would first memmove the
       pageable array into a page-locked bounce buffer. NOT RUN on the machines this was written on
-      (no GPU): benchmarks/gpu/check.sh exercises it (the cuda tests of tests/test_staging.py) and
+      (no GPU): benchmarks/gpu/check.sh exercises it (the cuda tests of tests/test_host_path.py) and
       benchmarks/speed_gpu.py times it.
     - every other device: a numpy array, copied in by the device's allocator on upload().
 
