@@ -14,11 +14,10 @@
   times are estimated by ratios (norm.VALUE_COST, attention.SCORE_COST, ...).
 
 Measuring takes a few seconds (a handful of small kernels to compile, together on all cores, and a few
-runs each). The result
-is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by the CPU's model and
-flags, the thread count, the instruction set and the tinyclip and tinygrad versions; like graph
-files it is read only when it and its folder are yours alone, and written atomically. Delete it to
-measure again.
+runs each). The result is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by
+the CPU's model and flags, the thread count, the instruction set and the tinyclip and tinygrad
+versions; like graph files it is read only when it and its folder are yours alone, and written
+atomically. Delete it to measure again.
 """
 from __future__ import annotations
 
@@ -46,7 +45,8 @@ RUNS = 5                        # timed rounds over the candidates, after the ru
 
 def measure(isa: ISA, device: str) -> dict:
     """The tile rows, loop order and costs for `isa` on this machine, measured now (inside the backend's
-    context, outside any JIT capture), on one core."""
+    context, outside any JIT capture): the tile and the matmul's speed on one core, the loop order on all
+    the threads."""
     from . import matmul
     _, l2 = cache_sizes()
     rng = np.random.default_rng(0)
