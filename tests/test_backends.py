@@ -305,19 +305,22 @@ def test_tf32_where_it_cannot_apply_warns_and_stays_exact(tiny_quick, inputs):
     np.testing.assert_array_equal(model.encode_text(ids), exact.encode_text(ids))
 
 
-def test_tf32_on_a_float16_model_warns(tiny_quick):
-    class TF32Backend(type(by_name("cpu"))):   # the cpu backend, declaring tensor cores it does not have
+def tf32_cpu():
+    """The cpu backend, declaring TF32 tensor cores it does not have (ALLOW_TF32 changes nothing there)."""
+    class TF32Backend(type(by_name("cpu"))):
         tf32 = True
+    return TF32Backend()
+
+
+def test_tf32_on_a_float16_model_warns(tiny_quick):
     with pytest.warns(UserWarning, match="allow_tf32 has no effect on a float16 model"):
-        model = tinyclip.load(tiny_quick.folder, device=TF32Backend(), dtype="float16", allow_tf32=True)
+        model = tinyclip.load(tiny_quick.folder, device=tf32_cpu(), dtype="float16", allow_tf32=True)
     assert not model.tf32
 
 
 def test_tf32_graphs_are_cached_apart_from_exact_ones(tiny_quick):
     """A backend with TF32 compiles under ALLOW_TF32; its graphs get their own cache key."""
-    class TF32Backend(type(by_name("cpu"))):
-        tf32 = True
-    model = tinyclip.load(tiny_quick.folder, device=TF32Backend(), allow_tf32=True)
+    model = tinyclip.load(tiny_quick.folder, device=tf32_cpu(), allow_tf32=True)
     assert model.tf32 and repr(model).endswith("with TF32 matmuls>")
     exact = loaded(tiny_quick, "cpu")
     assert model.runner.graphs.key(("image", 1))["tf32"] is True

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from . import _tinygrad, graph_cache, pooling, progress
-from .batch_plan import Planner, bucket  # noqa: F401 (bucket: the runner's rule)
+from .batch_plan import Planner
 from .pixels import pixel_values
 from .preprocess import PixelScaling
 
