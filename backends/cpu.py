@@ -53,7 +53,7 @@ class CPU(Backend):
             return str(e)
         if why := compiler_problem():
             return why
-        return _tinygrad.open_device(self.device, self.context())
+        return _tinygrad.open_device(self.device, self.context(), programs=cache_root() / "cpu" / "programs")
 
 
 class CPULLVM(CPU):

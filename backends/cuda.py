@@ -6,7 +6,7 @@ import os
 from tinyclip import _tinygrad
 from tinyclip.registry import Backend
 
-from . import explain
+from . import explain, nvidia_key
 
 # What tinygrad's errors mean, in the order they are checked: (text in the error, the reason to give).
 CUDA_REASONS = (
@@ -30,6 +30,9 @@ class CUDA(Backend):
     def probe(self) -> str | None:
         return explain(_tinygrad.probe_device(self.device, self.context()), CUDA_REASONS)
 
+    def probe_key(self) -> str:
+        return nvidia_key()
+
 
 class NV(Backend):
     name = "nv"
@@ -44,6 +47,10 @@ class NV(Backend):
         if why and not os.path.exists("/dev/nvidiactl"):
             return "no NVIDIA kernel driver (/dev/nvidiactl does not exist) and no NVIDIA GPU on PCI for tinygrad"
         return explain(why, NV_REASONS)
+
+    def probe_key(self) -> str:
+        # tinygrad's NV device imports its driver bindings before it finds no GPU: 0.3 s of a process
+        return nvidia_key()
 
 
 # tinygrad 0.14's NV runtime picks the GPU's usermode, channel, compute and copy classes with next() over the

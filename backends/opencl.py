@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 from tinyclip import _tinygrad
 from tinyclip.registry import Backend
@@ -27,6 +28,14 @@ class OpenCL(Backend):
     def probe(self) -> str | None:
         return explain(_tinygrad.probe_device(self.device, self.context()), REASONS)
 
+    def probe_key(self) -> str:
+        """The installable client drivers (ICD files), the loader's library cache and the environment that
+        steers them: what decides whether the device opens and what kind it is."""
+        from tinyclip import probes
+        vendors = os.environ.get("OCL_ICD_VENDORS", "/etc/OpenCL/vendors")
+        return "\n".join((probes.files_key(f"{vendors}/*", "/etc/OpenCL/vendors/*", "/etc/ld.so.cache"),
+                          probes.env_key("OCL_ICD", "OPENCL", "POCL", "LD_LIBRARY_PATH", "DEV")))
+
     @functools.cached_property
     def priority(self) -> int:  # type: ignore[override]
         # Only an OpenCL device known to be a GPU ranks as an accelerator: one that is really the CPU (PoCL),
@@ -35,8 +44,10 @@ class OpenCL(Backend):
 
     @functools.cached_property
     def device_info(self) -> tuple[str | None, str | None]:
-        """(device name, "GPU" / "CPU" / "OTHER"), or (None, None) when the device does not open."""
-        return _tinygrad.opencl_device_kind(self.device)
+        """(device name, "GPU" / "CPU" / "OTHER"), or (None, None) when the device does not open. Remembered
+        between processes (probe_key): asking the driver opens it, a third of a second with PoCL."""
+        name, kind = self.remembered("device_info", lambda: list(_tinygrad.opencl_device_kind(self.device)))
+        return name, kind
 
     @property
     def description(self) -> str:  # type: ignore[override]

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, hub, identity, openclip, registry, tasks
+from . import _tinygrad, hub, identity, openclip, registry, tasks, trace
 from .config import CLIPConfig
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
@@ -50,8 +50,11 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     """
     if not isinstance(allow_tf32, bool):
         raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
+    trace.imports()
     _tinygrad.guard_kernel_cache()
-    chosen = registry.select(device)
+    with trace.phase("backend") as said:
+        chosen = registry.select(device)
+        said.append(f"{chosen.name}, {chosen.device}")
     try:
         dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
     except TinyClipError:
@@ -71,9 +74,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         reading = pool.submit(OpenClipTokenizer.from_pretrained if spec else CLIPTokenizer.from_pretrained, folder,
                               context_length=config.text_config.max_position_embeddings)
         with chosen.context():
-            (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
-            model.prepare()     # the kernel set stores the linear weights its way
-        tokenizer = reading.result()
+            with trace.phase("weights"):
+                (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
+            with trace.phase("weights arranged for the kernels"):
+                model.prepare()     # the kernel set stores the linear weights its way
+        with trace.phase("tokenizer (read beside the weights)"):
+            tokenizer = reading.result()
     if spec:
         processor = OpenClipImageProcessor.from_dict(spec.preprocess, f"{folder / openclip.CONFIG_FILE} preprocess_cfg")
     else:

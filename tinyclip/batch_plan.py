@@ -8,8 +8,11 @@ batch chooses between compiling its own graph and padding into a bigger one that
 (in this process, in the graph cache, or earlier in the same plan). The rule is ski rental: a batch
 pads into the smallest such graph while the padding spent so far in place of its own graph (its rent,
 counted per own graph for the life of the Runner) stays within what compiling that graph costs
-(TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES); after that its own graph is compiled. That spends at most
-about twice what knowing every later batch in advance would have.
+(compile_cost: what this machine measured, else TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES); after that
+its own graph is compiled. That spends at most about twice what knowing every later batch in advance
+would have. With a graph cache the rents and the measured costs are kept on disk (graph_cache/account.py),
+so they add up across processes too: one-image calls in new processes after an `embed` job pad into its
+batch-32 graph only until their padding has cost a compile, then the batch-1 graph is compiled once.
 
 - A text job is planned whole: its rows sorted longest first (the order is restored by the caller), so
   the first batch compiles a length that the shorter batches after it pad into.
@@ -49,15 +52,41 @@ def buckets_from(n: int, limit: int) -> list[int]:
     return out if out[-1] >= limit else out + [limit]
 
 
+def compile_cost(account, tower: str, default: float) -> float:
+    """What compiling a graph of `tower` ("image", "text") costs, in its units of work (images; text rows x
+    positions): the seconds a compile took on this machine over the seconds a unit of work took to run,
+    both measured and kept in `account` (graph_cache.Account); `default` until both are known."""
+    if account is None:
+        return default
+    seconds, unit = account.compile_seconds(tower), account.unit_seconds(tower)
+    return seconds / unit if seconds and unit else default
+
+
 class Planner:
     """Chooses graphs for the batches of one Runner's jobs, and keeps each own graph's rent.
 
     `compiled(key)` says whether the graph for a runner key (("image", batch[, ...]) or ("text", batch,
-    length)) runs without compiling."""
+    length)) runs without compiling. `account` (a graph_cache.Account, or None) keeps the rents and the
+    measured compile and run times between processes; without one the rents last as long as the Planner."""
 
-    def __init__(self, compiled: Callable[[tuple], bool]):
+    def __init__(self, compiled: Callable[[tuple], bool], account=None):
         self.compiled = compiled
-        self.rent: dict[tuple, float] = {}    # own graph -> padding spent in its place so far
+        self.account = account
+        self.rent: dict[tuple, float] = {}    # own graph -> padding spent in its place so far (without an account)
+        self._spent: dict[tuple, float] = {}  # padding of the plan being made, saved when it is complete
+
+    def _rent(self, own: tuple) -> float:
+        base = self.account.rent(own) if self.account is not None else self.rent.get(own, 0.0)
+        return base + self._spent.get(own, 0.0)
+
+    def _settle(self) -> None:
+        """Book the padding of the plan just made: in the account (one file write), or in self.rent."""
+        spent, self._spent = self._spent, {}
+        if self.account is not None:
+            self.account.spend(spent)
+        else:
+            for own, rent in spent.items():
+                self.rent[own] = self.rent.get(own, 0.0) + rent
 
     def _pad_or_compile(self, own: tuple, own_work: float, fits: list[tuple[tuple, float]], planned: set,
                         compile_cost: float, record: bool) -> tuple | None:
@@ -69,11 +98,10 @@ class Planner:
         if not ready:
             return None
         work, key = min(ready, key=lambda wk: wk[0])
-        rent = self.rent.get(own, 0.0) + work - own_work
-        if rent > compile_cost:
+        if self._rent(own) + work - own_work > compile_cost:
             return None
         if record:
-            self.rent[own] = rent
+            self._spent[own] = self._spent.get(own, 0.0) + work - own_work
         return key
 
     def text(self, needed: np.ndarray, batch_size: int, lengths: list[int], record: bool = True
@@ -84,13 +112,23 @@ class Planner:
         last one the context. With record=False the plan leaves the rents as they were."""
         order = np.argsort(-np.asarray(needed), kind="stable")
         planned: set[tuple] = set()
+        self._spent = {}
+        cost = compile_cost(self.account, "text", TEXT_COMPILE_TOKENS)
+        try:
+            yield from self._text(order, needed, batch_size, lengths, planned, cost, record)
+        finally:
+            if record:
+                self._settle()
+            self._spent = {}
+
+    def _text(self, order, needed, batch_size, lengths, planned, cost, record):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             n, fits = len(rows), [length for length in lengths if length >= needed[rows[0]]]
             own_b, own_len = bucket(n, batch_size), fits[0]
             own = ("text", own_b, own_len)
             options = [(("text", b, length), b * length) for b in buckets_from(n, batch_size) for length in fits]
-            key = self._pad_or_compile(own, own_b * own_len, options, planned, TEXT_COMPILE_TOKENS, record)
+            key = self._pad_or_compile(own, own_b * own_len, options, planned, cost, record)
             if key is None:     # compile own; a query (one text) the full context, for every later query
                 full = ("text", 1, fits[-1])
                 key = full if len(order) == 1 and not self.compiled(full) else own
@@ -103,11 +141,16 @@ class Planner:
         `key_of(bucket)` is the runner key of that bucket's graph."""
         planned: set[tuple] = set()
         out = []
+        self._spent = {}
+        cost = compile_cost(self.account, "image", IMAGE_COMPILE_IMAGES)
         for n in sizes:
             options = [(key_of(b), b) for b in buckets_from(n, batch_size)]
             own_b = options[0][1]
-            key = self._pad_or_compile(key_of(own_b), own_b, options, planned, IMAGE_COMPILE_IMAGES, record)
+            key = self._pad_or_compile(key_of(own_b), own_b, options, planned, cost, record)
             key = key_of(own_b) if key is None else key
             planned.add(key)
             out.append(next(b for k, b in options if k == key))
+        if record:
+            self._settle()
+        self._spent = {}
         return out

@@ -42,8 +42,11 @@ def clear(stream=None) -> None:
 
 def compiling(key: tuple, stream=None) -> None:
     """The status line while a runner key's graph compiles (seconds to a minute, once per shape)."""
+    status(f"compiling the {graph_name(key)}, once ...", stream)
+
+
+def graph_name(key: tuple) -> str:
+    """A runner key's graph in words: "image encoder for batches of 32", "text encoder for 12 tokens (batches of 8)"."""
     if key[0] == "image":
-        what = f"the image encoder for batches of {key[1]}"
-    else:
-        what = f"the text encoder for {key[2]} tokens (batches of {key[1]})"
-    status(f"compiling {what}, once ...", stream)
+        return f"image encoder for batches of {key[1]}"
+    return f"text encoder for {key[2]} tokens (batches of {key[1]})"

@@ -47,6 +47,8 @@ class Backend:
     A backend overrides `probe()` to say why it cannot run (the default runs
     one kernel), `context()` for device-specific tinygrad settings, and
     `kernel_set()` to compute the model's hot operations with kernels of its own.
+    `probe_key()` names what its probe's answer depends on, so that an "unavailable" answer is
+    remembered between processes (tinyclip/probes.py) and the next process skips the probe.
     """
 
     name: str = ""
@@ -74,13 +76,47 @@ class Backend:
         from .kernels import TINYGRAD
         return TINYGRAD
 
+    def probe_key(self) -> str | None:
+        """What probe()'s answer depends on besides tinyclip's and tinygrad's versions (driver and library
+        files with their sizes and times, environment variables: probes.files_key, probes.env_key), or None
+        (the default) to probe in every process. Any change to it makes the next process probe again."""
+        return None
+
+    @functools.cached_property
+    def _probe_key(self) -> str | None:
+        try:
+            return self.probe_key()
+        except Exception:   # a key that cannot be computed: probe every time
+            return None
+
+    def remembered(self, name: str, compute):
+        """compute(), a JSON value, remembered between processes under probe_key() (None: not remembered)."""
+        from . import probes
+        if (key := self._probe_key) is None:
+            return compute()
+        found = probes.recall(self, key)
+        if name in found:
+            return found[name]
+        value = compute()
+        probes.remember(self, key, **{name: value})
+        return value
+
     @functools.cached_property
     def unavailable(self) -> str | None:
-        """probe(), asked once per process; an exception from the probe counts as its reason."""
+        """probe(), asked once per process; an exception from the probe counts as its reason. An
+        "unavailable" answer is remembered between processes under probe_key() (tinyclip/probes.py);
+        "available" is always found out afresh."""
+        from . import probes
+        key = self._probe_key
+        if key is not None and (why := probes.recall(self, key).get("unavailable")):
+            return why
         try:
-            return self.probe()
+            why = self.probe()
         except Exception as e:   # a probe failing in any way means "not here", with its message
-            return f"{type(e).__name__}: {e}".strip()
+            why = f"{type(e).__name__}: {e}".strip()
+        if key is not None and why:
+            probes.remember(self, key, unavailable=why)
+        return why
 
     @property
     def available(self) -> bool:

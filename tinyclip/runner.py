@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import _tinygrad, graph_cache, pooling, progress
+from . import _tinygrad, graph_cache, pooling, progress, trace
 from .batch_plan import Planner
 from .pixels import pixel_values
 from .preprocess import PixelScaling
@@ -56,6 +56,11 @@ def text_lengths(context: int) -> list[int]:
     return [n for n in TEXT_LENGTHS if n < context] + [context]
 
 
+def work(key: tuple) -> int:
+    """The units of work a graph does per run (batch_plan's units): images, or text rows x positions."""
+    return key[1] if key[0] == "image" else key[1] * key[2]
+
+
 class Runner:
     """Encodes numpy batches with a model; one per loaded CLIP, guarded by a lock
     because tinygrad's scheduler and JIT are not thread-safe.
@@ -69,7 +74,8 @@ class Runner:
         self.model, self.backend, self.jit, self.tf32 = model, backend, jit, tf32
         self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
-        self.planner = Planner(self.compiled)
+        self.account = self.graphs.account() if self.graphs is not None else None
+        self.planner = Planner(self.compiled, self.account)
         self._scalings: dict[str, PixelScaling] = {}    # uint8 image graphs' key part -> their float steps
         self.prefetch = True    # prepare the next image batch in a thread while this one runs (see images())
         self.lock = threading.RLock()
@@ -113,17 +119,26 @@ class Runner:
             if not self.jit:
                 return _tinygrad.as_float32(self._encoder(key)(t))
             if (jit := self._jits.get(key)) is not None:
-                return _tinygrad.to_numpy(jit(t))
+                start = time.perf_counter()
+                out = _tinygrad.to_numpy(jit(t))
+                if self.account is not None:
+                    self.account.ran(key[0], (time.perf_counter() - start) / work(key))
+                return out
             if (out := self._run_cached(key, t)) is not None:
                 return out
             return self._capture(key, t)[0]
 
     def _run_cached(self, key: tuple, t) -> np.ndarray | None:
         """The output of the graph cached on disk for `key`, or None when there is none that runs."""
-        if self.graphs is None or (jit := self.graphs.load(key)) is None:
+        if self.graphs is None:
+            return None
+        with trace.phase(f"graph {progress.graph_name(key)}: read from the graph cache"):
+            jit = self.graphs.load(key)
+        if jit is None:
             return None
         try:
-            out = _tinygrad.to_numpy(jit(t))
+            with trace.phase(f"graph {progress.graph_name(key)}: first run"):
+                out = _tinygrad.to_numpy(jit(t))
         except _tinygrad.jit_error():   # raised before anything runs
             self.graphs.discard(key, "it was captured for inputs of another shape, dtype or device (JitError)")
             return None
@@ -139,16 +154,20 @@ class Runner:
         encoder = self._encoder(key)
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
         progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
-        if beam is None:
-            with _tinygrad.forked_compiles():
-                out = _tinygrad.to_numpy(jit(t))
-            beam = _tinygrad.beam_setting()
-        else:
-            with _tinygrad.beam_context(beam):
-                out = _tinygrad.to_numpy(jit(t))
+        start = time.perf_counter()
+        with trace.phase(f"graph {progress.graph_name(key)}: compiled and run"):
+            if beam is None:
+                with _tinygrad.forked_compiles():
+                    out = _tinygrad.to_numpy(jit(t))
+                beam = _tinygrad.beam_setting()
+            else:
+                with _tinygrad.beam_context(beam):
+                    out = _tinygrad.to_numpy(jit(t))
         progress.clear()
         self._jits[key] = jit
         saved = self.graphs.save(key, jit, tuned=beam > 0, beam=beam) if self.graphs is not None else None
+        if self.account is not None and not beam:
+            self.account.compiled(key, time.perf_counter() - start)
         return out, saved
 
     def image_features(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:

@@ -5,14 +5,18 @@ into one-line reasons the backends can show.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import pathlib
+import threading
 import warnings
 
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import Context
 
-from ..trust import untrusted
+from ..trust import untrusted, untrusted_stat
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16}
 
@@ -32,12 +36,27 @@ def device_families() -> set[str]:
     return set(Device._devices)
 
 
+_attempted: list[str] = []     # device families tinyclip asked tinygrad to open, in order
+_generated = 0                 # CPU device programs generated in this process (not taken from the cache)
+
+
+def attempted_families() -> list[str]:
+    """The device families (CPU, CL, CUDA, ...) this process asked tinygrad to open or probe, in order."""
+    return list(_attempted)
+
+
+def generated_device_programs() -> int:
+    """How many of the CPU device's start-up programs this process generated (device_programs)."""
+    return _generated
+
+
 def probe_device(device: str, context=None) -> str | None:
     """Run one tiny kernel on `device`; None if it gives the right answer, else why not.
 
     tinygrad opens devices lazily and only fails on first use, so asking it to
     compute is the one honest availability test.
     """
+    _attempted.append(device.split(":")[0].upper())
     try:
         with context if context is not None else Context():
             Device[device]   # open it first: its own start-up programs may come from the kernel cache
@@ -51,16 +70,131 @@ def probe_device(device: str, context=None) -> str | None:
     return None if got == [2.0, 4.0, 6.0] else f"wrong result {got} from a test kernel"
 
 
-def open_device(device: str, context=None) -> str | None:
+def open_device(device: str, context=None, programs: os.PathLike | None = None) -> str | None:
     """None when tinygrad opens `device`, else why not. Lighter than probe_device: no kernel of
     tinyclip's is scheduled, compiled or run (tinygrad's first schedule in a process costs a few
-    hundred ms of pattern compiling)."""
+    hundred ms of pattern compiling).
+
+    `programs`: a folder (yours alone) that keeps the CPU device's own start-up programs compiled,
+    so that a later process opens the device without generating their code again (see
+    device_programs)."""
+    _attempted.append(device.split(":")[0].upper())
     try:
-        with context if context is not None else Context():
+        with context if context is not None else Context(), device_programs(device, programs):
             Device[device]
     except Exception as e:
         return _reason(e)
     return None
+
+
+_programs_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def device_programs(device: str, folder: os.PathLike | None):
+    """While tinygrad opens a CPU device, take its four start-up programs (the signal, wait, timestamp
+    and worker loops of its command queue) from `folder` where an earlier process compiled them.
+
+    tinygrad 0.14's CPUDevice generates and compiles them in every process, through its full code
+    generator: about 0.3-0.4 s of CPU, the largest part of a warm start. Each is kept as its compiled
+    ELF (tinygrad's TinyELF, pickled: so only files that you own and that nobody else can write are read,
+    as for the graph cache), named by a digest of the program's AST, the renderer's target, the CPU and
+    tinygrad's version. ops_cpu.do_to_program is swapped for the length of the opening only, under a lock.
+    """
+    if folder is None or device.split(":")[0].upper() != "CPU" or _tinygrad_version() != TESTED_TINYGRAD:
+        yield
+        return
+    import tinygrad.runtime.ops_cpu as ops_cpu
+    folder = pathlib.Path(folder)
+    original = ops_cpu.do_to_program
+
+    def cached(ast, renderer):
+        path = folder / f"{_program_digest(ast, renderer)}.elf"
+        global _generated
+        if (elf := _read_program(path)) is not None:
+            return _Compiled(elf)
+        _generated += 1
+        program = original(ast, renderer)
+        _write_program(path, program.to_elf())
+        return program
+
+    with _programs_lock:
+        ops_cpu.do_to_program = cached
+        try:
+            yield
+        finally:
+            ops_cpu.do_to_program = original
+
+
+TESTED_TINYGRAD = "0.14.0"
+
+
+class _Compiled:
+    """What CPUDevice asks of do_to_program's result: its ELF."""
+
+    def __init__(self, elf):
+        self._elf = elf
+
+    def to_elf(self):
+        return self._elf
+
+
+def _tinygrad_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("tinygrad")
+    except PackageNotFoundError:
+        return "?"
+
+
+def _program_digest(ast, renderer) -> str:
+    from .. import cpu_info
+    text = repr((_tinygrad_version(), ast.key.hex(), str(renderer.target), cpu_info.model(), sorted(cpu_info.flags())))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read_program(path: pathlib.Path):
+    import pickle
+    import stat
+    from tinygrad.device import TinyELF
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or untrusted(path.parent) or untrusted_stat(st, path):
+            return None
+        try:
+            elf = pickle.loads(f.read(16 << 20))
+        except Exception:    # damaged: generated afresh and rewritten
+            return None
+    return elf if isinstance(elf, TinyELF) else None
+
+
+def _write_program(path: pathlib.Path, elf) -> None:
+    import pickle
+    import tempfile
+    tmp = None
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if untrusted(path.parent):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pickle.dumps(elf))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:      # a cache that cannot be written: the next process generates them again
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def _reason(e: BaseException) -> str:
@@ -137,6 +271,7 @@ def opencl_device_kind(device: str = "CL") -> tuple[str | None, str | None]:
     """(device name, "GPU" / "CPU" / "OTHER") of tinygrad's OpenCL device, asked of the driver
     (clGetDeviceInfo on tinygrad's cl_dev, an internal); (None, None) when it does not open or answer."""
     import ctypes
+    _attempted.append(device.split(":")[0].upper())
     try:
         from tinygrad.runtime.autogen import opencl as cl
         dev = Device[device]

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import warnings
 
+from .. import trace
 from ..errors import BackendError, TinyClipError, UsageError
 
 DEFAULT_BATCH_SIZE = 32
@@ -44,8 +47,11 @@ def check_device(args: argparse.Namespace):
     """The backend --device and --dtype name, checked before the model loads: one-line errors that
     name the option and what to pass instead."""
     from .. import registry
+    trace.imports()
     try:
-        backend = registry.select(args.device)
+        with trace.phase("backend") as said:
+            backend = registry.select(args.device)
+            said.append(f"{backend.name}, {backend.device}")
     except BackendError:
         option = f"--device {args.device}: " if args.device is not None else ""
         raise BackendError(option + registry.summary(args.device)) from None
@@ -94,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyclip", description="CLIP in tinygrad: embeddings, zero-shot "
                                      "classification and search on CPU, OpenCL, CUDA or Metal.")
     parser.add_argument("--version", action="version", version=f"tinyclip {__version__}")
+    parser.add_argument("--trace", action="store_true", help="print where the start-up time goes: one line per "
+                        "phase (imports, backend, weights, graphs, runs) with its seconds (also TINYCLIP_TRACE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in (backends, classify, embed, search, tune):
         command.register(sub)
@@ -112,6 +120,8 @@ def main(argv=None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if dashed_labels:
         args.labels = [*args.labels, *dashed_labels]
+    if args.trace:
+        os.environ[trace.ENV] = "1"
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -124,6 +134,9 @@ def main(argv=None) -> int:
         progress.clear()
         print("tinyclip: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if trace.enabled() and (started := trace.process_start()) is not None:
+            trace.line(f"total {time.time() - started:.2f} s (since the process started)")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -60,6 +60,15 @@ class GraphStore:
             self._base_key = keys.base_key(self.model, self.backend, self.tf32)
         return {**self._base_key, "graph": list(graph)}
 
+    def account(self):
+        """The padding account of this model's graphs (account.py), in the same folder, or None when the
+        model's key cannot be computed."""
+        from .account import Account
+        try:
+            return Account(self.folder / f"account-{keys.digest(self.key(('account',)))}.json")
+        except Exception:
+            return None
+
     def path(self, graph: tuple) -> pathlib.Path:
         return self.folder / f"{'-'.join(map(str, graph))}-{keys.digest(self.key(graph))}.graph"
 

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from ... import cpu_info, trust
+from ... import cpu_info, trace, trust
 from ..._tinygrad import buffers, cpu_runtime, forked_compiles, jit
 from ..._tinygrad.device import cpu_threads
 from .isa import ISA
@@ -106,7 +106,8 @@ def machine(isa: ISA, device: str, folder) -> Machine:
     costs = _read(folder, isa, threads) if folder is not None else None
     if costs is None:
         cpu_runtime.install()
-        costs = measure(isa, device)
+        with trace.phase(f"CPU kernel tiles measured ({isa.name}, once per machine)"):
+            costs = measure(isa, device)
         if folder is not None:
             _write(folder, isa, threads, costs)
     return Machine(isa, *cache_sizes(), threads=threads, tile_rows=costs["tile_rows"],

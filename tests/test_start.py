@@ -1,0 +1,157 @@
+"""A new process's first answer: the padding account kept across processes, only the chosen backend opened,
+backend probes remembered, the CPU device's own programs kept, and the start-up trace. Each "process" here is
+a real subprocess on the tiny-quick checkpoint; what is checked is counts and names, never times.
+"""
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+IMAGE = str(ROOT / "tests" / "data" / "images" / "chelsea.png")
+# Seeded costs for the padding account: a compile costs COMPILE_SECONDS / UNIT_SECONDS = 100 images of work.
+COMPILE_SECONDS, UNIT_SECONDS = 1.0, 0.01
+BATCH = 32
+
+
+def python(code: str, env: dict, *args) -> dict:
+    """Run `code` in a fresh interpreter (from the repository root) and return the JSON it prints last."""
+    run = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {**os.environ, "TINYCLIP_CACHE_DIR": str(tmp_path / "cache"), "TINYCLIP_PROGRESS": "0"}
+    e.pop("TINYCLIP_GRAPH_CACHE", None)
+    e.pop("TINYCLIP_TRACE", None)
+    return e
+
+
+ONE_CALL = r"""
+import json, sys, tinyclip
+m = tinyclip.load(sys.argv[1], device="cpu")
+n = int(sys.argv[2])
+m.encode_image([sys.argv[3]] * n, batch_size=32)
+keys = sorted(m.runner._jits)
+print(json.dumps({"graphs": [list(k[:2]) for k in keys]}))
+"""
+
+
+def test_one_image_calls_after_a_batch_job_stop_padding_once_their_padding_has_cost_a_compile(tiny_quick, env):
+    """The padding account lives next to the graph cache: each new process adds its padding (31 rows of a
+    32-row graph for one image) to the account, and the process whose padding would pass the compile's cost
+    compiles the one-image graph, which every later process loads instead of padding."""
+    # A batch job: 32 images compile the 32-row graph.
+    assert python(ONE_CALL, env, str(tiny_quick.folder), str(BATCH), IMAGE)["graphs"] == [["image", 32]]
+    accounts = glob.glob(os.path.join(env["TINYCLIP_CACHE_DIR"], "graphs", "account-*.json"))
+    assert len(accounts) == 1, accounts
+    data = json.loads(pathlib.Path(accounts[0]).read_text())
+    assert data["compile_seconds"]["image"] > 0, "the compile's seconds were measured and kept"
+    # Seed the costs this machine "measured", so that the count of padded calls is known: 100 images.
+    data["compile_seconds"]["image"], data["unit_seconds"]["image"] = COMPILE_SECONDS, UNIT_SECONDS
+    pathlib.Path(accounts[0]).write_text(json.dumps(data))
+    ran = [python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"] for _ in range(5)]
+    padding = BATCH - 1
+    padded_calls = int(COMPILE_SECONDS / UNIT_SECONDS // padding)     # 3 calls: 93 rows of padding
+    assert ran[:padded_calls] == [[["image", 32]]] * padded_calls
+    assert ran[padded_calls:] == [[["image", 1]]] * (5 - padded_calls), ran
+    rents = json.loads(pathlib.Path(accounts[0]).read_text())["rent"]
+    assert not any(k.startswith("image-1") for k in rents), "the one-image graph's rent was paid by its compile"
+
+
+def test_padding_account_is_per_process_without_a_graph_cache(tiny_quick, env):
+    """TINYCLIP_GRAPH_CACHE=0 keeps nothing on disk: every process starts with no rent (and no account file)."""
+    env = {**env, "TINYCLIP_GRAPH_CACHE": "0"}
+    python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)
+    assert not glob.glob(os.path.join(env["TINYCLIP_CACHE_DIR"], "**", "account-*.json"), recursive=True)
+
+
+OPENED = r"""
+import json, sys, tinyclip
+from tinygrad import Device
+from tinyclip._tinygrad import device
+m = tinyclip.load(sys.argv[1], device=sys.argv[2])
+m.encode_text(["a cat"])
+print(json.dumps({"opened": sorted(Device._opened_devices), "families": device.attempted_families()}))
+"""
+
+
+@pytest.mark.parametrize("name, opened", [("cpu", "CPU"), ("cpu-llvm", "CPU")])
+def test_choosing_a_device_opens_no_other_backends_device(tiny_quick, env, name, opened):
+    got = python(OPENED, env, str(tiny_quick.folder), name)
+    # PYTHON is tinygrad's own host device (for values it computes in Python), not a backend's
+    assert [d for d in got["opened"] if d != "PYTHON"] == [opened], got
+    assert set(got["families"]) == {opened}, "no other device family was asked to open"
+
+
+CHOOSE = r"""
+import json
+from tinyclip import registry
+from tinyclip._tinygrad import device
+b = registry.select(None)
+print(json.dumps({"chosen": b.name, "families": sorted(device.attempted_families())}))
+"""
+
+
+def test_the_default_backend_skips_backends_remembered_as_unavailable(env):
+    """The first process asks every backend above the chosen one; the next asks only those it cannot
+    remember (OpenCL's device kind and the NVIDIA backends' absence are remembered under their drivers'
+    files and environment), and opens the chosen device. Changing what decides an answer asks again."""
+    first = python(CHOOSE, env)
+    second = python(CHOOSE, env)
+    assert second["chosen"] == first["chosen"]
+    assert len(second["families"]) < len(first["families"]) or first["families"] == [second["families"][-1]]
+    assert first["chosen"] not in ("cpu", "cpu-llvm") or second["families"] == ["CPU"], second
+    changed = python(CHOOSE, {**env, "CUDA_VISIBLE_DEVICES": "7"})
+    assert "NV" in changed["families"] or "CUDA" in changed["families"], changed
+
+
+def test_remembered_probe_answers_are_read_only_from_a_file_you_own_alone(env, tmp_path):
+    first = python(CHOOSE, env)
+    path = pathlib.Path(env["TINYCLIP_CACHE_DIR"]) / "backends.json"
+    assert path.is_file()
+    os.chmod(path, 0o666)     # group and others may write it now: not trusted, so every backend is asked
+    again = python(CHOOSE, env)
+    assert again["families"] == first["families"], again
+
+
+PROGRAMS = r"""
+import json
+from tinyclip import registry
+from tinyclip._tinygrad import device
+registry.select("cpu")
+print(json.dumps({"generated": device.generated_device_programs()}))
+"""
+
+
+def test_cpu_device_programs_are_generated_once_per_machine(env):
+    assert python(PROGRAMS, env)["generated"] == 4, "a new cache: tinygrad's four queue programs generated"
+    assert python(PROGRAMS, env)["generated"] == 0, "a later process takes them from the cache"
+    folder = pathlib.Path(env["TINYCLIP_CACHE_DIR"]) / "cpu" / "programs"
+    os.chmod(folder, 0o777)
+    assert python(PROGRAMS, env)["generated"] == 4, "an other-writable folder is not read"
+
+
+def test_trace_prints_one_line_per_phase(tiny_quick, env):
+    run = subprocess.run([sys.executable, "-m", "tinyclip", "--trace", "classify", IMAGE, "--labels", "cat", "dog",
+                          "--templates", "none", "--model", str(tiny_quick.folder), "--device", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("tinyclip: trace: ")]
+    phases = [line[len("tinyclip: trace: "):].split(" ")[0] for line in lines]
+    for phase in ("imports", "backend", "weights", "graph", "total"):
+        assert phase in phases, lines
+    assert all(" s " in line or line.endswith(" s") or " s (" in line for line in lines), lines
+    quiet = subprocess.run([sys.executable, "-m", "tinyclip", "classify", IMAGE, "--labels", "cat", "dog",
+                            "--templates", "none", "--model", str(tiny_quick.folder), "--device", "cpu"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert "trace" not in quiet.stderr

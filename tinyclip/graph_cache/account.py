@@ -1,0 +1,135 @@
+"""The padding account, kept between processes next to the graph files it is about.
+
+batch_plan.Planner lets a batch run padded in a bigger compiled graph while the padding spent in place
+of its own graph (its rent) stays under what compiling that graph costs. Counted per process, a
+one-image call after an `embed` job would run the batch-32 graph in every new process, forever: each
+process starts with no rent. So each model's rents live in a small JSON file beside its graphs
+(`account-<digest of the graph key>.json`), and with them what this machine measured: the seconds a
+graph of each tower took to compile, and the seconds a unit of work (an image; a token of a text
+row) took to run, from which the compile cost in units of padding follows (batch_plan.compile_cost).
+
+Files are read only when they and their folder are yours alone (tinyclip/trust.py) and written
+atomically. Two processes updating one file at once may lose one's increments: the rent then grows
+a little slower, which delays a compile and never gives a wrong result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import stat
+import tempfile
+
+from .. import trust
+
+FORMAT = 1
+
+
+def name(graph: tuple) -> str:
+    return "-".join(map(str, graph))
+
+
+class Account:
+    """Rents (runner key -> units of padding spent in its place) and measured costs of one model's graphs."""
+
+    def __init__(self, path: os.PathLike):
+        self.path = pathlib.Path(path)
+        self._data: dict | None = None
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            self._data = _read(self.path)
+        return self._data
+
+    def rent(self, graph: tuple) -> float:
+        return float(self.data["rent"].get(name(graph), 0.0))
+
+    def compile_seconds(self, tower: str) -> float | None:
+        return self.data["compile_seconds"].get(tower)
+
+    def unit_seconds(self, tower: str) -> float | None:
+        return self.data["unit_seconds"].get(tower)
+
+    # ---- writing -----------------------------------------------------------------------------------
+
+    def spend(self, rents: dict[tuple, float]) -> None:
+        """Add padding spent in place of graphs (runner key -> units) and save."""
+        if not rents:
+            return
+        self._update(lambda d: d["rent"].update({name(g): d["rent"].get(name(g), 0.0) + r for g, r in rents.items()}))
+
+    def compiled(self, graph: tuple, seconds: float) -> None:
+        """A graph of `graph`'s tower took `seconds` to compile (and run once) here; its rent is paid."""
+        def update(d):
+            d["compile_seconds"][graph[0]] = seconds
+            d["rent"].pop(name(graph), None)
+        self._update(update)
+
+    def ran(self, tower: str, unit_seconds: float) -> None:
+        """A run of a `tower` graph took `unit_seconds` per unit of work (kept in memory; saved with the
+        next spend() or compiled(), so that a run costs no file write)."""
+        if math.isfinite(unit_seconds) and unit_seconds > 0:
+            self.data["unit_seconds"][tower] = unit_seconds
+
+    def _update(self, change) -> None:
+        fresh = _read(self.path)     # another process may have written since this one read
+        fresh["unit_seconds"].update(self.data["unit_seconds"])
+        change(fresh)
+        self._data = fresh
+        _write(self.path, fresh)
+
+
+def _empty() -> dict:
+    return {"format": FORMAT, "rent": {}, "compile_seconds": {}, "unit_seconds": {}}
+
+
+def _read(path: pathlib.Path) -> dict:
+    """The file's contents, or an empty account when it is missing, not trusted or not an account."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return _empty()
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or trust.untrusted(path.parent) or trust.untrusted_stat(st, path):
+            return _empty()
+        try:
+            data = json.loads(f.read(1 << 20))
+        except (OSError, ValueError):
+            return _empty()
+    out = _empty()
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return out
+    for part in ("rent", "compile_seconds", "unit_seconds"):
+        values = data.get(part)
+        if isinstance(values, dict):
+            out[part] = {str(k): float(v) for k, v in values.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+    return out
+
+
+def _write(path: pathlib.Path, data: dict) -> None:
+    """Best effort: an account that cannot be saved only makes the next process start from what is on disk."""
+    tmp = None
+    try:
+        if not path.parent.is_dir() or trust.untrusted(path.parent):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
