@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""A new user's first hour, timed: each command in a fresh process with empty caches, as typed.
+"""A new user's first hour, timed: each command in a fresh process, as typed.
 
     python benchmarks/first_use.py [--model FOLDER] [--tinyclip PATH/TO/tinyclip] [--skip-transformers]
+                                   [--only one-warm,api-warm,one-cold,ten-after-embed,classify,search,embed]
 
 Scenarios (random-init ViT-B/32 by default, the cpu backend, tinygrad's kernel cache and tinyclip's
 caches new and empty at the start of each scenario, kept within it):
+- one-warm: `classify` of one photograph against 3 labels without templates, caches warm (the median of
+  REPEATS runs, after one that fills the caches);
+- api-warm: a script that calls load() and encode_image() on one photograph, caches warm (the same way);
+- one-cold: that classify with empty caches, as on a new machine;
+- ten-after-embed: after an `embed` of 100 images (which compiles the 32-image graph), ten one-photograph
+  classify processes in a row (the embed itself is not timed);
 - classify: 6 photographs against 10 labels with the 80 ImageNet templates (800 prompts);
 - search: 5 text queries of different lengths against an .npz of the 6 photographs, one process each;
 - embed: 100 images (the photographs, resized copies) into an .npz.
@@ -41,15 +48,17 @@ proc = transformers.CLIPImageProcessorPil.from_pretrained(folder)
 def feats(out):
     return out.pooler_output if hasattr(out, "pooler_output") else out
 with torch.no_grad():
-    if job == "classify":
+    if job in ("classify", "classify-plain"):
         labels, images = rest[0].split(","), rest[1:]
-        prompts = [t.format(l) for l in labels for t in IMAGENET_TEMPLATES]
+        prompts = [t.format(l) for l in labels for t in IMAGENET_TEMPLATES] if job == "classify" else labels
         txt = torch.cat([feats(model.get_text_features(**tok(prompts[i:i + 32], padding=True, return_tensors="pt")))
                          for i in range(0, len(prompts), 32)])
         pil = [Image.open(p).convert("RGB") for p in images]
         img = feats(model.get_image_features(**proc(pil, return_tensors="pt")))
     elif job == "search":
         feats(model.get_text_features(**tok([rest[0]], padding=True, return_tensors="pt")))
+    elif job == "api":
+        feats(model.get_image_features(**proc([Image.open(rest[0]).convert("RGB")], return_tensors="pt")))
     else:
         for i in range(0, len(rest), 32):
             feats(model.get_image_features(**proc([Image.open(p).convert("RGB") for p in rest[i:i + 32]],
@@ -78,6 +87,24 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+API = r"""
+import sys, tinyclip
+tinyclip.load(sys.argv[1], device="cpu").encode_image([sys.argv[2]])
+"""
+REPEATS = 3
+SCENARIOS = ("one-warm", "api-warm", "one-cold", "ten-after-embed", "classify", "search", "embed")
+WHAT = {"one-warm": "1 image x 3 labels, no templates, warm", "api-warm": "load() + encode_image, 1 image, warm",
+        "one-cold": "1 image x 3 labels, no templates, empty caches",
+        "ten-after-embed": "10 one-image classify processes after an embed",
+        "classify": "6 images x 10 labels x 80 templates", "search": "5 text queries, 5 processes",
+        "embed": "100 images"}
+
+
+def median(runs: list[Seconds]) -> Seconds:
+    runs = sorted(runs, key=lambda s: s.wall)
+    return runs[len(runs) // 2]
+
+
 def timed(cmd, env) -> Seconds:
     start, cpu = time.perf_counter(), _children_cpu()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
@@ -91,6 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", help="checkpoint folder (default: a random-init ViT-B/32 built in a temp dir)")
     ap.add_argument("--tinyclip", default=str(pathlib.Path(sys.executable).parent / "tinyclip"))
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--only", help=f"comma-separated scenarios (default: all): {', '.join(SCENARIOS)}")
     args = ap.parse_args(argv)
     from PIL import Image
     from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
@@ -113,27 +141,50 @@ def main(argv=None) -> int:
             return dict(os.environ, TINYCLIP_CACHE_DIR=str(caches / "tinyclip"), CACHEDB=str(caches / "kernels.db"))
 
         model = ["--model", str(folder), "--device", "cpu"]
-        tc = {}
-        env = fresh_env()
-        tc["classify"] = timed([args.tinyclip, "classify", *photos, "--labels", *LABELS, *model], env)
-        env = fresh_env()
-        npz = work / "photos.npz"
-        subprocess.run([args.tinyclip, "embed", *photos, "--out", str(npz), *model], env=env, check=True,
-                       capture_output=True)
-        tc["search"] = sum(timed([args.tinyclip, "search", q, "--images", str(npz), *model], env) for q in QUERIES)
-        env = fresh_env()
-        tc["embed"] = timed([args.tinyclip, "embed", str(hundred), "--out", str(work / "h.npz"), *model], env)
-        hf = {}
-        if not args.skip_transformers:
-            env, templates = dict(os.environ), str(ROOT / "tinyclip" / "templates.py")
-            python = [sys.executable, "-c", TRANSFORMERS]
-            hf["classify"] = timed([*python, "classify", str(folder), templates, ",".join(LABELS), *photos], env)
-            hf["search"] = sum(timed([*python, "search", str(folder), templates, q], env) for q in QUERIES)
-            hf["embed"] = timed([*python, "embed", str(folder), templates, *many], env)
-        for name, what in (("classify", "6 images x 10 labels x 80 templates"),
-                           ("search", "5 text queries, 5 processes"), ("embed", "100 images")):
-            line = f"{name:<9} ({what}): tinyclip {tc[name]}"
-            if hf:
+        one = [photos[0], "--labels", "cat", "dog", "hot-air balloon", "--templates", "none"]
+        wanted = args.only.split(",") if args.only else list(SCENARIOS)
+        hf_env, templates = dict(os.environ), str(ROOT / "tinyclip" / "templates.py")
+        python = [sys.executable, "-c", TRANSFORMERS]
+        hf_one = [*python, "classify-plain", str(folder), templates, "cat,dog,hot-air balloon", photos[0]]
+        tc, hf = {}, {}
+        hf_timed = timed if not args.skip_transformers else (lambda cmd, env: Seconds())
+        for name in wanted:
+            if name not in SCENARIOS:
+                ap.error(f"--only: unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+            env = fresh_env()
+            if name == "one-warm":
+                timed([args.tinyclip, "classify", *one, *model], env)
+                tc[name] = median([timed([args.tinyclip, "classify", *one, *model], env) for _ in range(REPEATS)])
+                hf[name] = median([hf_timed(hf_one, hf_env) for _ in range(REPEATS)])
+            elif name == "api-warm":
+                api = [sys.executable, "-c", API, str(folder), photos[0]]
+                timed(api, env)
+                tc[name] = median([timed(api, env) for _ in range(REPEATS)])
+                hf[name] = median([hf_timed([*python, "api", str(folder), templates, photos[0]], hf_env)
+                                   for _ in range(REPEATS)])
+            elif name == "one-cold":
+                tc[name] = timed([args.tinyclip, "classify", *one, *model], env)
+                hf[name] = hf_timed(hf_one, hf_env)
+            elif name == "ten-after-embed":
+                subprocess.run([args.tinyclip, "embed", str(hundred), "--out", str(work / "ten.npz"), *model], env=env,
+                               check=True, capture_output=True)
+                tc[name] = sum(timed([args.tinyclip, "classify", many[i], *one[1:], *model], env) for i in range(10))
+                hf[name] = sum(hf_timed([*python, "classify-plain", str(folder), templates, "cat,dog,hot-air balloon",
+                                      many[i]], hf_env) for i in range(10))
+            elif name == "classify":
+                tc[name] = timed([args.tinyclip, "classify", *photos, "--labels", *LABELS, *model], env)
+                hf[name] = hf_timed([*python, "classify", str(folder), templates, ",".join(LABELS), *photos], hf_env)
+            elif name == "search":
+                npz = work / "photos.npz"
+                subprocess.run([args.tinyclip, "embed", *photos, "--out", str(npz), *model], env=env, check=True,
+                               capture_output=True)
+                tc[name] = sum(timed([args.tinyclip, "search", q, "--images", str(npz), *model], env) for q in QUERIES)
+                hf[name] = sum(hf_timed([*python, "search", str(folder), templates, q], hf_env) for q in QUERIES)
+            else:
+                tc[name] = timed([args.tinyclip, "embed", str(hundred), "--out", str(work / "h.npz"), *model], env)
+                hf[name] = hf_timed([*python, "embed", str(folder), templates, *many], hf_env)
+            line = f"{name:<16} ({WHAT[name]}): tinyclip {tc[name]}"
+            if not args.skip_transformers:
                 line += f"   transformers {hf[name]}   ratio {tc[name].wall / hf[name].wall:5.2f}"
             print(line, flush=True)
     return 0

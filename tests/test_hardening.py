@@ -41,6 +41,7 @@ LONG_TEXT = 100_000           # characters
 # needs about n^2 / 2: some 50,000 per byte here.
 LOOKUPS_PER_BYTE = 6
 THREAD_ROUNDS = 4
+MODEL_ROUNDS = 12      # two models on two threads: each round captures nothing new, so rounds are cheap
 
 
 @pytest.fixture
@@ -469,3 +470,42 @@ def test_two_threads_sharing_one_model_get_the_sequential_answers(model, first, 
         assert len(got[i]) == THREAD_ROUNDS
         for result in got[i]:
             np.testing.assert_array_equal(result, want[i])
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory):
+    """A second checkpoint of another architecture (tiny-gelu) on the same device."""
+    from tests.conftest import checkpoint
+    return tinyclip.load(checkpoint("tiny-gelu", tmp_path_factory).folder, device=DEVICE)
+
+
+@pytest.mark.slow     # compiles both models' graphs
+def test_two_models_on_two_threads_get_their_sequential_answers(model, second_model):
+    """tinygrad's scheduler, JIT and Context settings are process-wide: a lock per model would let two models
+    capture and run at once. One process-wide lock (_tinygrad.LOCK) makes each call correct."""
+    models = [model, second_model]
+    jobs = [lambda m: (m.encode_text(TEXTS_A), m.encode_image(images(2, 0))),
+            lambda m: (m.encode_image(images(3, 1)), m.encode_text(TEXTS_B))]
+    want = [jobs[i](models[i]) for i in range(2)]
+    start = threading.Barrier(2)
+    got, errors = [[], []], []
+
+    def worker(i):
+        try:
+            start.wait()
+            for _ in range(MODEL_ROUNDS):
+                got[i].append(jobs[i](models[i]))
+        except BaseException as e:   # noqa: BLE001 - reported below, in the test's thread
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert models[0].runner.lock is models[1].runner.lock
+    for i in range(2):
+        assert len(got[i]) == MODEL_ROUNDS
+        for result, expected in zip(got[i], [want[i]] * MODEL_ROUNDS):
+            for a, b in zip(result, expected):
+                np.testing.assert_array_equal(a, b)

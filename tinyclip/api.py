@@ -73,7 +73,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         reading = pool.submit(OpenClipTokenizer.from_pretrained if spec else CLIPTokenizer.from_pretrained, folder,
                               context_length=config.text_config.max_position_embeddings)
-        with chosen.context():
+        with _tinygrad.LOCK, chosen.context():     # tinygrad's state is process-wide (see _tinygrad.LOCK)
             with trace.phase("weights"):
                 (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
             with trace.phase("weights arranged for the kernels"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import platform
 
-FIELDS = ("model name", "flags", "Features", "CPU part")   # x86: model name, flags; arm: Features, CPU part
+FIELDS = ("model name", "flags", "Features", "CPU part", "cpu MHz")   # x86: model name, flags, clock; arm: Features, CPU part
 
 
 @functools.cache
@@ -42,3 +42,12 @@ def flags() -> frozenset[str]:
 def description() -> str:
     """Everything above and the platform's machine and processor names, as one line to hash."""
     return " ".join([platform.machine(), platform.processor(), *(f"{k}: {v}" for k, v in sorted(fields().items()))])
+
+
+def mhz() -> float | None:
+    """The first core's clock in MHz as /proc/cpuinfo gives it (x86), or None."""
+    try:
+        value = float(fields().get("cpu MHz", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import threading
 import time
 from typing import Callable
 
@@ -62,8 +61,8 @@ def work(key: tuple) -> int:
 
 
 class Runner:
-    """Encodes numpy batches with a model; one per loaded CLIP, guarded by a lock
-    because tinygrad's scheduler and JIT are not thread-safe.
+    """Encodes numpy batches with a model; one per loaded CLIP, guarded by the process-wide
+    _tinygrad.LOCK because tinygrad's scheduler, JIT and settings are process-wide and not thread-safe.
 
     jit=False runs every call plain (no TinyJit, no graph cache). cache=False, or the
     environment variable TINYCLIP_GRAPH_CACHE=0, keeps compiled graphs in memory only.
@@ -78,7 +77,7 @@ class Runner:
         self.planner = Planner(self.compiled, self.account)
         self._scalings: dict[str, PixelScaling] = {}    # uint8 image graphs' key part -> their float steps
         self.prefetch = True    # prepare the next image batch in a thread while this one runs (see images())
-        self.lock = threading.RLock()
+        self.lock = _tinygrad.LOCK     # process-wide: tinygrad's state is, not this model's
 
     @contextlib.contextmanager
     def context(self):

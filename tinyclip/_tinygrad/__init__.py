@@ -11,8 +11,14 @@ wrapped here, split by concern, so an upgrade touches this package alone:
 - cpu_runtime.py  the CPU patches (wide vectors, threads on several cores), installed on first use
 - kernel.py       the custom-kernel API (UOp ranges, opts) tinyclip's hand-written kernels are built with
 
-The names most of tinyclip uses are re-exported here.
+The names most of tinyclip uses are re-exported here, with LOCK: tinygrad's scheduler, its JIT, its Context
+settings (DEV, ALLOW_TF32, BEAM) and tinyclip's swaps of its internals are process-wide, so every model's
+device work (capture, run, copies) holds this one re-entrant lock: two models used from two threads take
+turns, each call correct, none in parallel.
 """
+import threading
+
+LOCK = threading.RLock()
 from .buffers import (NUMPY_DTYPES, Staging, as_float32, from_numpy, gather_rows, host_array, host_tensor,
                       numpy_dtype, to_numpy, to_tensor)
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
@@ -20,7 +26,7 @@ from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named,
 from .compile_pool import forked_compiles
 from .jit import beam_context, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
-__all__ = ["NUMPY_DTYPES", "Staging", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
+__all__ = ["LOCK", "NUMPY_DTYPES", "Staging", "as_float32", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
            "supports_half", "synchronize", "tf32_context", "beam_context", "beam_setting", "captured_graph", "jit_error",

@@ -90,9 +90,12 @@ def run(args) -> int:
     from .. import hub
     from ..api import load
     from ..config import CLIPConfig
-    check_device(args)
+    backend = check_device(args)
     folder = hub.locate(name, revision=args.revision, cache_dir=args.cache_dir)
     keys = _keys(CLIPConfig.from_file(folder / "config.json"), batches, lengths, args.only)
+    with backend.context():     # the CPU kernels' tiles first: the graphs below are compiled for what it chooses
+        if (chosen := backend.kernel_set().tune_machine()) is not None:
+            print(f"measured this machine's kernel shapes: {chosen}", file=sys.stderr, flush=True)
     model = load(folder, device=args.device, dtype=args.dtype, allow_tf32=args.tf32)
     # images given as files go up as uint8 crops, to the graph that normalises them: tune that one
     keys = [model.runner.image_key(key[1], model.image_scaling()) if key[0] == "image" else key for key in keys]

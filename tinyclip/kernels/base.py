@@ -26,6 +26,11 @@ class KernelSet:
 
     # ---- linear layers ----------------------------------------------------------------------------
 
+    def tune_machine(self) -> str | None:
+        """Measure what this set's kernels are shaped by on this machine and keep it (`tinyclip tune`); a
+        line saying what was chosen, or None where the set measures nothing (the plain set)."""
+        return None
+
     def prepare_linear(self, weight: Tensor) -> Tensor:
         """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
         called once after loading. The plain set keeps it as it is."""

@@ -46,9 +46,14 @@ class CPUKernels(KernelSet):
 
     @functools.cached_property
     def machine(self) -> Machine:
-        """Caches, threads and measured costs; measured on first use (run it outside a JIT capture:
-        prepare_linear, at load time, does)."""
+        """Caches, threads and costs: measured by `tinyclip tune` (tune_machine), else modelled (tuning.py)."""
         return tuning.machine(self.isa, self.device, self.cache_folder)
+
+    def tune_machine(self) -> str:
+        """Measure this machine's tile, loop order and costs now, and keep them for later processes (run it
+        inside the backend's context, before the model that uses this set is loaded)."""
+        self.__dict__["machine"] = m = tuning.tune(self.isa, self.device, self.cache_folder)
+        return f"{m.isa.name} tile {m.tile_rows} rows x 2 vectors, {'rows' if m.rows_outer else 'panels'} outside"
 
     # ---- linear -------------------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""What the CPU kernels choose on this machine, measured once and kept on disk.
+"""What the CPU kernels choose on this machine: modelled at first, measured by `tinyclip tune` and kept on disk.
+
+Until `tinyclip tune` has run on a machine, the choices below come from a model of it (modelled(): the
+ISA's registers, a default loop order, the clock), so that a new machine's first answer compiles and times
+nothing extra. `tinyclip tune` measures them (measure()):
 
 - the matmul's register tile: each of the ISA's candidate tile rows (isa.tile_rows) is timed on one
   core on an input that fits in cache, and the fastest kept;
@@ -13,8 +17,8 @@
 - the matmul's speed on one core (multiply-adds per microsecond), from which the other kernels'
   times are estimated by ratios (norm.VALUE_COST, attention.SCORE_COST, ...).
 
-Measuring takes a few seconds (a handful of small kernels to compile, together on all cores, and a few
-runs each). The result is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by
+Measuring takes a few seconds on a quiet machine (a handful of small kernels to compile, together on all
+cores, and a few runs each); on a busy one the timings say more about the others' work. The result is a small JSON file in tinyclip's cache folder (next to graphs/), keyed by
 the CPU's model and flags, the thread count, the instruction set and the tinyclip and tinygrad
 versions; like graph files it is read only when it and its folder are yours alone, and written
 atomically. Delete it to measure again.
@@ -41,6 +45,11 @@ TILE_SHAPE = (256, 768, 768)    # rows, inputs, outputs timed for the tile: 151M
 ORDER_SHAPE = (768, 1536)       # inputs, outputs timed for the loop order, on twice as many rows as fill L2
 ORDER_MARGIN = 1.05             # rows outside only when this much faster than panels outside
 RUNS = 5                        # timed rounds over the candidates, after the runs that compile them; the fastest counts
+# The model of a machine that `tinyclip tune` has not measured (modelled): a core's matmul speed is this share of
+# 2 FMA pipes x lanes x clock (Zen 4 runs AVX-512 on 256-bit halves: half; wider cores are underestimated, which only
+# keeps a few more small kernels on one thread), at MODEL_MHZ where /proc/cpuinfo gives no clock.
+MODEL_FMA_EFFICIENCY = 0.5
+MODEL_MHZ = 2000.0
 
 
 def measure(isa: ISA, device: str) -> dict:
@@ -101,17 +110,50 @@ def measure(isa: ISA, device: str) -> dict:
 
 def machine(isa: ISA, device: str, folder) -> Machine:
     """This machine's Machine for `isa`: its caches and threads, and the costs from the file in `folder`
-    (measured and saved first where there is none that can be trusted)."""
+    where `tinyclip tune` measured them (and the file can be trusted), else the costs of a model of the
+    machine (modelled): nothing is compiled or timed on the way to a first answer."""
     threads = cpu_threads()
     costs = _read(folder, isa, threads) if folder is not None else None
     if costs is None:
-        cpu_runtime.install()
-        with trace.phase(f"CPU kernel tiles measured ({isa.name}, once per machine)"):
-            costs = measure(isa, device)
-        if folder is not None:
-            _write(folder, isa, threads, costs)
+        costs = modelled(isa)
+    return _machine(isa, threads, costs)
+
+
+def tune(isa: ISA, device: str, folder) -> Machine:
+    """Measure the costs on this machine now (inside the backend's context), keep them in `folder` for
+    every later process, and return the Machine they give (`tinyclip tune`)."""
+    threads = cpu_threads()
+    cpu_runtime.install()
+    with trace.phase(f"CPU kernel tiles measured ({isa.name})"):
+        costs = measure(isa, device)
+    if folder is not None:
+        _write(folder, isa, threads, costs)
+    return _machine(isa, threads, costs)
+
+
+def _machine(isa: ISA, threads: int, costs: dict) -> Machine:
     return Machine(isa, *cache_sizes(), threads=threads, tile_rows=costs["tile_rows"],
                    rows_outer=costs["rows_outer"], handoff_us=costs["handoff_us"], macs_per_us=costs["macs_per_us"])
+
+
+def modelled(isa: ISA) -> dict:
+    """The costs from a model of the machine, with no kernel compiled (a new machine's first answer does
+    not wait for the measuring, which took 2.4 s on a quiet 2-core Zen 4 and, on a shared machine, gave a
+    tile chosen by whoever else was running):
+    - the tile: the most rows whose accumulators (rows x 2 vectors), the 2 weight vectors of a step and
+      the broadcast input fit in the ISA's vector registers (AVX-512: 8 rows of 32; AVX2: 6 of 16), so
+      nothing spills; these are the tiles measured fastest on the 2-core Zen 4 for both ISAs;
+    - the loop order: panels outside (a quarter of the bandwidth of rows outside; the two measured within a
+      few percent at every ViT-B/32 shape there);
+    - the matmul's speed on one core: MODEL_FMA_EFFICIENCY of 2 FMA pipes x the ISA's lanes at the clock
+      /proc/cpuinfo gives (or MODEL_MHZ); it only decides which small kernels stay on one thread;
+    - the thread hand-off: timed (50 round trips through a helper thread, a few milliseconds, no compile).
+    """
+    cpu_runtime.install()
+    rows = max((r for r in isa.tile_rows if 2 * r + 3 <= isa.registers), default=min(isa.tile_rows))
+    handoffs = [cpu_runtime.handoff_seconds() for _ in range(50)]
+    return {"tile_rows": rows, "rows_outer": False, "handoff_us": statistics.median(handoffs) * 1e6,
+            "macs_per_us": MODEL_FMA_EFFICIENCY * 2 * isa.lanes * (cpu_info.mhz() or MODEL_MHZ)}
 
 
 def _key(isa: ISA, threads: int) -> dict:
