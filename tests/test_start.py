@@ -15,8 +15,6 @@ import pytest
 from tests.conftest import ROOT
 
 IMAGE = str(ROOT / "tests" / "data" / "images" / "chelsea.png")
-# Seeded costs for the padding account: a compile costs COMPILE_SECONDS / UNIT_SECONDS = 100 images of work.
-COMPILE_SECONDS, UNIT_SECONDS = 1.0, 0.01
 BATCH = 32
 
 
@@ -48,24 +46,23 @@ print(json.dumps({"graphs": [list(k[:2]) for k in keys]}))
 
 def test_one_image_calls_after_a_batch_job_stop_padding_once_their_padding_has_cost_a_compile(tiny_quick, env):
     """The padding account lives next to the graph cache: each new process adds its padding (31 rows of a
-    32-row graph for one image) to the account, and the process whose padding would pass the compile's cost
-    compiles the one-image graph, which every later process loads instead of padding."""
-    # A batch job: 32 images compile the 32-row graph.
+    32-row graph for one image) to the one-image graph's rent, and the process whose padding would take the
+    rent past a compile's cost (IMAGE_COMPILE_IMAGES) compiles the one-image graph, which every later
+    process loads instead of padding."""
+    from tinyclip.batch_plan import IMAGE_COMPILE_IMAGES
     assert python(ONE_CALL, env, str(tiny_quick.folder), str(BATCH), IMAGE)["graphs"] == [["image", 32]]
-    accounts = glob.glob(os.path.join(env["TINYCLIP_CACHE_DIR"], "graphs", "account-*.json"))
-    assert len(accounts) == 1, accounts
-    data = json.loads(pathlib.Path(accounts[0]).read_text())
-    assert data["compile_seconds"]["image"] > 0, "the compile's seconds were measured and kept"
-    # Seed the costs this machine "measured", so that the count of padded calls is known: 100 images.
-    data["compile_seconds"]["image"], data["unit_seconds"]["image"] = COMPILE_SECONDS, UNIT_SECONDS
-    pathlib.Path(accounts[0]).write_text(json.dumps(data))
-    ran = [python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"] for _ in range(5)]
-    padding = BATCH - 1
-    padded_calls = int(COMPILE_SECONDS / UNIT_SECONDS // padding)     # 3 calls: 93 rows of padding
-    assert ran[:padded_calls] == [[["image", 32]]] * padded_calls
-    assert ran[padded_calls:] == [[["image", 1]]] * (5 - padded_calls), ran
-    rents = json.loads(pathlib.Path(accounts[0]).read_text())["rent"]
-    assert not any(k.startswith("image-1") for k in rents), "the one-image graph's rent was paid by its compile"
+    first = python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"]
+    assert first == [["image", 32]], "a one-image call pads into the compiled 32-image graph"
+    (account,) = glob.glob(os.path.join(env["TINYCLIP_CACHE_DIR"], "graphs", "account-*.json"))
+    data = json.loads(pathlib.Path(account).read_text())
+    (one, rent), = data["rent"].items()
+    assert one.startswith("image-1-") and rent == BATCH - 1, data
+    # Many processes later (seeded, instead of running them): two more calls' padding would pass the cost.
+    data["rent"][one] = IMAGE_COMPILE_IMAGES - 2 * (BATCH - 1) + 1
+    pathlib.Path(account).write_text(json.dumps(data))
+    ran = [python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"] for _ in range(3)]
+    assert ran == [[["image", 32]], [["image", 1]], [["image", 1]]], ran
+    assert json.loads(pathlib.Path(account).read_text())["rent"] == {}, "the compile paid the rent"
 
 
 def test_padding_account_is_per_process_without_a_graph_cache(tiny_quick, env):

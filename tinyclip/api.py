@@ -39,7 +39,8 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     ----------
     name_or_path : a local folder, or a hub repo id such as "openai/clip-vit-base-patch32".
     device : a backend name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"), a raw tinygrad
-        device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), or None for the best available.
+        device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), a registry.Backend, or None for the
+        best available.
     dtype : "float32" (the default on every backend) or "float16".
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
     graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
@@ -52,9 +53,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
     trace.imports()
     _tinygrad.guard_kernel_cache()
-    with trace.phase("backend") as said:
+    if isinstance(device, registry.Backend):     # chosen (and traced) by the caller
         chosen = registry.select(device)
-        said.append(f"{chosen.name}, {chosen.device}")
+    else:
+        with trace.phase("backend") as said:
+            chosen = registry.select(device)
+            said.append(f"{chosen.name}, {chosen.device}")
     try:
         dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
     except TinyClipError:

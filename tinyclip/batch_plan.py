@@ -8,11 +8,12 @@ batch chooses between compiling its own graph and padding into a bigger one that
 (in this process, in the graph cache, or earlier in the same plan). The rule is ski rental: a batch
 pads into the smallest such graph while the padding spent so far in place of its own graph (its rent,
 counted per own graph for the life of the Runner) stays within what compiling that graph costs
-(compile_cost: what this machine measured, else TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES); after that
-its own graph is compiled. That spends at most about twice what knowing every later batch in advance
-would have. With a graph cache the rents and the measured costs are kept on disk (graph_cache/account.py),
-so they add up across processes too: one-image calls in new processes after an `embed` job pad into its
-batch-32 graph only until their padding has cost a compile, then the batch-1 graph is compiled once.
+(TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES); after that its own graph is compiled. That spends at most
+about twice what knowing every later batch in advance would have. With a graph cache the rents are kept
+on disk (graph_cache/account.py), so they add up across processes too: one-image calls in new processes
+after an `embed` job pad into its batch-32 graph only until their padding has cost a compile, then the
+batch-1 graph is compiled once. (The costs are constants, not timed per run: a plan that depended on how
+busy the machine was a moment ago would compile different graphs from one run to the next.)
 
 - A text job is planned whole: its rows sorted longest first (the order is restored by the caller), so
   the first batch compiles a length that the shorter batches after it pad into.
@@ -52,22 +53,12 @@ def buckets_from(n: int, limit: int) -> list[int]:
     return out if out[-1] >= limit else out + [limit]
 
 
-def compile_cost(account, tower: str, default: float) -> float:
-    """What compiling a graph of `tower` ("image", "text") costs, in its units of work (images; text rows x
-    positions): the seconds a compile took on this machine over the seconds a unit of work took to run,
-    both measured and kept in `account` (graph_cache.Account); `default` until both are known."""
-    if account is None:
-        return default
-    seconds, unit = account.compile_seconds(tower), account.unit_seconds(tower)
-    return seconds / unit if seconds and unit else default
-
-
 class Planner:
     """Chooses graphs for the batches of one Runner's jobs, and keeps each own graph's rent.
 
     `compiled(key)` says whether the graph for a runner key (("image", batch[, ...]) or ("text", batch,
-    length)) runs without compiling. `account` (a graph_cache.Account, or None) keeps the rents and the
-    measured compile and run times between processes; without one the rents last as long as the Planner."""
+    length)) runs without compiling. `account` (a graph_cache.Account, or None) keeps the rents between
+    processes; without one they last as long as the Planner."""
 
     def __init__(self, compiled: Callable[[tuple], bool], account=None):
         self.compiled = compiled
@@ -113,7 +104,7 @@ class Planner:
         order = np.argsort(-np.asarray(needed), kind="stable")
         planned: set[tuple] = set()
         self._spent = {}
-        cost = compile_cost(self.account, "text", TEXT_COMPILE_TOKENS)
+        cost = TEXT_COMPILE_TOKENS
         try:
             yield from self._text(order, needed, batch_size, lengths, planned, cost, record)
         finally:
@@ -142,7 +133,7 @@ class Planner:
         planned: set[tuple] = set()
         out = []
         self._spent = {}
-        cost = compile_cost(self.account, "image", IMAGE_COMPILE_IMAGES)
+        cost = IMAGE_COMPILE_IMAGES
         for n in sizes:
             options = [(key_of(b), b) for b in buckets_from(n, batch_size)]
             own_b = options[0][1]

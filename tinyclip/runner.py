@@ -55,11 +55,6 @@ def text_lengths(context: int) -> list[int]:
     return [n for n in TEXT_LENGTHS if n < context] + [context]
 
 
-def work(key: tuple) -> int:
-    """The units of work a graph does per run (batch_plan's units): images, or text rows x positions."""
-    return key[1] if key[0] == "image" else key[1] * key[2]
-
-
 class Runner:
     """Encodes numpy batches with a model; one per loaded CLIP, guarded by the process-wide
     _tinygrad.LOCK because tinygrad's scheduler, JIT and settings are process-wide and not thread-safe.
@@ -118,11 +113,7 @@ class Runner:
             if not self.jit:
                 return _tinygrad.as_float32(self._encoder(key)(t))
             if (jit := self._jits.get(key)) is not None:
-                start = time.perf_counter()
-                out = _tinygrad.to_numpy(jit(t))
-                if self.account is not None:
-                    self.account.ran(key[0], (time.perf_counter() - start) / work(key))
-                return out
+                return _tinygrad.to_numpy(jit(t))
             if (out := self._run_cached(key, t)) is not None:
                 return out
             return self._capture(key, t)[0]
@@ -153,7 +144,6 @@ class Runner:
         encoder = self._encoder(key)
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
         progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
-        start = time.perf_counter()
         with trace.phase(f"graph {progress.graph_name(key)}: compiled and run"):
             if beam is None:
                 with _tinygrad.forked_compiles():
@@ -165,8 +155,8 @@ class Runner:
         progress.clear()
         self._jits[key] = jit
         saved = self.graphs.save(key, jit, tuned=beam > 0, beam=beam) if self.graphs is not None else None
-        if self.account is not None and not beam:
-            self.account.compiled(key, time.perf_counter() - start)
+        if self.account is not None:
+            self.account.compiled(key)
         return out, saved
 
     def image_features(self, pixels: np.ndarray, batch_size: int) -> np.ndarray:

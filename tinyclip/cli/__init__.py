@@ -68,10 +68,10 @@ def load_model(args: argparse.Namespace):
     """The CLIP the model options name, with a status line while it loads (on a terminal)."""
     from .. import progress
     from ..api import load
-    check_device(args)
+    backend = check_device(args)
     progress.status(f"loading {args.model} ...")
     try:
-        return load(args.model, device=args.device, dtype=args.dtype, revision=args.revision,
+        return load(args.model, device=backend, dtype=args.dtype, revision=args.revision,
                     cache_dir=args.cache_dir, allow_tf32=args.tf32)
     finally:
         progress.clear()

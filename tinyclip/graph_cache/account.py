@@ -4,9 +4,7 @@ batch_plan.Planner lets a batch run padded in a bigger compiled graph while the 
 of its own graph (its rent) stays under what compiling that graph costs. Counted per process, a
 one-image call after an `embed` job would run the batch-32 graph in every new process, forever: each
 process starts with no rent. So each model's rents live in a small JSON file beside its graphs
-(`account-<digest of the graph key>.json`), and with them what this machine measured: the seconds a
-graph of each tower took to compile, and the seconds a unit of work (an image; a token of a text
-row) took to run, from which the compile cost in units of padding follows (batch_plan.compile_cost).
+(`account-<digest of the graph key>.json`).
 
 Files are read only when they and their folder are yours alone (tinyclip/trust.py) and written
 atomically. Two processes updating one file at once may lose one's increments: the rent then grows
@@ -31,7 +29,7 @@ def name(graph: tuple) -> str:
 
 
 class Account:
-    """Rents (runner key -> units of padding spent in its place) and measured costs of one model's graphs."""
+    """Rents (runner key -> units of padding spent in its place) of one model's graphs."""
 
     def __init__(self, path: os.PathLike):
         self.path = pathlib.Path(path)
@@ -48,12 +46,6 @@ class Account:
     def rent(self, graph: tuple) -> float:
         return float(self.data["rent"].get(name(graph), 0.0))
 
-    def compile_seconds(self, tower: str) -> float | None:
-        return self.data["compile_seconds"].get(tower)
-
-    def unit_seconds(self, tower: str) -> float | None:
-        return self.data["unit_seconds"].get(tower)
-
     # ---- writing -----------------------------------------------------------------------------------
 
     def spend(self, rents: dict[tuple, float]) -> None:
@@ -62,29 +54,20 @@ class Account:
             return
         self._update(lambda d: d["rent"].update({name(g): d["rent"].get(name(g), 0.0) + r for g, r in rents.items()}))
 
-    def compiled(self, graph: tuple, seconds: float) -> None:
-        """A graph of `graph`'s tower took `seconds` to compile (and run once) here; its rent is paid."""
-        def update(d):
-            d["compile_seconds"][graph[0]] = seconds
-            d["rent"].pop(name(graph), None)
-        self._update(update)
-
-    def ran(self, tower: str, unit_seconds: float) -> None:
-        """A run of a `tower` graph took `unit_seconds` per unit of work (kept in memory; saved with the
-        next spend() or compiled(), so that a run costs no file write)."""
-        if math.isfinite(unit_seconds) and unit_seconds > 0:
-            self.data["unit_seconds"][tower] = unit_seconds
+    def compiled(self, graph: tuple) -> None:
+        """`graph` was compiled: its rent is paid (and the entry dropped)."""
+        if name(graph) in self.data["rent"]:
+            self._update(lambda d: d["rent"].pop(name(graph), None))
 
     def _update(self, change) -> None:
         fresh = _read(self.path)     # another process may have written since this one read
-        fresh["unit_seconds"].update(self.data["unit_seconds"])
         change(fresh)
         self._data = fresh
         _write(self.path, fresh)
 
 
 def _empty() -> dict:
-    return {"format": FORMAT, "rent": {}, "compile_seconds": {}, "unit_seconds": {}}
+    return {"format": FORMAT, "rent": {}}
 
 
 def _read(path: pathlib.Path) -> dict:
@@ -104,11 +87,10 @@ def _read(path: pathlib.Path) -> dict:
     out = _empty()
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return out
-    for part in ("rent", "compile_seconds", "unit_seconds"):
-        values = data.get(part)
-        if isinstance(values, dict):
-            out[part] = {str(k): float(v) for k, v in values.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
+    values = data.get("rent")
+    if isinstance(values, dict):
+        out["rent"] = {str(k): float(v) for k, v in values.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0}
     return out
 
 
