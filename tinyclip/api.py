@@ -130,7 +130,7 @@ class CLIP:
     def identity(self) -> dict:
         """Which checkpoint this is, in a form that survives copying it (tinyclip.identity): the hub id
         and revision where it came from the hub (the snapshot's commit when no revision was asked
-        for), the folder, and a fingerprint of its config and weights."""
+        for), the folder, and a fingerprint of its config, weights, tokenizer and preprocessing."""
         return identity.of_checkpoint(self.folder, self.hub_id, self.revision)
 
     @property

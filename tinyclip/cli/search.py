@@ -112,7 +112,7 @@ def run_search(args) -> int:
 
 def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
     """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
-    before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
+    before the model loads: the fingerprint reads the weights once, then comes from the digest cache."""
     from .. import hub, identity
     folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
     current = identity.of_checkpoint(folder)
