@@ -20,9 +20,9 @@ from . import _tinygrad, hub, identity, openclip, registry, tasks, trace
 from .config import CLIPConfig
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling, as_batch
+from .preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling, as_batch, check_image_size
 from .runner import Runner
-from .tokenizer import CLIPTokenizer, OpenClipTokenizer
+from .tokenizer import CLIPTokenizer, OpenClipTokenizer, check_vocab_size
 from .vectors import unit_rows
 from .weights import load_weights
 
@@ -84,10 +84,12 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
                 model.prepare()     # the kernel set stores the linear weights its way
         with trace.phase("tokenizer (read beside the weights)"):
             tokenizer = reading.result()
+    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, openclip.CONFIG_FILE if spec else "config.json")
     if spec:
         processor = OpenClipImageProcessor.from_dict(spec.preprocess, f"{folder / openclip.CONFIG_FILE} preprocess_cfg")
     else:
         processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    check_image_size(processor, config.vision_config.image_size, folder)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
                 revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt))
@@ -132,7 +134,7 @@ class CLIP:
     def identity(self) -> dict:
         """Which checkpoint this is, in a form that survives copying it (tinyclip.identity): the hub id
         and revision where it came from the hub (the snapshot's commit when no revision was asked
-        for), the folder, and a fingerprint of its config and weights."""
+        for), the folder, and a fingerprint of its config, weights, tokenizer and preprocessing."""
         return identity.of_checkpoint(self.folder, self.hub_id, self.revision)
 
     @property
@@ -271,7 +273,12 @@ class CLIP:
         if isinstance(images, Tensor):
             images = self._numpy(images)
         if not (isinstance(images, np.ndarray) and images.dtype.kind == "f"):
-            return self.preprocess(images)
+            pixels = self.preprocess(images)
+            if tuple(pixels.shape[1:]) != want:     # a processor whose size depends on the image
+                raise ImageError(f"images are {pixels.shape[3]}x{pixels.shape[2]} after preprocessing; this checkpoint "
+                                 f"takes {v.image_size}x{v.image_size} (vision_config.image_size): resize them, or "
+                                 "set the preprocessor config's crop_size")
+            return pixels
         if images.ndim != 4 or tuple(images.shape[1:]) != want:
             raise ImageError(f"pixel values must have shape (N, {', '.join(map(str, want))}) for this "
                              f"checkpoint, got {tuple(images.shape)}; pass images to preprocess() first")

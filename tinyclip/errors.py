@@ -41,6 +41,11 @@ class UsageError(TinyClipError, ValueError):
     from another model, ..."""
 
 
+class UnsafeFileError(TinyClipError, PermissionError):
+    """A cache file or folder that another user owns or could write, or that is not a plain file: tinyclip
+    neither reads nor writes it (tinyclip.trust)."""
+
+
 class TruncationWarning(UserWarning):
     """A text is longer than the model's context length and is cut, as transformers cuts it."""
 

@@ -50,7 +50,18 @@ def locate(name_or_path: str | os.PathLike, revision: str | None = None, cache_d
     if not _looks_like_repo_id(name):
         raise CheckpointNotFoundError(f"{name}: no such folder, and not a Hugging Face repo id (like "
                                       f"{DEFAULT_MODEL!r})")
+    if revision is not None and not _looks_like_revision(revision):
+        raise CheckpointNotFoundError(f"{name}: revision {revision!r} is not a branch, tag or commit name (those "
+                                      "hold no '..', no leading '/' and no control characters)")
     return _download(name, revision, cache_dir, local_files_only)
+
+
+def _looks_like_revision(revision) -> bool:
+    """Whether `revision` could name a git branch, tag or commit; never a path out of the cache (the
+    hub's cache keeps snapshots in folders named by the revision's commit, and refs by its name)."""
+    return (isinstance(revision, str) and revision.strip() != "" and ".." not in revision
+            and not revision.startswith("/") and "\\" not in revision
+            and all(c.isprintable() and not c.isspace() for c in revision))
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -15,13 +15,17 @@ re-encode, never a wrong answer: the stored key must match the one asked for.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
-import stat
 import warnings
 
 import numpy as np
+
+from . import trust
+from .atomic import write_atomic
+from .errors import UnsafeFileError
 
 FORMAT = 1     # part of the key: a new layout never reads an old file
 SUBDIR = "labels"
@@ -49,51 +53,45 @@ class LabelStore:
     def path(self, key: tuple) -> pathlib.Path:
         return self.folder / f"{hashlib.sha256(_key_json(key).encode()).hexdigest()[:32]}.npz"
 
-    def load(self, key: tuple) -> dict[str, np.ndarray]:
+    def load(self, key: tuple, dim: int | None = None) -> dict[str, np.ndarray]:
         """{label: embedding (D,) float32} stored under `key` = (fingerprint, dtype, templates);
-        empty when there is no file, or it cannot be trusted or read (with a warning)."""
-        from . import trust
+        empty when there is no file, or it cannot be trusted or read, or its rows are not `dim` wide
+        (with a warning)."""
         path = self.path(key)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            data = trust.read_trusted(path)
         except FileNotFoundError:
             return {}
+        except UnsafeFileError as e:
+            return _unusable(path, str(e))
         except OSError as e:
-            return _unusable(path, f"cannot open it ({e.strerror or e})")
-        with os.fdopen(fd, "rb") as f:
-            why = trust.untrusted_stat(os.fstat(f.fileno()), path) or trust.untrusted(self.folder)
-            if why is not None:
-                return _unusable(path, why)
-            try:
-                with np.load(f, allow_pickle=False) as data:
-                    stored_key, labels, embeds = str(data["key"]), data["labels"], data["embeddings"]
-            except Exception as e:     # a damaged file of any kind: encode again
-                return _unusable(path, f"not a readable label file ({type(e).__name__}: {e})")
+            return _unusable(path, f"cannot read it ({e.strerror or e})")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                stored_key, labels, embeds = str(arrays["key"]), arrays["labels"], arrays["embeddings"]
+        except Exception as e:     # a damaged file of any kind: encode again
+            return _unusable(path, f"not a readable label file ({type(e).__name__}: {e})")
         if stored_key != _key_json(key) or embeds.ndim != 2 or labels.shape != (len(embeds),) \
                 or embeds.dtype != np.float32:
             return _unusable(path, "it holds other labels' data than its name says")
+        if dim is not None and embeds.shape[1] != dim:
+            return _unusable(path, f"its embeddings are {embeds.shape[1]} wide, this model's are {dim}")
         return {str(label): e for label, e in zip(labels, embeds)}
 
     def save(self, key: tuple, entries: dict[str, np.ndarray]) -> pathlib.Path | None:
         """Store `entries` ({label: embedding}) under `key`, replacing the file atomically.
         Returns the file, or None when it could not be written (with a warning)."""
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, key=np.array(_key_json(key)), labels=np.array(list(entries), dtype=str),
-                         embeddings=np.stack(list(entries.values())).astype(np.float32))
-            os.replace(tmp, path)
+            write_atomic(path, lambda f: np.savez(
+                f, key=np.array(_key_json(key)), labels=np.array(list(entries), dtype=str),
+                embeddings=np.stack(list(entries.values())).astype(np.float32)))
             return path
-        except OSError as e:
+        except OSError as e:       # a full disk, a folder others may write (UnsafeFileError), ...
             warnings.warn(f"{path}: label embeddings not stored ({e.strerror or e}); they will be encoded "
                           "again next time", LabelStoreWarning, stacklevel=2)
             return None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
 
 def _key_json(key: tuple) -> str:

@@ -226,11 +226,18 @@ def _square(d: dict, key: str, default: int, source: str) -> int:
     return _int({key: value}, key, default, source, "vision_cfg")
 
 
+MAX_MLP_WIDTH = 1 << 24    # an MLP wider than this is a broken config, not a model
+
+
 def _mlp_width(d: dict, width: int, source: str, where: str) -> int:
     ratio = d.get("mlp_ratio", 4.0)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
         raise ConfigError(f"{source}: model_cfg.{where}.mlp_ratio must be a positive number, got {ratio!r}")
-    return int(width * ratio)    # open_clip's ResidualAttentionBlock: mlp_width = int(d_model * mlp_ratio)
+    mlp_width = width * ratio
+    if not mlp_width < MAX_MLP_WIDTH:     # 1e308 would overflow int(); a billion-wide layer is not a CLIP
+        raise ConfigError(f"{source}: model_cfg.{where}.mlp_ratio {ratio!r} makes an MLP {mlp_width:.3g} wide (width "
+                          f"{width}); open_clip checkpoints use ratios near 4")
+    return int(mlp_width)    # open_clip's ResidualAttentionBlock: mlp_width = int(d_model * mlp_ratio)
 
 
 # ---- weights ------------------------------------------------------------------------------------

@@ -419,6 +419,13 @@ class ImageProcessor:
         image's place in its batch, for error messages (the errors are those of __call__)."""
         return self._resize_crop(self._rgb(image, i), i)
 
+    def output_shape(self) -> tuple[int, int] | None:
+        """(height, width) of every image this processor gives (the pad size where it pads), or None
+        where it depends on the image."""
+        if self.do_pad:
+            return self.pad_size["height"], self.pad_size["width"]
+        return self.crop_shape()
+
     def crop_shape(self) -> tuple[int, int] | None:
         """(height, width) of every crop, or None where it depends on the image (a resize by an edge
         without a center crop)."""
@@ -510,6 +517,22 @@ def _shortest_longest(height: int, width: int, shortest: int, longest: int) -> t
     if width < height:
         return int(ratio_base * height / width), shortest
     return shortest, int(ratio_base * width / height)
+
+
+def check_image_size(processor, image_size: int, folder) -> None:
+    """Refuse, at load, preprocessing whose images can never have the model's size: a crop (or pad)
+    of another size than vision_config.image_size, or a crop larger than the padded image (which
+    would only allocate memory before failing)."""
+    out = processor.output_shape() if hasattr(processor, "output_shape") else processor.crop_shape()
+    crop = processor.crop_shape()
+    if out is not None and out != (image_size, image_size):
+        what = "pad_size" if getattr(processor, "do_pad", False) else "crop_size"
+        raise ConfigError(f"{folder}: the image preprocessing gives {out[1]}x{out[0]} images ({what}), but the model "
+                          f"takes {image_size}x{image_size} (vision_config.image_size); set {what} to {image_size} "
+                          "in the preprocessor config")
+    if out is not None and crop is not None and (crop[0] > out[0] or crop[1] > out[1]):
+        raise ConfigError(f"{folder}: crop_size {crop[1]}x{crop[0]} is larger than the {out[1]}x{out[0]} images the "
+                          "preprocessing gives (pad_size); set crop_size to at most that")
 
 
 def _center_crop(pixels: np.ndarray, crop_height: int, crop_width: int) -> np.ndarray:

@@ -20,10 +20,10 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import threading
 
 from . import trust
+from .atomic import write_atomic
 
 FILE = "backends.json"
 FORMAT = 1
@@ -75,44 +75,20 @@ def remember(backend, key: str, **answers) -> None:
 
 def _read(path: pathlib.Path) -> dict[str, dict]:
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+        data = json.loads(trust.read_trusted(path)[:1 << 20])    # a plain file, yours alone
+    except (OSError, ValueError):
         return {}
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        import stat
-        if not stat.S_ISREG(st.st_mode) or trust.untrusted(path.parent) or trust.untrusted_stat(st, path):
-            return {}
-        try:
-            data = json.loads(f.read(1 << 20))
-        except (OSError, ValueError):
-            return {}
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
         return {}
     return {k: v for k, v in data["entries"].items() if isinstance(v, dict)}
 
 
 def _write(path: pathlib.Path, entries: dict[str, dict]) -> None:
-    tmp = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if trust.untrusted(path.parent):
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT, "entries": entries}, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
+        write_atomic(path, lambda f: f.write(json.dumps({"format": FORMAT, "entries": entries}, sort_keys=True).encode()))
+    except OSError:     # a full disk, a folder others may write (UnsafeFileError): found again next time
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def files_key(*patterns: str) -> str:

@@ -23,6 +23,7 @@ import functools
 from importlib.metadata import entry_points
 
 from .errors import BackendError
+from .trust import guard_kernel_cache
 
 GROUP = "tinyclip.backends"
 GPU = "gpu"                   # device="gpu": the best available accelerator
@@ -182,6 +183,7 @@ def registered() -> tuple[Backend, ...]:
     A plugin that fails to import is listed as unavailable with the import
     error as its reason, rather than breaking tinyclip.
     """
+    guard_kernel_cache()     # before any plugin opens a device: tinygrad may read its kernel cache then
     found: dict[str, Backend] = {}
     for ep in entry_points(group=GROUP):
         try:

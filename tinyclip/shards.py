@@ -29,6 +29,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import __version__, identity
+from .atomic import write_atomic
 from .errors import TinyClipError
 
 MANIFEST = "manifest.json"
@@ -188,12 +189,10 @@ class ShardWriter:
                           "error": pa.array(errors, pa.string())})
         name = f"{SHARD_PREFIX}{self.run}-{self.seq:06d}{SHARD_SUFFIX}"
         self.seq += 1
-        tmp = self.folder / f"{TMP_PREFIX}{name}"
         try:
-            pa.parquet.write_table(table, tmp)
-            os.replace(tmp, self.folder / name)
+            write_atomic(self.folder / name, lambda f: pa.parquet.write_table(table, f), private=False,
+                         tmp_prefix=TMP_PREFIX)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise OutputFolderError(f"{self.folder / name}: cannot write the shard ({e.strerror or e})") from None
         self.rows += len(keep)
         self.errors += int((~valid).sum())
@@ -212,12 +211,10 @@ class ShardWriter:
 
 def write_json(path: pathlib.Path, value) -> None:
     """Write JSON to a temporary name beside `path`, then rename: a crash never leaves half a file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()), private=False,
+                     tmp_prefix=TMP_PREFIX)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OutputFolderError(f"{path}: cannot write it ({e.strerror or e})") from None
 
 

@@ -123,7 +123,7 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
     stored: dict[str, np.ndarray] = {}
     if missing and store is not None:
         key = (clip.identity["fingerprint"], clip.dtype, templates)
-        stored = store.load(key)
+        stored = store.load(key, dim=clip.config.projection_dim)
         for label in missing:
             if label in stored:
                 cache.put((templates, label), stored[label])
@@ -151,11 +151,15 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
 def _warn_truncated(clip, labels: Sequence[str], templates: tuple[str, ...]) -> None:
     """One TruncationWarning per label whose longest prompt does not fit the context length."""
     context = clip.config.text_config.max_position_embeddings
+    room = context - 2     # besides the start and end tokens
     for label in labels:
-        longest = max(len(clip.tokenizer.encode(t.replace("{}", label))) for t in templates) + 2   # + start, end
-        if longest > context:
-            warnings.warn(f"label {label!r} is cut to fit the model's {context}-token context (its longest prompt "
-                          f"has {longest} tokens): only its start counts", TruncationWarning, stacklevel=3)
+        # limit=room: reading stops past the context, so a huge label costs what a short one does
+        longest = max(len(clip.tokenizer.encode(t.replace("{}", label), limit=room)) for t in templates)
+        if longest > room:
+            shown = repr(label) if len(label) <= 60 else f"{label[:60]!r}..."
+            warnings.warn(f"label {shown} is cut to fit the model's {context}-token context (a prompt of it has "
+                          f"more than {room} tokens besides start and end): only its start counts",
+                          TruncationWarning, stacklevel=3)
 
 
 def resolve_templates(templates) -> tuple[str, ...]:

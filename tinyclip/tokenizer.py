@@ -96,6 +96,10 @@ _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad
 _SIGMA = "\u03a3"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_CACHED_WORD = 256  # longer words are not cached: a cache entry per hostile megabyte word would grow without bound
+# Where a long text may be cut into pieces that are cleaned and split on their own: ASCII white space,
+# which every cleaning mode turns into a word break. Only the pieces a row needs are read.
+_CUT = re.compile(r"[ \t\n\r\f\v]")
+CHUNK_CHARS = 1024     # characters a piece holds at least (a piece ends at the first cut after that)
 _SPECIAL_WORDS = {"<|startoftext|>": ["<|", "startoftext", "|>"], "<|endoftext|>": ["<|", "endoftext", "|>"]}
 
 
@@ -312,6 +316,8 @@ class CLIPTokenizer:
         normalized = {c: self._normalize(c) for c, t in tokens.items() if t.normalized}
         self._normalized_ids = {n: vocab[c] for c, n in normalized.items()}
         self._normalized_tokens = _token_splitter(list(normalized.values()))
+        # A text is read piece by piece (see _pieces) unless a token could span a cut.
+        self._cut = None if any(_CUT.search(t) for t in [*tokens, *normalized.values()]) else _CUT
 
         # (left id, right id) -> (rank, merged id); a repeated pair keeps its last rank, as in tokenizers.
         self._merges = {}
@@ -366,29 +372,47 @@ class CLIPTokenizer:
             for w in _SPECIAL_WORDS.get(word, (word,)):
                 yield w.encode("utf-8").decode("latin-1").translate(u.byte_symbols)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without start/end tokens, truncation or padding."""
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text`, without start/end tokens, truncation or padding; with `limit`, it stops
+        reading the text once more than `limit` ids are known (a text longer than a row then costs
+        what a row does, and `len(ids) > limit` still says it was too long)."""
         _check_text(text, "the text")
-        return self._encode(text, None)
+        return self._encode(text, limit)
+
+    def _pieces(self, text: str):
+        """`text` in consecutive pieces of CHUNK_CHARS or more, each ending just after a cut (`_cut`).
+        Cleaning a piece alone gives what cleaning the whole text gives there (nothing joins across
+        white space: not NFC, not a white-space run, which only separates words, not an HTML
+        entity, nor an added token), so its words and ids are those of the whole text."""
+        start = 0
+        while self._cut is not None and len(text) - start > CHUNK_CHARS:
+            cut = self._cut.search(text, start + CHUNK_CHARS)
+            if cut is None:
+                break
+            yield text[start:cut.end()]
+            start = cut.end()
+        yield text[start:] if start else text
 
     def _encode(self, text: str, limit: int | None) -> list[int]:
         """`encode`, stopping once more than `limit` ids are known (None: never); words are
         independent, so the first ids do not depend on what follows."""
         ids = []
-        for raw, token_id in _split(text, self._raw_tokens, self._token_ids):
-            if token_id is not None:
-                ids.append(token_id)
-            else:
-                for piece, token_id in _split(self._normalize(raw), self._normalized_tokens, self._normalized_ids):
-                    if token_id is not None:
-                        ids.append(token_id)
-                        continue
-                    for word in self._words(piece):
-                        ids += self._bpe(word)
-                        if limit is not None and len(ids) > limit:
-                            return ids
-            if limit is not None and len(ids) > limit:
-                return ids
+        for chunk in self._pieces(text):
+            for raw, token_id in _split(chunk, self._raw_tokens, self._token_ids):
+                if token_id is not None:
+                    ids.append(token_id)
+                else:
+                    for piece, token_id in _split(self._normalize(raw), self._normalized_tokens,
+                                                  self._normalized_ids):
+                        if token_id is not None:
+                            ids.append(token_id)
+                            continue
+                        for word in self._words(piece):
+                            ids += self._bpe(word)
+                            if limit is not None and len(ids) > limit:
+                                return ids
+                if limit is not None and len(ids) > limit:
+                    return ids
         return ids
 
     def __call__(self, texts: str | Sequence[str], *, truncate: bool = True) -> np.ndarray:
@@ -466,12 +490,15 @@ _OPENCLIP_PATTERN = (rf"{OPENCLIP_START}|{OPENCLIP_END}|'s|'t|'re|'ve|'m|'ll|'d|
                      r"[^\s\p{L}\p{N}]+")
 
 
-def normalize_openclip(text: str) -> str:
+def normalize_openclip(text: str, after_lt: bool = False) -> str:
     """open_clip's `clean='lower'`: ftfy's `fix_text`, `html.unescape` twice, strip, white space
-    runs (str.split) -> " ", lower-case (`tokenizer.py`, `_clean_lower`)."""
+    runs (str.split) -> " ", lower-case (`tokenizer.py`, `_clean_lower`).
+
+    `after_lt`: `text` continues a text whose earlier lines hold a "<" (ftfy stops unescaping HTML
+    for the rest of a text from the first line that holds one)."""
     import ftfy   # a declared dependency, imported here as only open_clip checkpoints need it
 
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text, unescape_html=False if after_lt else "auto"))).strip()
     return " ".join(text.split()).strip().lower()
 
 
@@ -502,6 +529,9 @@ class OpenClipTokenizer(CLIPTokenizer):
         self.pad_token_id = self.PAD_ID
         self._pattern = regex.compile(_OPENCLIP_PATTERN, regex.IGNORECASE)
         self._special_words = {OPENCLIP_START: self.bos_token_id, OPENCLIP_END: self.eos_token_id}
+        # ftfy's fix_text repairs each line on its own (it splits the text after each "\n"), so a
+        # text is cut into pieces only there: its mojibake repairs may span a space.
+        self._cut = re.compile("\n")
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, context_length: int | None = None, **_) -> "OpenClipTokenizer":
@@ -524,15 +554,30 @@ class OpenClipTokenizer(CLIPTokenizer):
     def _encode(self, text: str, limit: int | None) -> list[int]:
         ids = []
         symbols = _unicode().byte_symbols
-        for word in self._pattern.findall(self._normalize(text)):
-            special = self._special_words.get(word)
-            if special is not None:
-                ids.append(special)
-            else:
-                ids += self._bpe(word.encode("utf-8").decode("latin-1").translate(symbols))
-            if limit is not None and len(ids) > limit:
-                return ids
+        after_lt = False
+        for chunk in self._pieces(text):
+            for word in self._pattern.findall(self._normalize(chunk, after_lt)):
+                special = self._special_words.get(word)
+                if special is not None:
+                    ids.append(special)
+                else:
+                    ids += self._bpe(word.encode("utf-8").decode("latin-1").translate(symbols))
+                if limit is not None and len(ids) > limit:
+                    return ids
+            after_lt = after_lt or "<" in chunk
         return ids
+
+
+def check_vocab_size(tokenizer: CLIPTokenizer, vocab_size: int, folder: Path, config_file: str) -> None:
+    """Refuse a checkpoint whose text embedding table (`vocab_size` rows) is smaller than its tokenizer's
+    ids: the largest id would read past the table (transformers raises an IndexError there)."""
+    largest = max(tokenizer.vocab.values())
+    if largest >= vocab_size:
+        folder = Path(folder)
+        source = next((n for n in ("vocab.json", "tokenizer.json") if (folder / n).is_file()), "the tokenizer files")
+        raise TokenizerError(f"{folder / config_file}: the text model has vocab_size {vocab_size}, but {folder / source} "
+                             f"has token ids up to {largest}; the tokenizer and the weights come from different "
+                             "checkpoints: use the tokenizer files this checkpoint was trained with")
 
 
 def _check_text(text: str, what: str) -> None:

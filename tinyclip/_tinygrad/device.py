@@ -10,13 +10,13 @@ import hashlib
 import os
 import pathlib
 import threading
-import warnings
 
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import Context
 
-from ..trust import untrusted, untrusted_stat
+from ..atomic import write_atomic
+from ..trust import guard_kernel_cache, read_trusted  # noqa: F401  (re-exported: it runs before tinygrad reads its cache)
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16}
 
@@ -155,46 +155,25 @@ def _program_digest(ast, renderer) -> str:
 
 def _read_program(path: pathlib.Path):
     import pickle
-    import stat
     from tinygrad.device import TinyELF
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        data = read_trusted(path)    # a plain file, yours alone, in a folder yours alone
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or untrusted(path.parent) or untrusted_stat(st, path):
-            return None
-        try:
-            elf = pickle.loads(f.read(16 << 20))
-        except Exception:    # damaged: generated afresh and rewritten
-            return None
+    try:
+        elf = pickle.loads(data)
+    except Exception:    # damaged: generated afresh and rewritten
+        return None
     return elf if isinstance(elf, TinyELF) else None
 
 
 def _write_program(path: pathlib.Path, elf) -> None:
     import pickle
-    import tempfile
-    tmp = None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if untrusted(path.parent):
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pickle.dumps(elf))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:      # a cache that cannot be written: the next process generates them again
+        write_atomic(path, lambda f: f.write(pickle.dumps(elf)))
+    except OSError:      # a cache that cannot be written (or in a folder others may write): generated again
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _reason(e: BaseException) -> str:
@@ -212,20 +191,6 @@ def supports_half(device: str, context=None) -> bool:
             return Tensor([1.5], device=device).cast(dtypes.float16).mul(2).cast(dtypes.float32).tolist() == [3.0]
     except Exception:
         return False
-
-
-def guard_kernel_cache() -> None:
-    """tinygrad reads its kernel cache back with pickle: use it only when the
-    current user owns it and nobody else may write to it; otherwise switch the
-    cache off (CACHELEVEL=0) for this process, with a warning that says why."""
-    from tinygrad import helpers
-    path = kernel_cache_path()
-    reason = untrusted(path) or untrusted(os.path.dirname(path))
-    if reason:
-        helpers.CACHELEVEL.value = 0
-        warnings.warn(f"tinygrad's kernel cache {path} is not safe to read ({reason}); tinyclip disabled it "
-                      "for this process. Remove it or set CACHEDB to a file only you can write.", stacklevel=2)
-
 
 
 def tf32_context(enabled: bool):
@@ -255,11 +220,6 @@ def renderer_threads(device: str) -> int:
     r = Device[device].renderer
     limit = getattr(r, "global_max", None)
     return int(limit[0]) if limit and getattr(r, "has_threads", False) else 1
-
-
-def kernel_cache_path() -> str:
-    from tinygrad import helpers
-    return helpers.CACHEDB
 
 
 def synchronize(device: str) -> None:

@@ -13,7 +13,6 @@ subcommand's usage line, then the error, with exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -21,6 +20,8 @@ import warnings
 
 from .. import trace
 from ..errors import BackendError, TinyClipError, UsageError
+from ..trust import guard_kernel_cache
+from .terminal import json_text, say
 
 DEFAULT_BATCH_SIZE = 32
 JSON_SIGNIFICANT_DIGITS = 6     # what a float32 score means; more digits are noise
@@ -90,7 +91,7 @@ def rounded(score: float) -> float:
 
 
 def print_json(value) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    say(json_text(value))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,14 +126,15 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            guard_kernel_cache()     # before any command's first tinygrad call (tinyclip.trust)
             return args.run(args) or 0
     except TinyClipError as e:
         progress.clear()
-        print(f"tinyclip: error: {e}", file=sys.stderr)
+        say(f"tinyclip: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         progress.clear()
-        print("tinyclip: interrupted", file=sys.stderr)
+        say("tinyclip: interrupted", file=sys.stderr)
         return 130
     finally:
         if trace.enabled() and (started := trace.process_start()) is not None:
@@ -143,7 +145,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     """Warnings as one line, like errors, without Python's file and line."""
     from .. import progress
     progress.clear()
-    print(f"tinyclip: warning: {message}", file=file or sys.stderr)
+    say(f"tinyclip: warning: {message}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

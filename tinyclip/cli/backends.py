@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from .terminal import json_text, say
 
 # DEVICE shows the compiler where backends share a device (CPU:CLANG, CPU:LLVM), so they look different.
 COLUMNS = (("name", "NAME"), ("shown_device", "DEVICE"), ("available", "AVAILABLE"), ("default_dtype", "DEFAULT DTYPE"),
@@ -73,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     from .. import registry
     default = registry.default()
     rows = [describe(b, default) for b in registry.registered()]
-    print(json.dumps(rows, indent=2) if args.json else table(rows))
+    say(json_text(rows) if args.json else table(rows))
     return 0

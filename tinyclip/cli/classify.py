@@ -16,6 +16,7 @@ from ..preprocess import load_image
 from . import add_model_options, check_batch_size, load_model, print_json, rounded
 from .lines import read_lines
 from .progress_bar import ProgressBar
+from .terminal import say, shown
 
 CLASSIFY_EPILOG = """\
 examples:
@@ -89,10 +90,10 @@ def run_classify(args) -> int:
             if args.json:
                 results.append({"image": path, "scores": {label: rounded(p) for label, p in best}})
             else:
-                print(path)
-                width = max(len(label) for label, _ in best)
+                say(shown(path))
+                width = max(len(shown(label)) for label, _ in best)
                 for label, p in best:
-                    print(f"  {100 * p:7.2f}%  {label:<{width}}".rstrip())
+                    say(f"  {100 * p:7.2f}%  {shown(label):<{width}}".rstrip())
                 sys.stdout.flush()
     if args.json:
         print_json(results)

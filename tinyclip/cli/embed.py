@@ -15,6 +15,7 @@ from ..errors import ImageError, UsageError
 from . import add_model_options, check_batch_size, embed_ray, load_model, npz, print_json
 from .lines import read_lines
 from .progress_bar import ProgressBar
+from .terminal import say, shown
 
 EMBED_EPILOG = """\
 examples:
@@ -112,7 +113,7 @@ def run_embed(args) -> int:
     else:
         what = "texts" if args.texts else "images"
         note = f"; skipped {len(skipped)} unreadable file{'s' * (len(skipped) != 1)}" if skipped else ""
-        print(f"wrote {len(names)} {what} x {dim} float32 embeddings to {out}{note}")
+        say(f"wrote {len(names)} {what} x {dim} float32 embeddings to {shown(out)}{note}")
     return 0
 
 

@@ -7,10 +7,10 @@ The options are registered on `embed`'s parser by `add_options`; `run_embed` che
 from __future__ import annotations
 
 import itertools
-import json
 import os
 
 from ..errors import UsageError
+from .terminal import json_text, say, shown
 
 ENGINES = ("local", "ray")
 
@@ -61,8 +61,8 @@ def run_embed(args) -> int:
     summary = {"out": os.path.abspath(args.out), "count": manifest["count"], "errors": manifest["errors"],
                "dim": manifest["projection_dim"]}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        say(json_text(summary))
     else:
         note = f"; {summary['errors']} unreadable (see the error column)" if summary["errors"] else ""
-        print(f"{summary['out']}: {summary['count']} images x {summary['dim']} float32 embeddings{note}")
+        say(f"{shown(summary['out'])}: {summary['count']} images x {summary['dim']} float32 embeddings{note}")
     return 0

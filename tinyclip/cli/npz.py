@@ -23,6 +23,7 @@ import pathlib
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import UsageError
 
 NPZ_FORMAT = 2
@@ -51,18 +52,12 @@ def shown_path(path: str, root: str) -> str:
 
 
 def save(out: pathlib.Path, **arrays) -> None:
-    """Write `arrays` to `out` (np.savez) without ever leaving a truncated file there."""
-    # written next to the target and renamed, so an interrupted run never leaves a truncated .npz
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    """Write `arrays` to `out` (np.savez) without ever leaving a truncated file there, and without
+    following a link planted at a temporary name in a shared folder (tinyclip.atomic)."""
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
+        write_atomic(out, lambda f: np.savez(f, **arrays), private=False)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write the file ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def header(identity: dict, dtype: str, normalized: bool, dim: int) -> dict:
@@ -89,8 +84,15 @@ def read_image_embeddings(path: str) -> ImageEmbeddings:
     embeddings, paths = arrays["embeddings"], arrays["paths"]
     if embeddings.ndim != 2 or paths.shape != (len(embeddings),):
         raise UsageError(f"--images {path}: embeddings {embeddings.shape} and paths {paths.shape} do not match")
+    if embeddings.dtype.kind not in "fiu":
+        raise UsageError(f"--images {path}: its embeddings are {embeddings.dtype} values, not numbers; embed again")
+    embeddings = embeddings.astype(np.float32, copy=False)
+    if len(bad := np.flatnonzero(~np.isfinite(embeddings).all(axis=1))):
+        more = f" (and {len(bad) - 1} other rows)" if len(bad) > 1 else ""
+        raise UsageError(f"--images {path}: row {bad[0]} ({paths[bad[0]]}) holds NaN or infinity{more}; "
+                         "embed that image again")
     if "model_identity" not in arrays:     # format 1: paths relative to wherever embed ran
-        return ImageEmbeddings(embeddings.astype(np.float32, copy=False), [str(p) for p in paths], None, None,
+        return ImageEmbeddings(embeddings, [str(p) for p in paths], None, None,
                                str(arrays["model"]))
     try:
         identity = json.loads(str(arrays["model_identity"]))
@@ -101,5 +103,5 @@ def read_image_embeddings(path: str) -> ImageEmbeddings:
                          "embed again") from None
     if not isinstance(identity, dict):
         raise UsageError(f"--images {path}: model_identity is not a JSON object; embed again")
-    return ImageEmbeddings(embeddings.astype(np.float32, copy=False), [shown_path(str(p), root) for p in paths],
+    return ImageEmbeddings(embeddings, [shown_path(str(p), root) for p in paths],
                            identity, dtype, None)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .terminal import say
+
 REDRAW_S = 0.1     # at most ten redraws a second: drawing is I/O on every batch otherwise
 
 
@@ -34,7 +36,7 @@ class ProgressBar:
         """Print a line (a warning) above the bar."""
         if self.drawn:
             self.stream.write("\r\033[K")
-        print(message, file=self.stream)
+        say(message, file=self.stream)
         if self.enabled:
             self._draw()
 

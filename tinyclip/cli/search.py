@@ -16,6 +16,7 @@ from ..preprocess import load_image
 from ..vectors import unit_rows
 from . import add_model_options, check_batch_size, check_device, load_model, npz, print_json, rounded
 from .progress_bar import ProgressBar
+from .terminal import say, shown
 
 DEFAULT_SEARCH_TOP = 10
 
@@ -103,15 +104,15 @@ def run_search(args) -> int:
     if args.json:
         print_json([{"path": p, "score": rounded(s)} for p, s in best])
     else:
-        print(f"{'rank':>4}  {'score':>7}  path")
+        say(f"{'rank':>4}  {'score':>7}  path")
         for rank, (p, s) in enumerate(best, 1):
-            print(f"{rank:>4}  {s:7.4f}  {p}")
+            say(f"{rank:>4}  {s:7.4f}  {shown(p)}")
     return 0
 
 
 def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
     """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
-    before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
+    before the model loads: the fingerprint reads the weights once, then comes from the digest cache."""
     from .. import hub, identity
     folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
     current = identity.of_checkpoint(folder)

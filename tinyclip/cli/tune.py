@@ -17,12 +17,12 @@ Arguments are checked before the model loads, so a typo fails at once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, add_model_options, check_batch_size, check_device
+from .terminal import json_text, say
 
 DEFAULT_BATCHES = "1,32"
 DEFAULT_TEXT_LENGTHS = "8,10,12"
@@ -103,11 +103,11 @@ def run(args) -> int:
     done, failed = [], 0
     for key in keys:
         what = _describe(key)
-        print(f"tuning {what} (BEAM={args.beam}) ...", file=sys.stderr, flush=True)
+        say(f"tuning {what} (BEAM={args.beam}) ...", file=sys.stderr, flush=True)
         seconds, path = model.runner.tune(key, args.beam)
         if path is None:
             failed += 1
-            print(f"tinyclip: warning: {what}: tuned in {seconds:.1f} s but not stored (see the warning above)",
+            say(f"tinyclip: warning: {what}: tuned in {seconds:.1f} s but not stored (see the warning above)",
                   file=sys.stderr)
             continue
         size = path.stat().st_size
@@ -115,11 +115,11 @@ def run(args) -> int:
                      "input": ("float32 pixels" if len(key) == 2 else "uint8 crops") if key[0] == "image" else None,
                      "beam": args.beam, "seconds": round(seconds, 2), "path": str(path), "bytes": size})
         if not args.json:
-            print(f"{what}: tuned in {seconds:.1f} s -> {path} ({size / 1e6:.1f} MB)", flush=True)
+            say(f"{what}: tuned in {seconds:.1f} s -> {path} ({size / 1e6:.1f} MB)", flush=True)
     if args.json:
-        print(json.dumps(done, indent=2))
+        say(json_text(done))
     elif done:
-        print(f"later runs of {name} on {model.device} ({model.dtype}) load these {len(done)} tuned graphs")
+        say(f"later runs of {name} on {model.device} ({model.dtype}) load these {len(done)} tuned graphs")
     if failed:
         raise UsageError(f"{failed} of {len(keys)} tuned graphs could not be stored in {model.runner.graphs.folder}")
     return 0

@@ -31,18 +31,9 @@ wrong numbers.
 """
 from __future__ import annotations
 
-import os
-
+from ..cachedir import ENV_DISABLE, enabled
 from .key import architecture_hash
 from .store import ENV_DIR, MAGIC, UNUSED_DAYS, GraphCacheWarning, GraphStore, cache_dir, cache_root, read_graph_header
 
-ENV_DISABLE = "TINYCLIP_GRAPH_CACHE"     # "0" switches the graph cache off
-
 __all__ = ["ENV_DIR", "ENV_DISABLE", "MAGIC", "UNUSED_DAYS", "GraphCacheWarning", "GraphStore", "architecture_hash",
            "cache_dir", "cache_root", "enabled", "read_graph_header"]
-
-
-def enabled(option: bool = True) -> bool:
-    """Whether to use the graph cache: `option` (load(..., graph_cache=)), unless the environment
-    variable TINYCLIP_GRAPH_CACHE switches it off (0, false, no, off)."""
-    return bool(option) and os.environ.get(ENV_DISABLE, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -16,10 +16,9 @@ import json
 import math
 import os
 import pathlib
-import stat
-import tempfile
 
 from .. import trust
+from ..atomic import write_atomic
 
 FORMAT = 1
 
@@ -73,17 +72,9 @@ def _empty() -> dict:
 def _read(path: pathlib.Path) -> dict:
     """The file's contents, or an empty account when it is missing, not trusted or not an account."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+        data = json.loads(trust.read_trusted(path)[:1 << 20])    # a plain file, yours alone
+    except (OSError, ValueError):
         return _empty()
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or trust.untrusted(path.parent) or trust.untrusted_stat(st, path):
-            return _empty()
-        try:
-            data = json.loads(f.read(1 << 20))
-        except (OSError, ValueError):
-            return _empty()
     out = _empty()
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return out
@@ -96,22 +87,8 @@ def _read(path: pathlib.Path) -> dict:
 
 def _write(path: pathlib.Path, data: dict) -> None:
     """Best effort: an account that cannot be saved only makes the next process start from what is on disk."""
-    tmp = None
     try:
-        if not path.parent.is_dir() or trust.untrusted(path.parent):
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
+        if path.parent.is_dir():
+            write_atomic(path, lambda f: f.write(json.dumps(data, sort_keys=True).encode()))
+    except OSError:     # a full disk, a folder others may write (UnsafeFileError)
         pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

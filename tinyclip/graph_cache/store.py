@@ -9,31 +9,24 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 import sys
-import tempfile
 import time
 import warnings
 
 from .. import _tinygrad, trust
+from ..cachedir import ENV_DIR, cache_root  # noqa: F401  (re-exported by graph_cache)
+from ..atomic import write_atomic
+from ..errors import UnsafeFileError
 from .._tinygrad import graph_pickle
 from . import key as keys
 
-ENV_DIR = "TINYCLIP_CACHE_DIR"           # tinyclip's cache folder; graphs go in its graphs/
 MAGIC = b"tinyclip-graph\n"
 UNUSED_DAYS = 30                         # a graph not loaded for this long is deleted when another is saved
 
 
 class GraphCacheWarning(UserWarning):
     """A cached graph could not be used or saved; tinyclip compiles afresh and goes on."""
-
-
-def cache_root() -> pathlib.Path:
-    """tinyclip's cache folder: $TINYCLIP_CACHE_DIR, else $XDG_CACHE_HOME/tinyclip, else ~/.cache/tinyclip."""
-    if root := os.environ.get(ENV_DIR):
-        return pathlib.Path(root).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = pathlib.Path(xdg) if os.path.isabs(xdg) else pathlib.Path.home() / ".cache"   # XDG: relative = unset
-    return base / "tinyclip"
 
 
 def cache_dir() -> pathlib.Path:
@@ -90,21 +83,18 @@ class GraphStore:
             self._warn(self.folder, f"no graph cache for this model ({type(e).__name__}: {e})")
             return None
         try:
-            f = open(path, "rb")
+            data = trust.read_trusted(path)
         except FileNotFoundError:
+            return None
+        except UnsafeFileError as e:
+            self._warn(path, f"not using the cached graph {path}: {e}. tinyclip reads these files with "
+                       "pickle, so it uses only plain files that you own and that only you can write. Fix the "
+                       f"permissions (chmod go-w {path.parent} {path}) or delete the file; compiling afresh "
+                       "for now, and leaving the file as it is.")
             return None
         except OSError as e:
             self._warn(path, f"cannot read the cached graph {path} ({e.strerror or e}); compiling afresh")
             return None
-        with f:
-            why = trust.untrusted(path.parent) or trust.untrusted_stat(os.fstat(f.fileno()), path)
-            if why:
-                self._warn(path, f"not using the cached graph {path}: {why}. tinyclip reads these files with "
-                           "pickle, so it uses only files that you own and that only you can write. Fix the "
-                           f"permissions (chmod go-w {path.parent} {path}) or delete the file; compiling afresh "
-                           "for now, and leaving the file as it is.")
-                return None
-            data = f.read()
         try:
             header, captured = _decode(data, self.key(graph), self.model)
         except Exception as e:   # whatever is wrong with the file, recompute: never crash, never use it
@@ -137,7 +127,7 @@ class GraphStore:
         captured = _tinygrad.captured_graph(jit)
         if captured is None:
             return None
-        path, tmp = self.folder, None
+        path = self.folder
         try:
             path = self.path(graph)
             if not self._make_folder(path):
@@ -153,24 +143,14 @@ class GraphStore:
             header = {"key": self.key(graph), "tuned": bool(tuned), "beam": int(beam),
                       "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:     # mkstemp makes it 0600
-                f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n")
-                f.write(payload)
-            os.replace(tmp, path)
-            tmp = None
+            write_atomic(path, lambda f: f.write(MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n"
+                                                 + payload))
             self._prune(path.parent)
             return path
         except Exception as e:   # a cache that cannot be written must not stop the embedding
             self._warn(path, f"could not save the compiled graph to {path} ({type(e).__name__}: {e}); "
                        "the next process will compile it again")
             return None
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
 
     def _prune(self, folder: pathlib.Path) -> None:
         """Delete graphs unused for UNUSED_DAYS (those of older tinyclip or tinygrad versions, of
@@ -217,12 +197,18 @@ def read_graph_header(path: os.PathLike) -> dict | None:
     """The JSON header of a graph file (key, tuned, beam, payload size and checksum), or None when the
     file is missing or not a graph file. Reads only the header: no pickle."""
     try:
-        with open(path, "rb") as f:
+        if not stat.S_ISREG(os.lstat(path).st_mode):     # a FIFO would block the open
+            return None
+        with open(path, "rb", opener=_no_follow) as f:
             if f.read(len(MAGIC)) != MAGIC:
                 return None
             return json.loads(f.readline(1 << 20))
     except (OSError, ValueError):
         return None
+
+
+def _no_follow(path, flags):
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
 
 
 

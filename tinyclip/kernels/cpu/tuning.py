@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 import time
 
 import numpy as np
 
 from ... import cpu_info, trace, trust
+from ...atomic import write_atomic
 from ..._tinygrad import buffers, cpu_runtime, forked_compiles, jit
 from ..._tinygrad.device import cpu_threads
 from .isa import ISA
@@ -172,11 +171,8 @@ def _path(folder, isa: ISA, threads: int):
 def _read(folder, isa: ISA, threads: int) -> dict | None:
     path, key = _path(folder, isa, threads)
     try:
-        with open(path, encoding="utf-8") as f:
-            if trust.untrusted(path.parent) or trust.untrusted_stat(os.fstat(f.fileno()), path):
-                return None
-            data = json.load(f)
-    except (OSError, ValueError):
+        data = json.loads(trust.read_trusted(path))
+    except (OSError, ValueError):      # none, not ours alone (UnsafeFileError), not a plain file, damaged
         return None
     costs = data.get("costs") if isinstance(data, dict) and data.get("key") == key else None
     if not (isinstance(costs, dict) and all(isinstance(costs.get(k), (int, float)) and costs[k] > 0
@@ -192,11 +188,7 @@ def _write(folder, isa: ISA, threads: int, costs: dict) -> None:
     try:
         for d in (path.parent.parent, path.parent):
             d.mkdir(mode=0o700, exist_ok=True)
-        if trust.untrusted(path.parent):
-            return
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "costs": costs, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
-        os.replace(tmp, path)
-    except OSError:
+        record = {"key": key, "costs": costs, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_atomic(path, lambda f: f.write(json.dumps(record).encode()))
+    except OSError:     # a full disk, a folder others may write (UnsafeFileError): no file, no temp file
         pass
