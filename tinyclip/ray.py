@@ -18,11 +18,15 @@ import io
 import logging
 import math
 import os
+import shutil
+import tempfile
+import time
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, TinyClipError
 
 try:
     import ray
@@ -43,6 +47,8 @@ ACTOR_BASE_MEMORY = 512 << 20   # an actor's Python, Ray and tinygrad before the
 ACTOR_WEIGHT_COPIES = 2          # the weights once as read, once as the model holds them (panels, float16)
 DECODE_CPUS = 1                  # per decoding task
 NO_ERROR = ""                 # the `error` column between stages: a string column, empty when the file was read
+RESOURCE_WAIT_S = 120.0          # how long a job waits for CPUs/GPUs that other jobs hold before giving up
+RESOURCE_POLL_S = 0.5
 
 
 class ImageEmbedder:
@@ -108,13 +114,18 @@ def preprocess_batch(batch: dict, processor: ImageProcessor) -> dict:
     for i in range(n):
         if errors[i] != NO_ERROR:
             continue
-        name = str(batch["path"][i]) if "path" in batch else f"image {i} of the batch"
+        # a path is a str, or bytes (os.fsencode, as embed_to_folder passes them: any file name is exact)
+        path = os.fsdecode(batch["path"][i]) if "path" in batch else None
+        name = shards.shown(path) if path is not None else f"image {i} of the batch"
         try:
-            image = _decode(data[i], name) if data is not None else load_image(name)
+            image = _decode(data[i], name) if data is not None else load_image(path)
             pixels[i] = processor(image)[0]
         except Exception as e:      # one bad file must never end a long run
             reason = str(e)
-            errors[i] = reason[len(name) + 2:] if reason.startswith(f"{name}: ") else reason or type(e).__name__
+            for prefix in (f"{name}: ", f"{path}: "):
+                if reason.startswith(prefix):
+                    reason = reason[len(prefix):]
+            errors[i] = reason or type(e).__name__
     shape = next((p.shape for p in pixels if p is not None), None) or _pixel_shape(processor)
     batch["pixels"] = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels]) \
         if n else np.zeros((0, *shape), np.float32)
@@ -145,13 +156,15 @@ def _pixel_shape(processor: ImageProcessor) -> tuple[int, ...]:
 
 def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: str | None = None,
                  dtype: str | None = None, revision: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 workers: int = 1, normalize: bool = False, num_gpus: float | None = None) -> "ray.data.Dataset":
+                 workers: int = 1, normalize: bool = False, num_gpus: float | None = None,
+                 wait_s: float = RESOURCE_WAIT_S) -> "ray.data.Dataset":
     """The Ray Data pipeline that embeds images: decoding in CPU tasks, encoding in an actor pool.
 
     Parameters
     ----------
-    paths_or_dataset : an iterable of image paths, or a `ray.data.Dataset` with a `path` or
-        `bytes` column (other columns are passed through).
+    paths_or_dataset : an iterable of image paths (str, UTF-8; or bytes, `os.fsencode`, for any
+        file name), or a `ray.data.Dataset` with a `path` (str or bytes) or `bytes` column (other
+        columns are passed through).
     model, device, dtype, revision : as `tinyclip.load`; every actor loads the model, so a local
         folder must exist on every node (hub ids are fetched into each node's cache).
     batch_size : images per task and per forward pass.
@@ -159,6 +172,8 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     normalize : unit-length embeddings.
     num_gpus : GPUs per actor; default 1 when `device` is "cuda" or "nv", or when `device` is None
         and the cluster has GPUs; else 0.
+    wait_s : how long to wait for the CPUs (or GPUs) the pool needs to be free, where other jobs hold
+        them; ResourcesBusyError after that (0: at once).
 
     Returns
     -------
@@ -175,11 +190,11 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     if isinstance(paths_or_dataset, ray.data.Dataset):
         ds = paths_or_dataset
     else:
-        rows = [{"path": os.fspath(p)} for p in paths_or_dataset]
+        rows = [{"path": _arrow_path(p)} for p in paths_or_dataset]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
     if num_gpus is None:
         num_gpus = 1 if _wants_gpu(device) else 0
-    _check_room(workers, num_gpus)
+    _check_room(workers, num_gpus, wait_s)
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"processor": processor}, batch_size=batch_size,
                         batch_format="numpy", num_cpus=DECODE_CPUS)
     # `memory` tells Ray what an actor holds (the weights, tinygrad, its batches) so that a node is not
@@ -197,9 +212,31 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     return ds
 
 
-def _check_room(workers: int, num_gpus: float) -> None:
-    """Refuse a pool the cluster cannot hold: Ray would wait for it forever. On CPUs each actor takes
-    a CPU and the decoding tasks need at least one more."""
+def _arrow_path(p):
+    """A path for a Ray Data `path` column: bytes as they are; a str must be UTF-8 (Arrow's strings are),
+    so a name that is not gets a one-line error saying to pass bytes."""
+    p = os.fspath(p)
+    if isinstance(p, str):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{shards.shown(p)}: the file name is not UTF-8; pass paths as bytes (os.fsencode) "
+                             "to embed it") from None
+    return p
+
+
+class ResourcesBusyError(TinyClipError, RuntimeError):
+    """The Ray cluster has the CPUs or GPUs a job needs, but other jobs held them for longer than the wait."""
+
+
+def _needs(workers: int, num_gpus: float) -> dict[str, float]:
+    """What the actor pool and one decoding task hold: each actor a CPU (or its GPUs), decoding a CPU."""
+    return {"GPU": workers * num_gpus, "CPU": DECODE_CPUS} if num_gpus else {"CPU": workers + DECODE_CPUS}
+
+
+def _check_room(workers: int, num_gpus: float, wait_s: float = 0) -> None:
+    """Refuse a pool the cluster cannot hold, and wait (up to `wait_s`, saying so) for one that other
+    jobs hold the resources of: Ray would otherwise wait forever without a word."""
     if not ray.is_initialized():
         connect()
     have = ray.cluster_resources()
@@ -210,6 +247,23 @@ def _check_room(workers: int, num_gpus: float) -> None:
         raise UsageError(f"--workers {workers}: each worker takes a CPU and decoding needs {DECODE_CPUS} more, "
                          f"the Ray cluster has {have.get('CPU', 0):g} CPUs; use --workers "
                          f"{max(1, int(have.get('CPU', 0) - DECODE_CPUS))}, or add machines")
+    need = _needs(workers, num_gpus)
+    deadline = time.monotonic() + wait_s
+    warned = False
+    while True:
+        free = ray.available_resources()
+        short = {k: v for k, v in need.items() if free.get(k, 0) + 1e-9 < v}
+        if not short:
+            return
+        busy = ", ".join(f"{free.get(k, 0):g} of {have.get(k, 0):g} {k}s free, {v:g} needed" for k, v in short.items())
+        if time.monotonic() >= deadline:
+            raise ResourcesBusyError(f"the Ray cluster is busy: {busy} after waiting {wait_s:g} s (other jobs hold "
+                                     "the rest); run again when they finish, use fewer --workers, or add machines")
+        if not warned:
+            warnings.warn(f"the Ray cluster is busy ({busy}); waiting up to {wait_s:g} s for other jobs to "
+                          "free them", stacklevel=3)
+            warned = True
+        time.sleep(RESOURCE_POLL_S)
 
 
 def _wants_gpu(device: str | None) -> bool:
@@ -220,76 +274,149 @@ def _wants_gpu(device: str | None) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def connect(address: str | None = None) -> None:
+_private_dir: str | None = None       # the temporary folder of the private Ray `connect` started
+
+
+def connect(address: str | None = None) -> bool:
     """Use the running Ray of this process, or connect to `address` ("auto", "ray://host:port",
-    "host:port"), or, with neither, start a local Ray on this machine."""
+    "host:port", else $RAY_ADDRESS), or, with neither, start a private Ray on this machine; returns
+    whether a private Ray was started (the caller then ends it with `disconnect`).
+
+    A private Ray is a new local cluster in a temporary folder of its own: it never joins a cluster
+    that is already running here (another user's, or one `ray start` left), as `ray.init()` would.
+    """
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    options = dict(logging_level=logging.WARNING, configure_logging=True)
+    if address:
+        try:
+            ray.init(address=address, **options)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise UsageError(f"--address {address}: cannot connect to Ray ({_first_line(e)}); start one with "
+                             "`ray start --head`, or leave --address out (and unset RAY_ADDRESS) for a private "
+                             "local Ray") from None
+        return False
+    global _private_dir
+    # Short and private: Ray's socket paths under it must fit in 107 bytes, and no one else may use it.
+    _private_dir = tempfile.mkdtemp(prefix="tinyclip-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     try:
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
-                 **({} if address else {"include_dashboard": False}))
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UsageError(f"--address {address}: cannot connect to Ray ({e}); start one with "
-                         "`ray start --head`, or leave --address out for a local Ray") from None
+        ray.init(address="local", include_dashboard=False, _temp_dir=_private_dir, **options)
+    except Exception as e:
+        disconnect()
+        raise RayStartError(f"cannot start a local Ray ({type(e).__name__}: {_first_line(e)})") from None
+    return True
 
 
-def embed_to_folder(paths: Iterable[str], out, model: str = hub.DEFAULT_MODEL, *, device: str | None = None,
+def disconnect() -> None:
+    """End the private Ray `connect` started, and remove its temporary folder."""
+    global _private_dir
+    if ray.is_initialized():
+        ray.shutdown()
+    if _private_dir is not None:
+        shutil.rmtree(_private_dir, ignore_errors=True)
+        _private_dir = None
+
+
+class RayStartError(TinyClipError, RuntimeError):
+    """A private local Ray could not be started."""
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def embed_to_folder(paths: Iterable, out, model: str = hub.DEFAULT_MODEL, *, device: str | None = None,
                     dtype: str | None = None, revision: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                     workers: int = 1, normalize: bool = False, address: str | None = None,
-                    shard_rows: int = DEFAULT_SHARD_ROWS,
+                    shard_rows: int = DEFAULT_SHARD_ROWS, retry_errors: bool = True,
+                    wait_s: float = RESOURCE_WAIT_S,
                     on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Embed the images at `paths` into the output folder `out` (tinyclip.shards), skipping those
     already there; returns the folder's manifest.
 
     Files are matched by absolute path, size and mtime: a re-run after an interruption embeds only
-    what is missing or changed. `on_progress(done, total)` is called after each shard (`total` counts
-    this run's files). Other parameters as `embed_images`; `address` as `connect`.
+    what is missing or changed, and (with `retry_errors`, the default) the files that could not be
+    read last time. Paths may be str or bytes; any file name is stored exactly. `on_progress(done,
+    total)` is called once before Ray starts (done 0) and after each batch (`total` counts this
+    run's files). Other parameters as `embed_images`; `address` as `connect` (a private Ray started
+    here is ended on return).
 
     Raises
     ------
     OutputFolderError
-        `out` holds another model's, dtype's or normalisation's embeddings, or other files.
+        `out` holds another model's, dtype's or normalisation's embeddings, or other files, or another
+        run is writing to it.
     """
     folder = hub.locate(model, revision=revision)
     config = CLIPConfig.from_file(folder / "config.json")
     hub_id = None if os.path.isdir(os.path.expanduser(os.fspath(model))) else str(model)
     wanted = shards.manifest_for(identity.of_checkpoint(folder, hub_id, revision), dtype or "float32",
                                  config.projection_dim, normalize)
-    writer = shards.ShardWriter(out, wanted)
-
-    todo, unreadable = [], []
-    for p in paths:
-        try:
-            key = shards.file_key(p)
-        except OSError as e:
-            key = (os.path.abspath(p), -1, -1)
-            unreadable.append((key, f"cannot read the file ({e.strerror or e})"))
-            continue
-        if key not in writer.done:
-            todo.append({"path": key[0], "size": key[1], "mtime": key[2]})
-    if unreadable:
-        keys, reasons = zip(*unreadable)
-        writer.write([k[0] for k in keys], [-1] * len(keys), [-1] * len(keys),
-                     np.zeros((len(keys), config.projection_dim), np.float32), list(reasons))
-
-    done = 0
-    if todo:
-        connect(address)
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
-        ds = embed_images(ds, model, device=device, dtype=dtype, revision=revision, batch_size=batch_size,
-                          workers=workers, normalize=normalize)
-        for batch in ds.iter_batches(batch_size=shard_rows, batch_format="numpy"):
-            errors = [None if e == NO_ERROR else e for e in batch["error"]]
-            writer.write([str(p) for p in batch["path"]], batch["size"], batch["mtime"], batch["embedding"], errors)
-            done += len(errors)
+    with shards.ShardWriter(out, wanted, retry_errors=retry_errors) as writer:
+        todo, unreadable = [], []
+        for p in paths:
+            try:
+                key = shards.file_key(p)
+            except OSError as e:
+                key = (os.fsencode(os.path.abspath(p)), -1, -1)
+                if not writer.is_done(key):
+                    unreadable.append((key, f"cannot read the file ({e.strerror or e})"))
+                continue
+            if not writer.is_done(key):
+                todo.append({"path": key[0], "size": key[1], "mtime": key[2]})
+        if unreadable:
+            keys, reasons = zip(*unreadable)
+            writer.write([k[0] for k in keys], [-1] * len(keys), [-1] * len(keys),
+                         np.zeros((len(keys), config.projection_dim), np.float32), list(reasons))
+        if todo:
             if on_progress is not None:
-                on_progress(done, len(todo))
-    return writer.finish()
+                on_progress(0, len(todo))
+            started = connect(address)
+            try:
+                _run(todo, writer, model, device=device, dtype=dtype, revision=revision, batch_size=batch_size,
+                     workers=workers, normalize=normalize, shard_rows=shard_rows, wait_s=wait_s,
+                     on_progress=on_progress)
+            finally:
+                if started:
+                    disconnect()
+        return writer.finish()
+
+
+def _run(todo: list[dict], writer: shards.ShardWriter, model: str, *, shard_rows: int, on_progress, **options):
+    """Embed the `todo` rows through the pipeline into `writer`, a shard per `shard_rows` rows."""
+    batch_size = options["batch_size"]
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
+    ds = embed_images(ds, model, **options)
+    pending: list[dict] = []
+    held = done = 0
+
+    def flush():
+        nonlocal held
+        if pending:
+            cat = {k: [x for b in pending for x in b[k]] for k in ("path", "size", "mtime", "error")}
+            writer.write(cat["path"], cat["size"], cat["mtime"], np.concatenate([b["embedding"] for b in pending]),
+                         cat["error"])
+            pending.clear()
+            held = 0
+
+    for batch in ds.iter_batches(batch_size=min(batch_size, shard_rows), batch_format="numpy"):
+        pending.append({"path": [bytes(p) for p in batch["path"]], "size": batch["size"], "mtime": batch["mtime"],
+                        "embedding": batch["embedding"],
+                        "error": [None if e == NO_ERROR else str(e) for e in batch["error"]]})
+        held += len(batch["path"])
+        done += len(batch["path"])
+        if held >= shard_rows:
+            flush()
+        if on_progress is not None:
+            on_progress(done, len(todo))
+    flush()
 
 
 def quiet_logs() -> None:
     """For the command line: Ray Data's warnings, but not its INFO lines (execution plans, where its
-    logs are, progress written as log lines when stderr is not a terminal). Progress bars on a
-    terminal stay."""
+    logs are, progress written as log lines when stderr is not a terminal), nor its progress bars
+    (the command line draws its own, of images done)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False

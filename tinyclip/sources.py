@@ -23,13 +23,15 @@ def image_paths(src) -> Iterator[str]:
     Parameters
     ----------
     src : a folder (searched recursively for image files, as `tasks.find_images`); an image file;
-        a .parquet or .csv file with a `path` column; or any other file, read as UTF-8 text with
-        one path per line (blank lines and lines starting with "#" left out).
+        a .parquet file with a `path` column of strings or bytes (`os.fsencode`, for names that are
+        not UTF-8); a UTF-8 .csv file with a `path` column; or any other file, read as UTF-8 text
+        with one path per line (blank lines and lines starting with "#" left out).
 
     Raises
     ------
     UsageError
-        `src` does not exist, or a table has no `path` column.
+        `src` does not exist, is not UTF-8 text (a list or CSV), or a table has no `path` column of
+        strings or bytes.
     """
     src = os.fspath(src)
     if os.path.isdir(src):
@@ -60,17 +62,26 @@ def _lines(src: str) -> Iterator[str]:
 
 
 def _csv(src: str) -> Iterator[str]:
-    with open(src, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if PATH_COLUMN not in (reader.fieldnames or []):
-            raise UsageError(f"{src}: no {PATH_COLUMN!r} column in the CSV header "
-                             f"(columns: {', '.join(reader.fieldnames or []) or 'none'})")
-        for row in reader:
-            if row[PATH_COLUMN]:
-                yield row[PATH_COLUMN]
+    try:
+        with open(src, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if PATH_COLUMN not in (reader.fieldnames or []):
+                raise UsageError(f"{src}: no {PATH_COLUMN!r} column in the CSV header "
+                                 f"(columns: {', '.join(reader.fieldnames or []) or 'none'})")
+            for row in reader:
+                if row[PATH_COLUMN]:
+                    yield row[PATH_COLUMN]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{src}: not a UTF-8 CSV ({e.reason} at byte {e.start}); save it as UTF-8, or list "
+                         "the paths in a .parquet with a binary path column") from None
+    except csv.Error as e:
+        raise UsageError(f"{src}: not a readable CSV ({e}); give a .csv with a header line and a path "
+                         "column") from None
 
 
 def _parquet(src: str) -> Iterator[str]:
+    """The `path` column of a Parquet table: strings, or bytes (file names as the file system holds
+    them, `os.fsencode`), which are decoded as `os.fsdecode` does so that any name stays exact."""
     from .shards import _pyarrow
     pa = _pyarrow()
     try:
@@ -79,7 +90,15 @@ def _parquet(src: str) -> Iterator[str]:
         raise UsageError(f"{src}: not a readable Parquet file ({type(e).__name__}: {e})") from None
     if PATH_COLUMN not in table.schema_arrow.names:
         raise UsageError(f"{src}: no {PATH_COLUMN!r} column (columns: {', '.join(table.schema_arrow.names)})")
-    for batch in table.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[PATH_COLUMN]):
-        for p in batch.column(0).to_pylist():
-            if p:
-                yield p
+    kind = table.schema_arrow.field(PATH_COLUMN).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise UsageError(f"{src}: the {PATH_COLUMN!r} column holds {kind}, not file paths; it must be a string "
+                         "(or binary) column")
+    try:
+        for batch in table.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[PATH_COLUMN]):
+            for p in batch.column(0).to_pylist():
+                if p:
+                    yield os.fsdecode(p)
+    except OSError as e:
+        raise UsageError(f"{src}: cannot read the Parquet file ({e})") from None
