@@ -104,7 +104,7 @@ def throughput(args, work: pathlib.Path) -> None:
     del clip
 
     t = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     print(f"local Ray start: {time.perf_counter() - t:.1f} s (paid once per cluster, not per run)")
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -137,7 +137,7 @@ def memory(args, work: pathlib.Path) -> None:
     paths = make_images(work / "images", args.memory, 24, "png")
     print(f"{len(paths)} PNG images of 24-36 px made in {time.perf_counter() - t:.1f} s; "
           f"model {args.model or 'tiny-quick'}, batch {args.batch_size}, shards of {args.shard_rows} rows")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"driver RSS after ray.init: {rss_mib():.0f} MiB")
     print(f"{'done':>7} {'driver MiB':>11} {'workers':>8} {'worker max MiB':>15} {'workers sum MiB':>16}")

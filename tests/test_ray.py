@@ -1,4 +1,4 @@
-"""tinyclip.ray on a real local Ray (ray.init(num_cpus=2) in this process), against single-process embed.
+"""tinyclip.ray on a real local Ray (a new 2-CPU cluster in this process), against single-process embed.
 
 The oracle is tinyclip's own single-process `tinyclip embed` (itself checked against transformers in
 test_cli/test_tasks): the Ray pipeline must give the same embeddings row for row, matched by path,
@@ -6,20 +6,27 @@ and, after a driver or an actor is killed part-way, hold every image exactly onc
 """
 import json
 import os
+import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # before Ray is imported: nothing leaves the machine
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
 
 from tests.conftest import ROOT
+from tests.test_shards import flip_a_byte_in_the_embeddings
 from tinyclip import cli, identity, shards, sources
 from tinyclip import ray as tinyclip_ray
 
@@ -35,7 +42,8 @@ ACTOR_EXIT_TIMEOUT_S = 60    # actors gone after a run
 
 @pytest.fixture(scope="module")
 def ray_address():
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a new cluster, never one that happens to run on the machine already
+    context = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield context.address_info["address"]
     ray.shutdown()
 
@@ -68,12 +76,16 @@ def reference(images, tiny_quick, tmp_path_factory):
 
 
 def rows_by_path(out) -> dict:
-    """{path: row} of an output folder, asserting that no path appears twice."""
-    rows = list(shards.iter_rows(out))
-    paths = [r["path"] for r in rows]
-    duplicated = sorted({p for p in paths if paths.count(p) > 1})
-    assert not duplicated, f"{len(duplicated)} images written more than once, e.g. {duplicated[:3]}"
-    return {r["path"]: r for r in rows}
+    """{path (str): newest row} of an output folder, asserting that no file was embedded twice (a path
+    appears again only where an earlier row of it failed and was retried)."""
+    rows, embedded = {}, set()
+    for r in shards.iter_rows(out):
+        key = (r["path"], r["size"], r["mtime"])
+        assert r["error"] is not None or key not in embedded, f"{key} embedded more than once"
+        if r["error"] is None:
+            embedded.add(key)
+        rows[os.fsdecode(r["path"])] = r
+    return rows
 
 
 def assert_matches_reference(out, images, reference):
@@ -152,7 +164,7 @@ def test_killed_actor_is_restarted_and_nothing_is_lost_or_doubled(ray_address, i
     killed, seen_after = [], set()
 
     def kill_an_actor(done, total):
-        if not killed and done < total:
+        if not killed and 0 < done < total:
             pids = _embedder_pids()
             assert pids, "no ImageEmbedder actor process found"
             os.kill(pids[0], signal.SIGKILL)
@@ -216,6 +228,7 @@ def test_rerun_after_the_driver_is_killed_embeds_only_what_is_missing(ray_addres
     driver.stderr.close()
     first_run = rows_by_path(out)
     assert 0 < len(first_run) < N_IMAGES + len(BAD_FILES)
+    embedded = sum(r["error"] is None for r in first_run.values())
     assert not shards.read_manifest(out)["complete"]
     # a shard the killed driver was writing: under its temporary name, it must not count
     (out / f"{shards.TMP_PREFIX}part-half-written.parquet").write_bytes(b"PAR1 and then nothing")
@@ -223,7 +236,7 @@ def test_rerun_after_the_driver_is_killed_embeds_only_what_is_missing(ray_addres
     redone = []
     tinyclip_ray.embed_to_folder(sources.image_paths(images), out, str(tiny_quick.folder),
                                  on_progress=lambda done, total: redone.append(total))
-    assert redone[-1] == N_IMAGES + len(BAD_FILES) - len(first_run)
+    assert redone[-1] == N_IMAGES + len(BAD_FILES) - embedded        # the files that failed are tried again
     assert_matches_reference(out, images, reference)
     assert not list(out.glob(shards.TMP_PREFIX + "*"))
     assert shards.read_manifest(out)["complete"]
@@ -233,13 +246,13 @@ def test_another_model_or_dtype_in_the_folder_is_refused(images, tiny_quick, tmp
     model = str(tiny_quick.folder)
     other = shards.manifest_for({"hub_id": "someone/other-clip", "revision": None, "folder": "/elsewhere",
                                  "fingerprint": "0" * 32}, "float32", tiny_quick.config.projection_dim, False)
-    shards.ShardWriter(tmp_path / "other-model", other)
+    shards.ShardWriter(tmp_path / "other-model", other).finish()
     assert cli.main(["embed", str(images), "--out", str(tmp_path / "other-model"), "--engine", "ray",
                      "--model", model]) == 1
     err = capsys.readouterr().err
     assert "someone/other-clip" in err and "another --out" in err and len(err.strip().splitlines()) == 1
 
-    same_model_half = shards.ShardWriter(tmp_path / "half", other).manifest
+    same_model_half = shards.ShardWriter(tmp_path / "half", other).finish()
     same_model_half["model"] = identity.of_checkpoint(tiny_quick.folder)
     same_model_half["dtype"] = "float16"
     shards.write_json(tmp_path / "half" / shards.MANIFEST, same_model_half)
@@ -262,9 +275,210 @@ def test_ray_options_need_the_ray_engine(images, tmp_path, capsys):
     assert "--workers works with --engine ray only" in capsys.readouterr().err
 
 
-def test_more_workers_than_the_cluster_holds_is_refused(ray_address, images, tiny_quick, tmp_path, capsys):
+def test_more_workers_than_the_cluster_holds_is_refused_in_one_line(ray_address, images, tiny_quick, tmp_path,
+                                                                    capsys):
     # two CPUs: two encoding actors would leave none for decoding, and Ray would wait forever
     assert cli.main(["embed", str(images), "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "2",
                      "--address", ray_address, "--model", str(tiny_quick.folder)]) == 1
-    assert "--workers 2: each worker takes a CPU and decoding needs 1 more, the Ray cluster has 2 CPUs; use " \
-           "--workers 1" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers 2: each worker takes a CPU and decoding needs 1 more, the Ray cluster has " \
+                             "2 CPUs; use --workers 1" in err[0], err
+    assert not (tmp_path / "out").exists()       # a run that fails before it writes leaves nothing behind
+    # the error names the file that holds Ray's output (and the error's traceback)
+    log = err[0].rsplit("(Ray's log: ", 1)[1].rstrip(")")
+    assert "UsageError" in pathlib.Path(log).read_text() and pathlib.Path(log).parent.name == "ray-logs"
+
+
+@pytest.fixture
+def few_images(images, tmp_path):
+    """Four files: two good images, one under a name that is not UTF-8 (the bytes of img001.png), and
+    one that cannot be read yet (garbage of the same size as a good PNG it turns into later)."""
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for name in ("set1/img001.png", "set2/img002.jpg"):
+        (folder / os.path.basename(name)).write_bytes((images / name).read_bytes())
+    odd = os.path.join(os.fsencode(folder), b"caf\xe9-\xff.png")       # Latin-1 bytes: not UTF-8
+    with open(odd, "wb") as f:
+        f.write((images / "set1" / "img001.png").read_bytes())
+    (folder / "flaky.png").write_bytes(b"not yet" * 1000)
+    return folder, os.fsdecode(odd)
+
+
+@pytest.mark.slow
+def test_a_rerun_retries_failed_files_and_redoes_a_damaged_shard(ray_address, few_images, images, reference,
+                                                                 tiny_quick, tmp_path):
+    folder, odd = few_images
+    out, model = tmp_path / "out", str(tiny_quick.folder)
+    img001, img002, flaky = folder / "img001.png", folder / "img002.jpg", folder / "flaky.png"
+    expected = {str(img001): reference[str(images / "set1" / "img001.png")], odd: reference[str(images / "set1" /
+                "img001.png")], str(flaky): reference[str(images / "set1" / "img001.png")],
+                str(img002): reference[str(images / "set2" / "img002.jpg")]}
+    # An earlier run's folder: img001 embedded; flaky.png could not be read (it is garbage now); img002
+    # embedded in a shard that a bad sector then damaged. The name that is not UTF-8 is new.
+    manifest = shards.manifest_for(identity.of_checkpoint(tiny_quick.folder), "float32",
+                                   tiny_quick.config.projection_dim, False)
+    writer = shards.ShardWriter(out, manifest)
+    keys = [shards.file_key(p) for p in (img001, flaky, img002)]
+    dim = tiny_quick.config.projection_dim
+    writer.write([k[0] for k in keys[:2]], [k[1] for k in keys[:2]], [k[2] for k in keys[:2]],
+                 np.stack([expected[str(img001)], np.zeros(dim)]), [None, "not an image Pillow can read"])
+    writer.write([keys[2][0]], [keys[2][1]], [keys[2][2]], expected[str(img002)][None], [None])
+    writer.finish()
+    flip_a_byte_in_the_embeddings(shards.shard_files(out)[-1])
+    # flaky.png becomes readable with the same size and mtime (a network mount that was down): only a
+    # retry embeds it
+    st = flaky.stat()
+    good = (images / "set1" / "img001.png").read_bytes()
+    assert len(good) < st.st_size
+    flaky.write_bytes(good + b"\0" * (st.st_size - len(good)))
+    os.utime(flaky, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shards.file_key(flaky) == keys[1]
+
+    totals = []
+    with pytest.warns(shards.DamagedShardWarning):
+        tinyclip_ray.embed_to_folder(sources.image_paths(folder), out, model,
+                                     on_progress=lambda done, total: totals.append(total))
+    assert totals[-1] == 3      # the new name, the file that failed, the damaged shard's image
+    assert os.fsencode(odd) in {r["path"] for r in shards.iter_rows(out)}        # the exact bytes of the name
+    embeddings, paths, manifest = shards.read_embeddings(out)
+    assert (manifest["count"], manifest["errors"]) == (4, 0)
+    assert sorted(paths.tolist()) == sorted(expected)
+    for path, embedding in zip(paths.tolist(), embeddings):
+        np.testing.assert_allclose(embedding, expected[path], atol=EMBED_TOLERANCE, rtol=0, err_msg=path)
+
+
+HOLD_THE_FOLDER = """
+import sys, time
+from tinyclip import shards
+shards.ShardWriter(sys.argv[1], shards.manifest_for({"fingerprint": "a" * 32}, "float32", 4, False))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_run_on_the_same_folder_is_refused_in_one_line(images, tiny_quick, tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_FOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cli.main(["embed", str(images), "--out", str(out), "--engine", "ray",
+                         "--model", str(tiny_quick.folder)]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"another run is writing to this folder: pid {holder.pid} on host " \
+                             f"{socket.gethostname()}" in err[0], err
+
+
+@ray.remote(num_cpus=1)
+class CPUHolder:
+    """Another job's actor, holding one of the cluster's CPUs."""
+
+    def ready(self):
+        return True
+
+
+def test_a_busy_cluster_is_waited_for_then_refused_in_one_line(ray_address, images, tiny_quick, tmp_path, capsys):
+    holder = CPUHolder.remote()
+    try:
+        ray.get(holder.ready.remote())
+        assert cli.main(["embed", str(images / "set1"), "--out", str(tmp_path / "out"), "--engine", "ray",
+                         "--address", ray_address, "--model", str(tiny_quick.folder), "--wait", "1"]) == 1
+    finally:
+        ray.kill(holder)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("tinyclip: warning: the Ray cluster is busy (1 of 2 CPUs free, 2 needed); waiting up "
+                             "to 1 s"), err
+    assert err[-1].startswith("tinyclip: error: the Ray cluster is busy: 1 of 2 CPUs free, 2 needed after waiting "
+                              "1 s"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_busy_cluster_is_waited_for_until_it_frees(ray_address):
+    holder = CPUHolder.remote()
+    ray.get(holder.ready.remote())
+    timer = threading.Timer(1.0, ray.kill, (holder,))
+    timer.start()
+    try:
+        with pytest.warns(UserWarning, match=r"the Ray cluster is busy \(1 of 2 CPUs free, 2 needed\); waiting up to"):
+            tinyclip_ray._check_room(1, 0, wait_s=STARTUP_TIMEOUT_S)     # returns once the holder is gone
+    finally:
+        timer.join()
+    assert ray.available_resources().get("CPU", 0) >= 2
+
+
+def run_in_a_terminal(argv, env, timeout) -> tuple[int, str]:
+    """Run a command with a pseudo-terminal as its stdout and stderr; (exit code, all it printed)."""
+    import pty
+    import select
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd, env=env)
+    os.close(child_fd)
+    output, deadline = b"", time.monotonic() + timeout
+    try:
+        while True:
+            assert time.monotonic() < deadline, f"{argv} still running after {timeout} s: {output.decode()[-2000:]}"
+            ready, _, _ = select.select([main_fd], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(main_fd, 65536)
+                except OSError:      # EIO: the child closed the terminal
+                    chunk = b""
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        proc.kill() if proc.poll() is None else None
+        os.close(main_fd)
+    return proc.wait(), output.decode(errors="replace")
+
+
+def terminal_lines(printed: str) -> list[str]:
+    """What a terminal shows, line by line: redraws (carriage returns) as lines, escape sequences dropped."""
+    import re
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", printed).replace("\r", "\n")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_without_address_a_private_ray_starts_even_beside_a_running_cluster(few_images, tiny_quick, tmp_path):
+    """`ray start --head` (1 CPU) runs on the machine, findable as the machine's current cluster; embed
+    without --address must start its own Ray (2 CPUs), not join it, and show a progress bar, not Ray's logs."""
+    # RAY_TMPDIR: the head and its ray_current_cluster file stay in this test (short: Ray's socket paths)
+    ray_tmp = pathlib.Path(tempfile.mkdtemp(prefix="tc-ray-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), TINYCLIP_CACHE_DIR=str(tmp_path / "cache"), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("TINYCLIP_PROGRESS", None)
+    with socket.socket() as s:         # a free port, not Ray's default 6379 that another head may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--num-cpus",
+                             "1", "--port", str(port), "--include-dashboard", "false", "--block"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "head.log", "wb"), start_new_session=True)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not (ray_tmp / "ray" / "ray_current_cluster").exists():
+            assert head.poll() is None and time.monotonic() < deadline, \
+                f"ray start --head did not come up: {(tmp_path / 'head.log').read_text()[-2000:]}"
+            time.sleep(0.2)
+        embed = [sys.executable, "-m", "tinyclip", "embed", str(few_images[0] / "img001.png"),
+                 str(few_images[0] / "img002.jpg"), "--model", str(tiny_quick.folder), "--engine", "ray"]
+        # on that 1-CPU cluster, --workers 1 would not fit (a worker and decoding need 2)
+        code, printed = run_in_a_terminal(embed + ["--out", str(tmp_path / "out")], env, STARTUP_TIMEOUT_S)
+        assert code == 0, printed
+        lines = terminal_lines(printed)
+        assert any(line.startswith("images [") and "2/2" in line for line in lines), printed      # the bar
+        assert lines[-1].endswith("2 images x 24 float32 embeddings"), printed
+        strays = [line for line in lines if not line.startswith("images")][:-1]
+        assert not strays, strays          # no core_worker.cc, no INFO or WARNING lines of Ray's
+        assert len(shards.read_embeddings(tmp_path / "out")[1]) == 2
+        assert len(list((tmp_path / "cache" / "ray-logs").glob("*.log"))) == 1      # where Ray's lines went
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGKILL)     # the head and the processes it started (its session)
+        except ProcessLookupError:
+            pass
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -275,6 +275,7 @@ def _wants_gpu(device: str | None) -> bool:
 
 
 _private_dir: str | None = None       # the temporary folder of the private Ray `connect` started
+connects = 0                          # calls of `connect` in this process (the CLI's log names them)
 
 
 def connect(address: str | None = None) -> bool:
@@ -285,6 +286,8 @@ def connect(address: str | None = None) -> bool:
     A private Ray is a new local cluster in a temporary folder of its own: it never joins a cluster
     that is already running here (another user's, or one `ray start` left), as `ray.init()` would.
     """
+    global connects
+    connects += 1
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -419,4 +422,6 @@ def quiet_logs() -> None:
     logs are, progress written as log lines when stderr is not a terminal), nor its progress bars
     (the command line draws its own, of images done)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    with warnings.catch_warnings():      # making the context warns of Ray's own deprecated defaults
+        warnings.simplefilter("ignore")
+        ray.data.DataContext.get_current().enable_progress_bars = False

@@ -77,7 +77,7 @@ def run_embed(args) -> int:
     paths = itertools.chain.from_iterable(sources.image_paths(src) for src in args.paths)
     from .. import ray as tinyclip_ray      # MissingDependencyError (one line) without Ray
     tinyclip_ray.quiet_logs()
-    with ray_output_to_log() as terminal:
+    with ray_output_to_log(lambda: tinyclip_ray.connects) as terminal:
         bar = None
 
         def on_progress(done, total):
@@ -118,12 +118,12 @@ def log_folder() -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def ray_output_to_log():
+def ray_output_to_log(connects=lambda: 0):
     """Send this process's stderr (file descriptor 2, which Ray's C++ core and its Python loggers
     write to) into a new log file while Ray runs; yields a stream on the real stderr for tinyclip's
-    own output. Python warnings go there too. An error raised inside names the log file when Ray
-    wrote to it; a Ray failure that is not tinyclip's own error becomes one line (the traceback goes
-    to the log)."""
+    own output. Python warnings go there too. An error raised inside is written to the log with its
+    traceback and names the log file, once Ray was used (`connects()` grew) or wrote to it; a Ray
+    failure that is not tinyclip's own error becomes one line."""
     folder = log_folder()
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -136,14 +136,24 @@ def ray_output_to_log():
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(2)
-    terminal = os.fdopen(os.dup(saved), "w", encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
-                         errors="backslashreplace", buffering=1)
+    try:
+        own = sys.stderr.fileno() != 2      # sys.stderr replaced by a caller (a test's capture): keep it
+    except (AttributeError, OSError, ValueError):
+        own = True
+    terminal = sys.stderr if own else os.fdopen(os.dup(saved), "w", encoding=sys.stderr.encoding or "utf-8",
+                                                errors="backslashreplace", buffering=1)
     os.dup2(fd, 2)
     os.close(fd)
     shown, warnings.showwarning = warnings.showwarning, _to(terminal, warnings.showwarning)
 
+    before = connects()
+
     def named(message: str) -> str:
-        return f"{message} (Ray's log: {path})" if path.stat().st_size else message
+        if not (path.stat().st_size or connects() > before):
+            return message
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as log:
+            traceback.print_exc(file=log)       # after Ray's own lines
+        return f"{message} (Ray's log: {path})"
 
     try:
         yield terminal
@@ -152,14 +162,14 @@ def ray_output_to_log():
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:      # Ray's own exceptions (a task or actor that failed for good, a lost cluster)
-        traceback.print_exc()   # into the log
         raise RayJobError(named(f"the Ray job failed: {type(e).__name__}: "
                                 f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')[:300]}")) from None
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
-        terminal.close()
+        if terminal is not sys.stderr:
+            terminal.close()
         warnings.showwarning = shown
         if not path.stat().st_size:
             path.unlink(missing_ok=True)
