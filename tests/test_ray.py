@@ -20,7 +20,6 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")     # before Ray is imported: nothing leaves the machine
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
