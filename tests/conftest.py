@@ -4,13 +4,29 @@ Each is saved with save_pretrained(safe_serialization=True), the real CLIP
 vocabulary and a matching preprocessor_config.json, once per test session.
 The torch model stays available as the oracle.
 """
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 from tests.checkpoints import ARCHITECTURES, build_checkpoint, clip_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# PoCL (the opencl backend on a CPU) keeps built kernels in ~/.cache/pocl/kcache by default, shared by
+# every process on the machine. Test runs that overlap there (two suites, or a suite and validate.py)
+# build the same kernels into the same entries at once, and PoCL 3.1 aborts the process when a kernel
+# binary it just saw in its cache cannot be opened or linked (POCL_ABORT in lib/CL/devices/common.c;
+# pocl/pocl issues 430, 586, 1480), with its message on stderr, which pytest captures and loses when
+# the process dies. Each test run gets a kernel cache of its own, set here before anything loads PoCL
+# (it reads POCL_CACHE_DIR once, when the OpenCL platform is first opened) and inherited by subprocesses.
+if "POCL_CACHE_DIR" not in os.environ:
+    POCL_CACHE_DIR = tempfile.mkdtemp(prefix="tinyclip-tests-pocl-")
+    os.environ["POCL_CACHE_DIR"] = POCL_CACHE_DIR
+    atexit.register(shutil.rmtree, POCL_CACHE_DIR, True)
 
 # Small configurations that between them use both activations (and the tanh GELU), odd widths,
 # other eps, other projection dims, other context lengths and image/patch sizes.
