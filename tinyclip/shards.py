@@ -8,8 +8,8 @@ Layout of an output folder (what `tinyclip embed SRC --out DIR --engine ray` wri
 
 `path` is the absolute path of the image as bytes: the file name exactly as the file system holds it
 (`os.fsencode`), so any name, UTF-8 or not, is kept; `os.fsdecode` gives the `str` that Python's
-`open` takes. (Format 1 folders, from tinyclip 0.x before this, stored it as a UTF-8 string; they are
-still read, and a run that appends to one writes format 2.) `embedding` is a fixed-size list of
+`open` takes. (Format 1 folders, from earlier tinyclip versions, stored it as a UTF-8 string; they
+are still read, and a run that appends to one makes it format 2.) `embedding` is a fixed-size list of
 `projection_dim` float32 (null where the file could not be read); `size` and `mtime` (st_size,
 st_mtime_ns) the file as it was embedded; `error` null, or why the file could not be read. Shards
 are written with Parquet page checksums (CRC32), and every read verifies them: a damaged shard is
