@@ -113,7 +113,7 @@ class RayJobError(TinyClipError, RuntimeError):
 
 
 def log_folder() -> pathlib.Path:
-    from ..graph_cache.store import cache_root
+    from ..cachedir import cache_root
     return cache_root() / "ray-logs"
 
 
