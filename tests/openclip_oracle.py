@@ -12,6 +12,9 @@ Usage: python tests/openclip_oracle.py JOB.json. JOB.json holds a list of jobs:
   load the folder back with open_clip's own loader (create_model_and_transforms("local-dir:...")) and
   get_tokenizer("local-dir:...") and write its tokens, pixels (the eval transform on the PIL images
   opened from `images`), image and text features and logits_per_image (float64) to `out` (.npz).
+- {"kind": "save_for_hf", "folder", "model_cfg", "seed", "texts", "images", "out"}: a random model
+  (as "build") written by open_clip's own `push_to_hf_hub.save_for_hf` (safetensors only; the
+  default tokenizer, which saves no files), then answered as "build" does.
 - {"kind": "answer", "folder", "texts", "images", "out"}: that second half alone, in float32, for an
   existing open_clip folder (validate.py).
 - {"kind": "tokens", "name", "texts", "out"}: get_tokenizer(name) on the texts; with the tokenizer's
@@ -22,6 +25,7 @@ Usage: python tests/openclip_oracle.py JOB.json. JOB.json holds a list of jobs:
 """
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +48,28 @@ def build(job):
             p.add_(torch.randn_like(p) * 0.02)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
+    del model
+    answer({**job, "float64": True})
+
+
+def save_for_hf(job):
+    from open_clip.push_to_hf_hub import save_for_hf as save
+
+    class DefaultTokenizer(open_clip.SimpleTokenizer):
+        """open_clip's default tokenizer, which has no files to save (its BPE ships inside open_clip)."""
+        def save_pretrained(self, dest):
+            pass
+
+    # create_model sets what save_for_hf reads (visual.image_mean, image_std); it reads its config
+    # from a folder, so the model_cfg goes through one first.
+    with tempfile.TemporaryDirectory() as source:
+        (Path(source) / "open_clip_config.json").write_text(json.dumps({"model_cfg": job["model_cfg"]}))
+        torch.manual_seed(job["seed"])
+        model = open_clip.create_model("local-dir:" + source)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save(model, DefaultTokenizer(), job["model_cfg"], job["folder"], safe_serialization=True)
     del model
     answer({**job, "float64": True})
 
@@ -103,4 +129,4 @@ def configs(job):
 
 if __name__ == "__main__":
     for job in json.loads(Path(sys.argv[1]).read_text()):
-        {"build": build, "answer": answer, "tokens": tokens, "configs": configs}[job["kind"]](job)
+        {"build": build, "save_for_hf": save_for_hf, "answer": answer, "tokens": tokens, "configs": configs}[job["kind"]](job)

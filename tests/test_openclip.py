@@ -21,12 +21,12 @@ from tests.bpe import BOS, EOS, clip_vocab, write_clip_vocab
 from tests.conftest import ROOT
 from tests.test_hub import make_cache
 from tests.test_tokenizer import CORPUS
-from tinyclip import hub, openclip
+from tinyclip import checkpoints, clip_bpe, hub
 from tinyclip.config import CLIPConfig
 from tinyclip.errors import CheckpointError, ConfigError, TokenizerError
 from tinyclip.model import CLIPModel
-from tinyclip.preprocess import OpenClipImageProcessor
-from tinyclip.tokenizer import OpenClipTokenizer
+from tinyclip.checkpoints.open_clip import OpenClipImageProcessor, OpenClipTokenizer
+from tinyclip.checkpoints.open_clip import config as oc_config, weights as oc_weights
 
 ORACLE_PYTHON = ROOT / ".venv-openclip" / "bin" / "python"
 ORACLE_SCRIPT = ROOT / "tests" / "openclip_oracle.py"
@@ -148,12 +148,45 @@ def test_open_clips_vocabulary_is_clips_vocab_json(corpus_tokens):
     assert encoder == renamed
 
 
-def test_a_folder_without_the_vocabulary_says_where_to_get_it(built, tmp_path):
-    folder = _copy(built["oc-tiny-quick"], tmp_path)
+def test_the_shipped_vocabulary_is_open_clips_and_vocab_json_id_for_id(corpus_tokens):
+    """CLIP's BPE inside tinyclip gives open_clip's own encoder and the openai/clip-vit-* files'
+    vocab.json and merges.txt (tests/bpe.py's derivation), id for id and merge for merge."""
+    vocab, merges = clip_bpe.vocab_and_merges()
+    encoder = json.loads(str(corpus_tokens["encoder"]))
+    assert {{BOS: "<start_of_text>", EOS: "<end_of_text>"}.get(k, k): v for k, v in vocab.items()} == encoder
+    assert (vocab, list(merges)) == clip_vocab()
+
+
+def test_a_folder_without_the_vocabulary_uses_the_shipped_one(built, tmp_path):
+    """open_clip saves no vocab.json or merges.txt for its default tokenizer; the folder still
+    tokenizes as open_clip does."""
+    b = built["oc-tiny-quick"]
+    folder = _copy(b, tmp_path)
     (folder / "vocab.json").unlink()
     (folder / "merges.txt").unlink()
-    with pytest.raises(TokenizerError, match="copy them from any openai/clip-vit-"):
-        tinyclip.load(folder, device="cpu")
+    np.testing.assert_array_equal(tinyclip.load(folder, device="cpu").tokenize(TEXTS), b.oracle["tokens"])
+
+
+def test_a_folder_saved_by_open_clips_save_for_hf_loads_and_equals_open_clip(tmp_path, images):
+    """open_clip.push_to_hf_hub.save_for_hf (what push_to_hf_hub uploads) writes the folder."""
+    model_cfg, _ = TINY["oc-tiny-quick"]
+    folder = tmp_path / "saved"
+    run_oracle([{"kind": "save_for_hf", "folder": str(folder), "model_cfg": model_cfg, "seed": 5, "texts": TEXTS,
+                 "images": images, "out": str(tmp_path / "saved.npz")}], tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    oracle = dict(np.load(tmp_path / "saved.npz"))
+    model = tinyclip.load(folder, device="cpu")
+    np.testing.assert_array_equal(model.tokenize(TEXTS), oracle["tokens"])
+    assert relative_error(model.encode_image(images), oracle["image_embeds"]) < EMBED_RTOL
+    assert relative_error(model.encode_text(TEXTS), oracle["text_embeds"]) < EMBED_RTOL
+
+
+def test_a_hugging_face_tokenizer_is_refused_by_name():
+    cfg = {**BASE, "text_cfg": {**BASE["text_cfg"], "hf_tokenizer_name": "xlm-roberta-base"}}
+    with pytest.raises(TokenizerError, match=r"hf_tokenizer_name is 'xlm-roberta-base', a Hugging Face tokenizer "
+                                             r"that tinyclip cannot read") as e:
+        oc_config.spec_from_dict(cfg, {}, "open_clip_config.json")
+    assert "\n" not in str(e.value)
 
 
 def test_model_tokenize_uses_the_context_length_and_zero_padding(built):
@@ -226,21 +259,21 @@ def open_clip_configs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", CLIP_ARCHITECTURES)
 def test_config_maps_every_open_clip_parameter(open_clip_configs, name):
     entry = open_clip_configs[name]
-    spec = openclip.spec_from_dict(entry["model_cfg"], {}, name)
+    spec = oc_config.spec_from_dict(entry["model_cfg"], {}, name)
     model = CLIPModel(spec.config, device="CPU")   # parameters are not allocated until realized
-    plan = openclip.key_map(spec.config)
+    plan = oc_weights.key_map(spec.config)
     params = get_state_dict(model)
     assert set(plan) == set(params)
     assert {source for source, _ in plan.values()} == set(entry["shapes"])
     for key, param in params.items():
         source, how = plan[key]
-        assert list(openclip.stored_shape(tuple(param.shape), how)) == entry["shapes"][source], key
+        assert list(oc_weights.stored_shape(tuple(param.shape), how)) == entry["shapes"][source], key
     for tower, cfg in (("vision", spec.config.vision_config), ("text", spec.config.text_config)):
         block = entry["blocks"][tower]
         assert cfg.hidden_act == {"QuickGELU": "quick_gelu", "GELU": "gelu"}[block["act"]]
         assert block["approximate"] in (None, "none")
         assert cfg.num_attention_heads == block["heads"] and cfg.layer_norm_eps == block["eps"]
-    assert entry["text_pool"] == "argmax" and spec.config.text_config.eos_token_id == openclip.ARGMAX_POOLING
+    assert entry["text_pool"] == "argmax" and spec.config.text_config.eos_token_id == oc_config.ARGMAX_POOLING
 
 
 @pytest.mark.parametrize("name, field", [
@@ -249,7 +282,7 @@ def test_config_maps_every_open_clip_parameter(open_clip_configs, name):
     ("ViT-H-14-CLIPA", "no_ln_pre"), ("ViT-M-16-alt", "ls_init_value"), ("EVA02-B-16", "timm_model_name")])
 def test_variants_tinyclip_cannot_run_are_refused_by_name(open_clip_configs, name, field):
     with pytest.raises(ConfigError, match=field):
-        openclip.spec_from_dict(open_clip_configs[name]["model_cfg"], {}, name)
+        oc_config.spec_from_dict(open_clip_configs[name]["model_cfg"], {}, name)
 
 
 BASE = TINY["oc-tiny-quick"][0]
@@ -265,7 +298,7 @@ def test_each_unsupported_setting_is_named(where, key, value):
     cfg = json.loads(json.dumps(BASE))
     (cfg[where] if where else cfg)[key] = value
     with pytest.raises(ConfigError, match=key):
-        openclip.spec_from_dict(cfg, {}, "open_clip_config.json")
+        oc_config.spec_from_dict(cfg, {}, "open_clip_config.json")
 
 
 def test_preprocess_cfg_typos_are_refused():
@@ -329,5 +362,15 @@ def test_a_transformers_config_beside_open_clip_files_wins(built, tiny_quick, tm
     shutil.copytree(tiny_quick.folder, folder)
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         shutil.copy(built["oc-tiny-quick"].folder / name, folder / name)
-    assert not openclip.is_openclip_folder(folder)
+    assert checkpoints.open(folder).format == "huggingface"
     assert tinyclip.load(folder, device="cpu").config == CLIPConfig.from_file(tiny_quick.folder / "config.json")
+
+
+def test_timms_config_beside_open_clip_files_is_not_a_transformers_one(built, tmp_path):
+    """timm's repositories (timm/resnet50_clip.openai, timm/vit_base_patch32_clip_224.openai) carry
+    open_clip's files and a config.json of timm's own."""
+    folder = _copy(built["oc-tiny-quick"], tmp_path)
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224", "num_classes": 512}))
+    checkpoint = checkpoints.open(folder)
+    assert checkpoint.format == "open_clip"
+    assert checkpoint.weight_files() == [folder / "open_clip_model.safetensors"]

@@ -16,15 +16,13 @@ import warnings
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, hub, identity, openclip, registry, tasks, trace
-from .config import CLIPConfig
+from . import _tinygrad, checkpoints, hub, identity, registry, tasks, trace
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling, as_batch, check_image_size
+from .preprocess import ImageProcessor, PixelScaling, as_batch, check_image_size
 from .runner import Runner
-from .tokenizer import CLIPTokenizer, OpenClipTokenizer, check_vocab_size
+from .tokenizer import CLIPTokenizer, check_vocab_size
 from .vectors import unit_rows
-from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -33,7 +31,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
          *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
          local_files_only: bool = False, graph_cache: bool = True, allow_tf32: bool = False) -> "CLIP":
     """Load a Hugging Face CLIPModel checkpoint, or an open_clip one (open_clip_config.json and
-    open_clip_model.safetensors; see tinyclip.openclip).
+    open_clip_model.safetensors); tinyclip.checkpoints reads each format.
 
     Parameters
     ----------
@@ -66,29 +64,23 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     except ValueError as e:    # a dtype name tinyclip does not know
         raise UsageError(str(e)) from None
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    # An open_clip folder (tinyclip/openclip.py) maps onto the same model; its tokenizer and
-    # preprocessing are open_clip's.
-    spec = openclip.read_config(folder) if openclip.is_openclip_folder(folder) else None
-    config = spec.config if spec else CLIPConfig.from_file(folder / "config.json")
+    checkpoint = checkpoints.open(folder)     # its format's config, weights, tokenizer and processor
+    config = checkpoint.config
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
     # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
     # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
     # those of the weights, as when it was read after them.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(OpenClipTokenizer.from_pretrained if spec else CLIPTokenizer.from_pretrained, folder,
-                              context_length=config.text_config.max_position_embeddings)
+        reading = pool.submit(checkpoint.tokenizer)
         with _tinygrad.LOCK, chosen.context():     # tinygrad's state is process-wide (see _tinygrad.LOCK)
             with trace.phase("weights"):
-                (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
+                checkpoint.load_weights(model, dt, chosen.device)
             with trace.phase("weights arranged for the kernels"):
                 model.prepare()     # the kernel set stores the linear weights its way
         with trace.phase("tokenizer (read beside the weights)"):
             tokenizer = reading.result()
-    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, openclip.CONFIG_FILE if spec else "config.json")
-    if spec:
-        processor = OpenClipImageProcessor.from_dict(spec.preprocess, f"{folder / openclip.CONFIG_FILE} preprocess_cfg")
-    else:
-        processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, checkpoint.config_file.name)
+    processor = checkpoint.image_processor()
     check_image_size(processor, config.vision_config.image_size, folder)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,

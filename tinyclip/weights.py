@@ -145,14 +145,14 @@ def _no_duplicates(pairs):
 
 
 def _short(value) -> str:
-    """repr(value) for an error message, cut to MAX_SHOWN characters (see `_cut`)."""
+    """repr(value) for an error message, cut to MAX_SHOWN characters (see `cut`)."""
     try:
-        return _cut(str(value) if isinstance(value, BaseException) else repr(value))
+        return cut(str(value) if isinstance(value, BaseException) else repr(value))
     except ValueError:   # an integer with more digits than sys.get_int_max_str_digits() allows
         return f"<{type(value).__name__} too long to print>"
 
 
-def _cut(text: str) -> str:
+def cut(text: str) -> str:
     """`text`, cut to MAX_SHOWN characters: a hostile header can hold megabyte-long names and shapes."""
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text)} characters)"
 
@@ -200,9 +200,9 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
     if single.is_file():
-        return [_inside(single, folder)]
+        return [inside_checkpoint(single, folder)]
     if index.is_file():
-        return [_inside(shard, folder) for shard in _shards(_inside(index, folder))]
+        return [inside_checkpoint(shard, folder) for shard in _shards(inside_checkpoint(index, folder))]
     unsafe = [name for name in UNSAFE_FORMATS if (folder / name).exists()]
     if unsafe:
         raise CheckpointError(
@@ -212,7 +212,7 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face CLIPModel folder?")
 
 
-def _inside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+def inside_checkpoint(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
     """`path`, after checking that it does not lead out of the checkpoint through a symbolic link.
 
     A file may resolve anywhere inside the folder or, when the folder is a snapshot in a Hugging
@@ -286,10 +286,10 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     params = get_state_dict(model)
     where = files[0].name if len(files) == 1 else f"{INDEX_FILE} ({len(files)} shards)"
     missing = sorted(k for k in params if k not in infos)
-    unexpected = sorted(_cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
-    misshaped = sorted(f"{k}: checkpoint {_cut(str(list(infos[k].shape)))}, config.json implies "
+    unexpected = sorted(cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
+    misshaped = sorted(f"{k}: checkpoint {cut(str(list(infos[k].shape)))}, config.json implies "
                        f"{list(params[k].shape)}"
-                       for k in params if k in infos and not _same_shape(infos[k].shape, params[k].shape))
+                       for k in params if k in infos and not same_shape(infos[k].shape, params[k].shape))
     if missing or unexpected or misshaped:
         raise mismatch_error(f"{folder / where} does not match config.json", missing, unexpected, misshaped,
                              "Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
@@ -325,6 +325,6 @@ def mismatch_error(title: str, missing: list[str], unexpected: list[str], missha
     return CheckpointError("\n".join(parts))
 
 
-def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+def same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     # logit_scale is a scalar in transformers but was saved as (1,) by some converters.
     return tuple(stored) == tuple(expected) or {tuple(stored), tuple(expected)} == {(), (1,)}
