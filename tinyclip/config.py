@@ -12,7 +12,7 @@ import math
 import pathlib
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .jsonfile import read_json
 
 # Activations tinyclip implements; kernels/activations.py maps each name to its function.
@@ -107,6 +107,20 @@ class CLIPConfig:
         if v.image_size % v.patch_size:
             raise ConfigError(f"{source}: vision_config.image_size {v.image_size} is not a multiple of "
                               f"patch_size {v.patch_size}")
+
+
+def requested_image_size(vision: CLIPVisionConfig, image_size) -> int:
+    """`image_size` (load's argument), checked: a positive multiple of the patch size; the error names
+    the nearest sizes that work."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise UsageError(f"image_size must be a positive integer, got {image_size!r}")
+    step = vision.patch_size
+    if image_size % step:
+        below, above = image_size // step * step, (image_size // step + 1) * step
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise UsageError(f"image_size {image_size} is not a multiple of the patch size {step}; the nearest sizes "
+                         f"that work are {nearest}")
+    return image_size
 
 
 def _merge(d: dict, key: str, legacy_key: str, source: str) -> dict:

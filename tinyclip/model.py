@@ -17,12 +17,13 @@ inference does.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
-from . import _tinygrad, pooling
+from . import _tinygrad, interpolate, pooling
 from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from .kernels import TINYGRAD, KernelSet, activation
 
@@ -215,6 +216,19 @@ class CLIPModel:
         self.text_projection = Linear(config.text_config.hidden_size, config.projection_dim, False, dtype, device,
                                       kernels)
         self.logit_scale = _param((), dtype, device)
+
+    def resize_images(self, image_size: int) -> None:
+        """After loading, before prepare(): run at image_size x image_size (a multiple of the patch
+        size; config.requested_image_size). The position embeddings are interpolated once here, as
+        transformers' interpolate_pos_encoding=True does on every call (tinyclip/interpolate.py)."""
+        v, embeddings = self.config.vision_config, self.vision_model.embeddings
+        weight = embeddings.position_embedding.weight
+        resized = interpolate.position_embeddings(weight.float().numpy(), image_size, v.patch_size)
+        embeddings.position_embedding.weight = _tinygrad.from_numpy(
+            resized.astype(_tinygrad.numpy_dtype(weight.dtype)), weight.device)
+        self.config = dataclasses.replace(self.config, vision_config=dataclasses.replace(v, image_size=image_size))
+        self.vision_model.config = self.config.vision_config
+        embeddings.image_size = image_size
 
     def prepare(self) -> None:
         """After loading: let the kernel set store every linear weight its way (once)."""

@@ -333,6 +333,16 @@ class ImageProcessor:
     def __repr__(self) -> str:
         return f"ImageProcessor({self.to_dict()})"
 
+    def resized(self, image_size: int) -> "ImageProcessor":
+        """This processor for N x N crops (load(image_size=N)): the resize keeps its kind (shortest
+        edge, or height and width) at N, the crop is N x N; what transformers' processor does when
+        called with size= and crop_size= of N."""
+        settings = self.to_dict()
+        settings["size"] = ({"height": image_size, "width": image_size} if set(self.size) == {"height", "width"}
+                            else {"shortest_edge": image_size})
+        settings["crop_size"] = {"height": image_size, "width": image_size}
+        return ImageProcessor(**settings)
+
     # ---- processing --------------------------------------------------------------------------------
 
     def __call__(self, images) -> np.ndarray:

@@ -91,6 +91,11 @@ class OpenClipImageProcessor:
     def __repr__(self) -> str:
         return f"OpenClipImageProcessor({self.to_dict()})"
 
+    def resized(self, image_size: int) -> "OpenClipImageProcessor":
+        """This transform for N x N crops (load(image_size=N)), as open_clip builds it for a model whose
+        image_size is N."""
+        return OpenClipImageProcessor(**{**self.to_dict(), "size": image_size})
+
     def __call__(self, images) -> np.ndarray:
         """Pixel values (N, 3, size, size) float32."""
         return np.stack([self._process(self._pil(image, i), i) for i, image in enumerate(as_batch(images))])
