@@ -23,7 +23,7 @@ from tests.test_hub import make_cache
 from tests.test_tokenizer import CORPUS
 from tinyclip import checkpoints, clip_bpe, hub
 from tinyclip.config import CLIPConfig
-from tinyclip.errors import CheckpointError, ConfigError, TokenizerError
+from tinyclip.errors import CheckpointError, ConfigError, TokenizerError, UsageError
 from tinyclip.model import CLIPModel
 from tinyclip.checkpoints.open_clip import OpenClipImageProcessor, OpenClipTokenizer
 from tinyclip.checkpoints.open_clip import config as oc_config, weights as oc_weights
@@ -54,6 +54,20 @@ TINY = {
                       "mlp_ratio": 2.5, "pool_type": "eos", "eos_id": 49407}},
         {"resize_mode": "squash"}),
 }
+# OpenAI's ModifiedResNet towers: odd widths (a 9-channel stem), one stage of two blocks, a real
+# RN50's widths on fewer blocks, and batch norms with running statistics (tests/openclip_oracle.py).
+RESNET_TEXT = {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+RESNET = {
+    "oc-rn-odd": ({"embed_dim": 20, "quick_gelu": True,
+                   "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 18, "head_width": 36,
+                                  "patch_size": None},
+                   "text_cfg": RESNET_TEXT}, {}),
+    "oc-rn50-widths": ({"embed_dim": 64,
+                        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 64, "patch_size": None},
+                        "text_cfg": RESNET_TEXT}, {"interpolation": "bilinear"}),
+}
+RESNET_ARCHITECTURES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
+F16_RTOL = 1e-2            # validate.py's float16 tolerance
 TEXTS = ["a photo of a cat", "A DOG &amp; friends", "<start_of_text>hello<end_of_text> world",
          "a long caption " * 12, "emoji 🏽 and ΣΑΣ"]
 # Ids given directly: the end token repeated, or missing (argmax and eos pooling then differ).
@@ -249,9 +263,10 @@ def test_real_architecture_equals_open_clip(built):
 @pytest.fixture(scope="module")
 def open_clip_configs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("oc-configs")
-    names = CLIP_ARCHITECTURES + ["coca_ViT-B-32", "ViT-B-16-SigLIP", "RN50", "xlm-roberta-base-ViT-B-32",
+    names = CLIP_ARCHITECTURES + RESNET_ARCHITECTURES + ["coca_ViT-B-32", "ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32",
                                   "convnext_base", "ViT-H-14-CLIPA", "ViT-M-16-alt", "EVA02-B-16"]
-    run_oracle([{"kind": "configs", "names": names, "models": CLIP_ARCHITECTURES, "out": str(work / "configs.json")}],
+    run_oracle([{"kind": "configs", "names": names, "models": CLIP_ARCHITECTURES + RESNET_ARCHITECTURES,
+                 "out": str(work / "configs.json")}],
                work)
     return json.loads((work / "configs.json").read_text())
 
@@ -276,8 +291,61 @@ def test_config_maps_every_open_clip_parameter(open_clip_configs, name):
     assert entry["text_pool"] == "argmax" and spec.config.text_config.eos_token_id == oc_config.ARGMAX_POOLING
 
 
+@pytest.mark.parametrize("name", RESNET_ARCHITECTURES)
+def test_config_maps_every_open_clip_resnet_parameter(open_clip_configs, name):
+    """Each of OpenAI's ResNet CLIPs: every open_clip tensor is a parameter's source or a batch
+    norm's statistic, at the shape open_clip builds."""
+    entry = open_clip_configs[name]
+    spec = oc_config.spec_from_dict(entry["model_cfg"], {}, name)
+    params = get_state_dict(CLIPModel(spec.config, device="CPU"))
+    plan = oc_weights.key_map(spec.config)
+    assert set(plan) == set(params)
+    theirs = {k: v for k, v in entry["shapes"].items() if not k.endswith(".num_batches_tracked")}
+    ours = {source: list(oc_weights.stored_shape(tuple(params[k].shape), how)) for k, (source, how) in plan.items()}
+    for key, (source, how) in plan.items():
+        if isinstance(how, oc_weights.Fold) and how.part == "bias":
+            ours |= {f"{how.bn}.{stat}": list(params[key].shape) for stat in oc_weights.BN_STATS}
+    assert ours == theirs
+    assert spec.config.vision_config.heads == entry["heads"]
+    assert entry["text_pool"] == "argmax"
+
+
+@pytest.fixture(scope="module")
+def built_resnet(tmp_path_factory, images) -> dict:
+    work = tmp_path_factory.mktemp("openclip-resnet")
+    jobs = [{"kind": "build", "folder": str(work / name), "seed": 10 + seed, "preprocess_cfg": preprocess_cfg,
+             "model_cfg": model_cfg, "texts": TEXTS, "images": images, "out": str(work / f"{name}.npz")}
+            for seed, (name, (model_cfg, preprocess_cfg)) in enumerate(RESNET.items())]
+    run_oracle(jobs, work)
+    return {job["folder"].rsplit("/", 1)[1]: Built(pathlib.Path(job["folder"]), dict(np.load(job["out"])))
+            for job in jobs}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", RESNET)
+def test_resnet_features_and_logits_equal_open_clip(built_resnet, images, name, backend):
+    b = built_resnet[name]
+    model = tinyclip.load(b.folder, device=backend)
+    np.testing.assert_allclose(model.preprocess(images), b.oracle["pixels"], rtol=0, atol=PIXEL_ATOL)
+    img, txt = model.encode_image(images), model.encode_text(TEXTS)
+    assert relative_error(img, b.oracle["image_embeds"]) <= EMBED_RTOL
+    assert relative_error(txt, b.oracle["text_embeds"]) <= EMBED_RTOL
+    assert relative_error(model.logits_from_embeddings(img, txt), b.oracle["logits"]) <= EMBED_RTOL
+
+
+def test_resnet_in_float16_stays_within_its_tolerance(built_resnet, images):
+    b = built_resnet["oc-rn50-widths"]
+    model = tinyclip.load(b.folder, device="cpu", dtype="float16")
+    assert relative_error(model.encode_image(images), b.oracle["image_embeds"]) <= F16_RTOL
+
+
+def test_a_resnet_runs_at_its_own_size_only(built_resnet):
+    with pytest.raises(UsageError, match="runs at its own size, 64; interpolation is implemented for ViT"):
+        tinyclip.load(built_resnet["oc-rn-odd"].folder, device="cpu", image_size=96)
+
+
 @pytest.mark.parametrize("name, field", [
-    ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-16-SigLIP", "init_logit_bias"), ("RN50", "ModifiedResNet"),
+    ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-16-SigLIP", "init_logit_bias"),
     ("xlm-roberta-base-ViT-B-32", "hf_model_name"), ("convnext_base", "timm_model_name"),
     ("ViT-H-14-CLIPA", "no_ln_pre"), ("ViT-M-16-alt", "ls_init_value"), ("EVA02-B-16", "timm_model_name")])
 def test_variants_tinyclip_cannot_run_are_refused_by_name(open_clip_configs, name, field):

@@ -67,13 +67,20 @@ class TensorInfo:
 
     def converted(self, device: str, dtype: DType) -> Tensor:
         """The tensor read into numpy, converted to `dtype` there and uploaded."""
+        array = self.array()
+        # numpy rounds to nearest even when narrowing, as tinygrad's casts do
+        return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False), device)
+
+    def array(self) -> np.ndarray:
+        """The stored values as a numpy array of this shape, in native byte order, exactly: float16,
+        float32 or float64 as stored, bfloat16 as float32 (for arithmetic before upload, such as
+        folding a batch norm into its convolution)."""
         array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
         self.read_into(memoryview(array).cast("B"))
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         if self.dtype == "BF16":   # bfloat16's 16 bits are the top half of a float32: exact
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        # numpy rounds to nearest even when narrowing, as tinygrad's casts do
-        return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False).reshape(self.shape), device)
+        return array.reshape(self.shape)
 
     def read_into(self, target: memoryview) -> None:
         try:
@@ -87,8 +94,10 @@ class TensorInfo:
                                   f"{_short(self.key)}; the file changed while it was being read. Load it again.")
 
 
-def read_safetensors_header(path: pathlib.Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header; every problem names the file and the key."""
+def read_safetensors_header(path: pathlib.Path, skip=None) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; every problem names the file and the key. Entries whose
+    key `skip(key)` is true are left out unchecked (a format's bookkeeping that is no parameter,
+    such as a batch norm's integer num_batches_tracked)."""
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):   # a FIFO or device would block or never end
@@ -124,7 +133,7 @@ def read_safetensors_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     data_start, data_len = 8 + n, size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for key, entry in header.items():
-        if key == "__metadata__":
+        if key == "__metadata__" or (skip is not None and skip(key)):
             continue
         infos[key] = _check_entry(path, key, entry, data_start, data_len)
     spans = sorted((i.start, i.end, i.key) for i in infos.values() if i.end > i.start)

@@ -25,7 +25,7 @@ import pathlib
 from dataclasses import dataclass
 
 from ... import pooling
-from ...config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from ...config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, ResNetVisionConfig
 from ...errors import ConfigError, TokenizerError
 from ...jsonfile import read_json
 
@@ -129,25 +129,14 @@ def spec_from_dict(model_cfg: dict, preprocess_cfg: dict, source: str = CONFIG_F
         raise TokenizerError(f"{source}: model_cfg.text_cfg.hf_tokenizer_name is {name!r}, a Hugging Face "
                              "tokenizer that tinyclip cannot read: it implements CLIP's BPE tokenizer only")
     tokenizer_clean(text, source)
-    if isinstance(vision.get("layers", 12), (list, tuple)):
-        raise ConfigError(f"{source}: model_cfg.vision_cfg.layers is a list: a ModifiedResNet image tower "
-                          "(RN50 and kin), which tinyclip does not implement; it runs ViT CLIPs")
     quick = model_cfg.get("quick_gelu", False)
     if not isinstance(quick, bool):
         raise ConfigError(f"{source}: model_cfg.quick_gelu must be true or false, got {quick!r}")
     act = "quick_gelu" if quick else "gelu"    # open_clip: QuickGELU, else torch's exact (erf) nn.GELU
 
-    width = _int(vision, "width", 768, source, "vision_cfg")
-    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
-    if width % head_width:
-        raise ConfigError(f"{source}: model_cfg.vision_cfg.width {width} is not a multiple of head_width "
-                          f"{head_width}")
-    image_size = _square(vision, "image_size", 224, source)
-    patch_size = _square(vision, "patch_size", 16, source)
-    vision_config = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=_mlp_width(vision, width, source, "vision_cfg"),
-        num_hidden_layers=_int(vision, "layers", 12, source, "vision_cfg"), num_attention_heads=width // head_width,
-        image_size=image_size, patch_size=patch_size, hidden_act=act, layer_norm_eps=LAYER_NORM_EPS)
+    resnet = isinstance(vision.get("layers", 12), (list, tuple))    # OpenAI's RN50 and kin
+    vision_config = _resnet(vision, source) if resnet else _vit(vision, act, source)
+    image_size = vision_config.image_size
 
     text_width = _int(text, "width", 512, source, "text_cfg")
     context_length = _int(text, "context_length", 77, source, "text_cfg")
@@ -173,6 +162,38 @@ def spec_from_dict(model_cfg: dict, preprocess_cfg: dict, source: str = CONFIG_F
     # open_clip's create_model sets the preprocessing size from the vision tower, whatever the file says.
     preprocess = {**preprocess_cfg, "size": image_size}
     return OpenClipSpec(config, preprocess)
+
+
+def _vit(vision: dict, act: str, source: str) -> CLIPVisionConfig:
+    """open_clip's VisionTransformer as transformers' CLIPVisionConfig."""
+    width = _int(vision, "width", 768, source, "vision_cfg")
+    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
+    if width % head_width:
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.width {width} is not a multiple of head_width "
+                          f"{head_width}")
+    image_size = _square(vision, "image_size", 224, source)
+    patch_size = _square(vision, "patch_size", 16, source)
+    return CLIPVisionConfig(
+        hidden_size=width, intermediate_size=_mlp_width(vision, width, source, "vision_cfg"),
+        num_hidden_layers=_int(vision, "layers", 12, source, "vision_cfg"), num_attention_heads=width // head_width,
+        image_size=image_size, patch_size=patch_size, hidden_act=act, layer_norm_eps=LAYER_NORM_EPS)
+
+
+def _resnet(vision: dict, source: str) -> ResNetVisionConfig:
+    """open_clip's ModifiedResNet (vision_cfg.layers a list): model.py's `_build_vision_tower` gives it
+    width * 32 // head_width attention-pool heads and the model's embed_dim as its output."""
+    layers = vision["layers"]
+    if len(layers) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in layers):
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.layers must be 4 positive integers (blocks per ResNet "
+                          f"stage), got {layers!r}")
+    width = _int(vision, "width", 64, source, "vision_cfg")
+    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
+    heads = width * 32 // head_width
+    if heads == 0:
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.head_width {head_width} exceeds the attention pool's "
+                          f"width {width * 32}")
+    return ResNetVisionConfig(layers=tuple(layers), width=width, heads=heads,
+                              image_size=_square(vision, "image_size", 224, source))
 
 
 def tokenizer_clean(model_cfg_text: dict, source: str) -> str:
