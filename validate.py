@@ -113,12 +113,12 @@ def main(argv=None) -> int:
     from PIL import Image
 
     import tinyclip
-    from tinyclip import openclip, registry
+    from tinyclip import checkpoints, registry
 
     folder, note = resolve_model(args.model)
     images = [Image.open(p) for p in args.images]
     t0 = time.perf_counter()
-    if openclip.is_openclip_folder(folder):
+    if checkpoints.open(folder).format == "open_clip":
         ids, pixels, ref_img, ref_txt, ref_logits = openclip_reference(folder, args.images, args.texts)
         print(f"open_clip reference (.venv-openclip): {time.perf_counter() - t0:.1f}s", flush=True)
     else:

@@ -1,6 +1,6 @@
 """The real CLIP vocabulary as Hugging Face files, built offline for tests.
 
-`data/clip-bpe/bpe_simple_vocab_16e6.txt.gz` is OpenAI's merge list (see the
+`tinyclip/data/bpe_simple_vocab_16e6.txt.gz` is OpenAI's merge list (see the
 README beside it). Every `openai/clip-vit-*` checkpoint's `vocab.json` and
 `merges.txt` derive from it as that README describes; `write_clip_vocab`
 rebuilds them so tests can load tinyclip and the transformers oracle on the
@@ -13,7 +13,7 @@ import gzip
 import json
 from pathlib import Path
 
-BPE_FILE = Path(__file__).parent / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_FILE = Path(__file__).parent.parent / "tinyclip" / "data" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 48_894  # lines 2..48895 of the gz file; the rest were never used by CLIP
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

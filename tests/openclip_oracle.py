@@ -8,10 +8,13 @@ also switch transformers' image processor to its torchvision backend.
 Usage: python tests/openclip_oracle.py JOB.json. JOB.json holds a list of jobs:
 - {"kind": "build", "folder", "model_cfg" (or "name"), "preprocess_cfg", "seed", "texts", "ids", "images", "out"}:
   write open_clip_config.json, create a random model with open_clip.create_model (weights perturbed
-  so that layer norms and biases are not 1 and 0), save it as open_clip_model.safetensors, then
+  so that layer norms and biases are not 1 and 0, batch norms given running statistics), save it as open_clip_model.safetensors, then
   load the folder back with open_clip's own loader (create_model_and_transforms("local-dir:...")) and
   get_tokenizer("local-dir:...") and write its tokens, pixels (the eval transform on the PIL images
   opened from `images`), image and text features and logits_per_image (float64) to `out` (.npz).
+- {"kind": "save_for_hf", "folder", "model_cfg", "seed", "texts", "images", "out"}: a random model
+  (as "build") written by open_clip's own `push_to_hf_hub.save_for_hf` (safetensors only; the
+  default tokenizer, which saves no files), then answered as "build" does.
 - {"kind": "answer", "folder", "texts", "images", "out"}: that second half alone, in float32, for an
   existing open_clip folder (validate.py).
 - {"kind": "tokens", "name", "texts", "out"}: get_tokenizer(name) on the texts; with the tokenizer's
@@ -22,6 +25,7 @@ Usage: python tests/openclip_oracle.py JOB.json. JOB.json holds a list of jobs:
 """
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +46,43 @@ def build(job):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+        batch_norm_statistics(model)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
+    del model
+    answer({**job, "float64": True})
+
+
+def batch_norm_statistics(model):
+    """A ResNet's batch norms with scales, shifts and running statistics far from their initial 1, 0,
+    0 and 1 (as a trained model's are), so that folding them is tested; a ViT has none."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.num_batches_tracked.fill_(1000)
+
+
+def save_for_hf(job):
+    from open_clip.push_to_hf_hub import save_for_hf as save
+
+    class DefaultTokenizer(open_clip.SimpleTokenizer):
+        """open_clip's default tokenizer, which has no files to save (its BPE ships inside open_clip)."""
+        def save_pretrained(self, dest):
+            pass
+
+    # create_model sets what save_for_hf reads (visual.image_mean, image_std); it reads its config
+    # from a folder, so the model_cfg goes through one first.
+    with tempfile.TemporaryDirectory() as source:
+        (Path(source) / "open_clip_config.json").write_text(json.dumps({"model_cfg": job["model_cfg"]}))
+        torch.manual_seed(job["seed"])
+        model = open_clip.create_model("local-dir:" + source)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save(model, DefaultTokenizer(), job["model_cfg"], job["folder"], safe_serialization=True)
     del model
     answer({**job, "float64": True})
 
@@ -89,6 +128,11 @@ def configs(job):
             entry["error"] = f"{type(e).__name__}: {e}"
         else:
             entry["shapes"] = {k: list(v.shape) for k, v in model.state_dict().items()}
+            if not hasattr(model.visual, "transformer"):    # a ModifiedResNet: the text tower's block only
+                entry["text_pool"] = getattr(model, "text_pool_type", None)
+                entry["heads"] = model.visual.attnpool.num_heads
+                out[name] = entry
+                continue
             blocks = {"vision": model.visual.transformer.resblocks[0],
                       "text": (model.transformer if hasattr(model, "transformer") else model.text.transformer)
                       .resblocks[0]}
@@ -103,4 +147,4 @@ def configs(job):
 
 if __name__ == "__main__":
     for job in json.loads(Path(sys.argv[1]).read_text()):
-        {"build": build, "answer": answer, "tokens": tokens, "configs": configs}[job["kind"]](job)
+        {"build": build, "save_for_hf": save_for_hf, "answer": answer, "tokens": tokens, "configs": configs}[job["kind"]](job)

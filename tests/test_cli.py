@@ -210,6 +210,8 @@ def other_npz(work):
     (["search", "cat", "--images", "OTHER"], "written by an older tinyclip (format 1), which recorded the model "
      "as someone/another-clip without a fingerprint"),
     (["embed", "gallery", "--out", "no-such-folder/x.npz"], "the folder no-such-folder does not exist"),
+    (["classify", GOOD[0], "--labels", "cat", "--image-size", "40"],
+     "image_size 40 is not a multiple of the patch size 6; the nearest sizes that work are 36 or 42"),
 ])
 def test_errors_are_one_line_with_a_nonzero_exit(tiny_quick, work, other_npz, args, fragment):
     args = [other_npz if a == "OTHER" else a for a in args]

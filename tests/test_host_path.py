@@ -20,7 +20,8 @@ import tinyclip
 from tinyclip import _tinygrad, registry
 from tinyclip.errors import ImageError
 from tinyclip.pixels import pixel_values
-from tinyclip.preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling
+from tinyclip.checkpoints.open_clip import OpenClipImageProcessor
+from tinyclip.preprocess import ImageProcessor, PixelScaling
 from tests.conftest import ROOT
 from tests.test_preprocess import CONFIGS
 

@@ -214,3 +214,36 @@ def test_duplicate_keys_in_header(folder):
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
     with pytest.raises(CheckpointError, match=r"duplicate key 'a'"):
         tinyclip.load(folder, device=DEVICE)
+
+
+# ---- the tokenizer's vocabulary -------------------------------------------------------------------
+
+TEXTS = ["a photo of a cat", "ΣΑΣ and <|endoftext|> twice", "don't stop"]
+
+
+def _without_vocabulary(folder, tokenizer_class):
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        (folder / name).unlink(missing_ok=True)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    config.pop("tokenizer_class", None)
+    if tokenizer_class:
+        config["tokenizer_class"] = tokenizer_class
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("tokenizer_class", ["CLIPTokenizer", "CLIPTokenizerFast"])
+def test_a_clip_tokenizer_without_vocabulary_files_uses_clips_shipped_bpe(folder, tiny_quick, tokenizer_class):
+    """tokenizer_config.json names CLIP's tokenizer: the vocabulary shipped with tinyclip gives the ids
+    the folder's own vocab.json and merges.txt gave."""
+    want = tinyclip.load(tiny_quick.folder, device=DEVICE).tokenize(TEXTS)
+    _without_vocabulary(folder, tokenizer_class)
+    np.testing.assert_array_equal(tinyclip.load(folder, device=DEVICE).tokenize(TEXTS), want)
+
+
+@pytest.mark.parametrize("tokenizer_class", [None, "BertTokenizer"])
+def test_another_tokenizer_without_vocabulary_files_is_an_error(folder, tokenizer_class):
+    from tinyclip.errors import TokenizerError
+    _without_vocabulary(folder, tokenizer_class)
+    with pytest.raises(TokenizerError, match="vocab.json is missing"):
+        tinyclip.load(folder, device=DEVICE)

@@ -21,12 +21,12 @@ from tests.bpe import BOS, EOS, clip_vocab, write_clip_vocab
 from tests.conftest import ROOT
 from tests.test_hub import make_cache
 from tests.test_tokenizer import CORPUS
-from tinyclip import hub, openclip
+from tinyclip import checkpoints, clip_bpe, hub
 from tinyclip.config import CLIPConfig
-from tinyclip.errors import CheckpointError, ConfigError, TokenizerError
+from tinyclip.errors import CheckpointError, ConfigError, TokenizerError, UsageError
 from tinyclip.model import CLIPModel
-from tinyclip.preprocess import OpenClipImageProcessor
-from tinyclip.tokenizer import OpenClipTokenizer
+from tinyclip.checkpoints.open_clip import OpenClipImageProcessor, OpenClipTokenizer
+from tinyclip.checkpoints.open_clip import config as oc_config, weights as oc_weights
 
 ORACLE_PYTHON = ROOT / ".venv-openclip" / "bin" / "python"
 ORACLE_SCRIPT = ROOT / "tests" / "openclip_oracle.py"
@@ -54,6 +54,20 @@ TINY = {
                       "mlp_ratio": 2.5, "pool_type": "eos", "eos_id": 49407}},
         {"resize_mode": "squash"}),
 }
+# OpenAI's ModifiedResNet towers: odd widths (a 9-channel stem), one stage of two blocks, a real
+# RN50's widths on fewer blocks, and batch norms with running statistics (tests/openclip_oracle.py).
+RESNET_TEXT = {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+RESNET = {
+    "oc-rn-odd": ({"embed_dim": 20, "quick_gelu": True,
+                   "vision_cfg": {"image_size": 64, "layers": [1, 2, 1, 1], "width": 18, "head_width": 36,
+                                  "patch_size": None},
+                   "text_cfg": RESNET_TEXT}, {}),
+    "oc-rn50-widths": ({"embed_dim": 64,
+                        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 64, "patch_size": None},
+                        "text_cfg": RESNET_TEXT}, {"interpolation": "bilinear"}),
+}
+RESNET_ARCHITECTURES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
+F16_RTOL = 1e-2            # validate.py's float16 tolerance
 TEXTS = ["a photo of a cat", "A DOG &amp; friends", "<start_of_text>hello<end_of_text> world",
          "a long caption " * 12, "emoji 🏽 and ΣΑΣ"]
 # Ids given directly: the end token repeated, or missing (argmax and eos pooling then differ).
@@ -148,12 +162,46 @@ def test_open_clips_vocabulary_is_clips_vocab_json(corpus_tokens):
     assert encoder == renamed
 
 
-def test_a_folder_without_the_vocabulary_says_where_to_get_it(built, tmp_path):
-    folder = _copy(built["oc-tiny-quick"], tmp_path)
+def test_the_shipped_vocabulary_is_open_clips_and_vocab_json_id_for_id(corpus_tokens):
+    """CLIP's BPE inside tinyclip gives open_clip's own encoder and the openai/clip-vit-* files'
+    vocab.json and merges.txt (tests/bpe.py's derivation), id for id and merge for merge."""
+    vocab, merges = clip_bpe.vocab_and_merges()
+    encoder = json.loads(str(corpus_tokens["encoder"]))
+    assert {{BOS: "<start_of_text>", EOS: "<end_of_text>"}.get(k, k): v for k, v in vocab.items()} == encoder
+    assert (vocab, list(merges)) == clip_vocab()
+
+
+def test_a_folder_without_the_vocabulary_uses_the_shipped_one(built, tmp_path):
+    """open_clip saves no vocab.json or merges.txt for its default tokenizer; the folder still
+    tokenizes as open_clip does."""
+    b = built["oc-tiny-quick"]
+    folder = _copy(b, tmp_path)
     (folder / "vocab.json").unlink()
     (folder / "merges.txt").unlink()
-    with pytest.raises(TokenizerError, match="copy them from any openai/clip-vit-"):
-        tinyclip.load(folder, device="cpu")
+    np.testing.assert_array_equal(tinyclip.load(folder, device="cpu").tokenize(TEXTS), b.oracle["tokens"])
+
+
+def test_a_folder_saved_by_open_clips_save_for_hf_loads_and_equals_open_clip(tmp_path, images):
+    """open_clip.push_to_hf_hub.save_for_hf (what push_to_hf_hub uploads) writes the folder."""
+    model_cfg, _ = TINY["oc-tiny-quick"]
+    folder = tmp_path / "saved"
+    run_oracle([{"kind": "save_for_hf", "folder": str(folder), "model_cfg": model_cfg, "seed": 5, "texts": TEXTS,
+                 "images": images, "out": str(tmp_path / "saved.npz")}], tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    oracle = dict(np.load(tmp_path / "saved.npz"))
+    model = tinyclip.load(folder, device="cpu")
+    np.testing.assert_array_equal(model.tokenize(TEXTS), oracle["tokens"])
+    pil = [Image.open(p) for p in images]   # as the oracle opens them (a path is made RGB before resizing)
+    assert relative_error(model.encode_image(pil), oracle["image_embeds"]) < EMBED_RTOL
+    assert relative_error(model.encode_text(TEXTS), oracle["text_embeds"]) < EMBED_RTOL
+
+
+def test_a_hugging_face_tokenizer_is_refused_by_name():
+    cfg = {**BASE, "text_cfg": {**BASE["text_cfg"], "hf_tokenizer_name": "xlm-roberta-base"}}
+    with pytest.raises(TokenizerError, match=r"hf_tokenizer_name is 'xlm-roberta-base', a Hugging Face tokenizer "
+                                             r"that tinyclip cannot read") as e:
+        oc_config.spec_from_dict(cfg, {}, "open_clip_config.json")
+    assert "\n" not in str(e.value)
 
 
 def test_model_tokenize_uses_the_context_length_and_zero_padding(built):
@@ -216,9 +264,10 @@ def test_real_architecture_equals_open_clip(built):
 @pytest.fixture(scope="module")
 def open_clip_configs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("oc-configs")
-    names = CLIP_ARCHITECTURES + ["coca_ViT-B-32", "ViT-B-16-SigLIP", "RN50", "xlm-roberta-base-ViT-B-32",
+    names = CLIP_ARCHITECTURES + RESNET_ARCHITECTURES + ["coca_ViT-B-32", "ViT-B-16-SigLIP", "xlm-roberta-base-ViT-B-32",
                                   "convnext_base", "ViT-H-14-CLIPA", "ViT-M-16-alt", "EVA02-B-16"]
-    run_oracle([{"kind": "configs", "names": names, "models": CLIP_ARCHITECTURES, "out": str(work / "configs.json")}],
+    run_oracle([{"kind": "configs", "names": names, "models": CLIP_ARCHITECTURES + RESNET_ARCHITECTURES,
+                 "out": str(work / "configs.json")}],
                work)
     return json.loads((work / "configs.json").read_text())
 
@@ -226,30 +275,83 @@ def open_clip_configs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", CLIP_ARCHITECTURES)
 def test_config_maps_every_open_clip_parameter(open_clip_configs, name):
     entry = open_clip_configs[name]
-    spec = openclip.spec_from_dict(entry["model_cfg"], {}, name)
+    spec = oc_config.spec_from_dict(entry["model_cfg"], {}, name)
     model = CLIPModel(spec.config, device="CPU")   # parameters are not allocated until realized
-    plan = openclip.key_map(spec.config)
+    plan = oc_weights.key_map(spec.config)
     params = get_state_dict(model)
     assert set(plan) == set(params)
     assert {source for source, _ in plan.values()} == set(entry["shapes"])
     for key, param in params.items():
         source, how = plan[key]
-        assert list(openclip.stored_shape(tuple(param.shape), how)) == entry["shapes"][source], key
+        assert list(oc_weights.stored_shape(tuple(param.shape), how)) == entry["shapes"][source], key
     for tower, cfg in (("vision", spec.config.vision_config), ("text", spec.config.text_config)):
         block = entry["blocks"][tower]
         assert cfg.hidden_act == {"QuickGELU": "quick_gelu", "GELU": "gelu"}[block["act"]]
         assert block["approximate"] in (None, "none")
         assert cfg.num_attention_heads == block["heads"] and cfg.layer_norm_eps == block["eps"]
-    assert entry["text_pool"] == "argmax" and spec.config.text_config.eos_token_id == openclip.ARGMAX_POOLING
+    assert entry["text_pool"] == "argmax" and spec.config.text_config.eos_token_id == oc_config.ARGMAX_POOLING
+
+
+@pytest.mark.parametrize("name", RESNET_ARCHITECTURES)
+def test_config_maps_every_open_clip_resnet_parameter(open_clip_configs, name):
+    """Each of OpenAI's ResNet CLIPs: every open_clip tensor is a parameter's source or a batch
+    norm's statistic, at the shape open_clip builds."""
+    entry = open_clip_configs[name]
+    spec = oc_config.spec_from_dict(entry["model_cfg"], {}, name)
+    params = get_state_dict(CLIPModel(spec.config, device="CPU"))
+    plan = oc_weights.key_map(spec.config)
+    assert set(plan) == set(params)
+    theirs = {k: v for k, v in entry["shapes"].items() if not k.endswith(".num_batches_tracked")}
+    ours = {source: list(oc_weights.stored_shape(tuple(params[k].shape), how)) for k, (source, how) in plan.items()}
+    for key, (source, how) in plan.items():
+        if isinstance(how, oc_weights.Fold) and how.part == "bias":
+            ours |= {f"{how.bn}.{stat}": list(params[key].shape) for stat in oc_weights.BN_STATS}
+    assert ours == theirs
+    assert spec.config.vision_config.heads == entry["heads"]
+    assert entry["text_pool"] == "argmax"
+
+
+@pytest.fixture(scope="module")
+def built_resnet(tmp_path_factory, images) -> dict:
+    work = tmp_path_factory.mktemp("openclip-resnet")
+    jobs = [{"kind": "build", "folder": str(work / name), "seed": 10 + seed, "preprocess_cfg": preprocess_cfg,
+             "model_cfg": model_cfg, "texts": TEXTS, "images": images, "out": str(work / f"{name}.npz")}
+            for seed, (name, (model_cfg, preprocess_cfg)) in enumerate(RESNET.items())]
+    run_oracle(jobs, work)
+    return {job["folder"].rsplit("/", 1)[1]: Built(pathlib.Path(job["folder"]), dict(np.load(job["out"])))
+            for job in jobs}
+
+
+@pytest.mark.parametrize("name, backend", [("oc-rn-odd", b) for b in BACKENDS] + [("oc-rn50-widths", "cpu")])
+def test_resnet_features_and_logits_equal_open_clip(built_resnet, images, name, backend):
+    b = built_resnet[name]
+    model = tinyclip.load(b.folder, device=backend)
+    pil = [Image.open(p) for p in images]   # as the oracle opens them (a path is made RGB before resizing)
+    np.testing.assert_allclose(model.preprocess(pil), b.oracle["pixels"], rtol=0, atol=PIXEL_ATOL)
+    img, txt = model.encode_image(pil), model.encode_text(TEXTS)
+    assert relative_error(img, b.oracle["image_embeds"]) <= EMBED_RTOL
+    assert relative_error(txt, b.oracle["text_embeds"]) <= EMBED_RTOL
+    assert relative_error(model.logits_from_embeddings(img, txt), b.oracle["logits"]) <= EMBED_RTOL
+
+
+def test_resnet_in_float16_stays_within_its_tolerance(built_resnet, images):
+    b = built_resnet["oc-rn50-widths"]
+    model = tinyclip.load(b.folder, device="cpu", dtype="float16")
+    assert relative_error(model.encode_image(b.oracle["pixels"]), b.oracle["image_embeds"]) <= F16_RTOL
+
+
+def test_a_resnet_runs_at_its_own_size_only(built_resnet):
+    with pytest.raises(UsageError, match="runs at its own size, 64; interpolation is implemented for ViT"):
+        tinyclip.load(built_resnet["oc-rn-odd"].folder, device="cpu", image_size=96)
 
 
 @pytest.mark.parametrize("name, field", [
-    ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-16-SigLIP", "init_logit_bias"), ("RN50", "ModifiedResNet"),
+    ("coca_ViT-B-32", "multimodal_cfg"), ("ViT-B-16-SigLIP", "init_logit_bias"),
     ("xlm-roberta-base-ViT-B-32", "hf_model_name"), ("convnext_base", "timm_model_name"),
     ("ViT-H-14-CLIPA", "no_ln_pre"), ("ViT-M-16-alt", "ls_init_value"), ("EVA02-B-16", "timm_model_name")])
 def test_variants_tinyclip_cannot_run_are_refused_by_name(open_clip_configs, name, field):
     with pytest.raises(ConfigError, match=field):
-        openclip.spec_from_dict(open_clip_configs[name]["model_cfg"], {}, name)
+        oc_config.spec_from_dict(open_clip_configs[name]["model_cfg"], {}, name)
 
 
 BASE = TINY["oc-tiny-quick"][0]
@@ -265,7 +367,7 @@ def test_each_unsupported_setting_is_named(where, key, value):
     cfg = json.loads(json.dumps(BASE))
     (cfg[where] if where else cfg)[key] = value
     with pytest.raises(ConfigError, match=key):
-        openclip.spec_from_dict(cfg, {}, "open_clip_config.json")
+        oc_config.spec_from_dict(cfg, {}, "open_clip_config.json")
 
 
 def test_preprocess_cfg_typos_are_refused():
@@ -329,5 +431,15 @@ def test_a_transformers_config_beside_open_clip_files_wins(built, tiny_quick, tm
     shutil.copytree(tiny_quick.folder, folder)
     for name in ("open_clip_config.json", "open_clip_model.safetensors"):
         shutil.copy(built["oc-tiny-quick"].folder / name, folder / name)
-    assert not openclip.is_openclip_folder(folder)
+    assert checkpoints.open(folder).format == "huggingface"
     assert tinyclip.load(folder, device="cpu").config == CLIPConfig.from_file(tiny_quick.folder / "config.json")
+
+
+def test_timms_config_beside_open_clip_files_is_not_a_transformers_one(built, tmp_path):
+    """timm's repositories (timm/resnet50_clip.openai, timm/vit_base_patch32_clip_224.openai) carry
+    open_clip's files and a config.json of timm's own."""
+    folder = _copy(built["oc-tiny-quick"], tmp_path)
+    (folder / "config.json").write_text(json.dumps({"architecture": "vit_base_patch32_clip_224", "num_classes": 512}))
+    checkpoint = checkpoints.open(folder)
+    assert checkpoint.format == "open_clip"
+    assert checkpoint.weight_files() == [folder / "open_clip_model.safetensors"]

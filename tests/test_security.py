@@ -481,7 +481,7 @@ def test_images_of_another_size_without_a_crop_are_one_line(tiny_quick, tmp_path
 
 
 def test_an_overflowing_open_clip_mlp_ratio_is_a_config_error():
-    from tinyclip import openclip
+    from tinyclip.checkpoints.open_clip import config as openclip
     with pytest.raises(ConfigError, match="mlp_ratio 1e\\+308 makes an MLP"):
         openclip._mlp_width({"mlp_ratio": 1e308}, 48, "open_clip_config.json", "vision_cfg")
 
@@ -572,13 +572,14 @@ def test_pieces_give_the_whole_texts_ids(vocab_folder, monkeypatch):
     """Every cleaning mode (transformers', OpenAI's, open_clip's) gives the same ids read in pieces as
     whole, at every place a cut can fall."""
     from tinyclip import tokenizer as tok
+    from tinyclip.checkpoints.open_clip import OpenClipTokenizer
     pytest.importorskip("ftfy")
     pytest.importorskip("regex")
     texts = ["a < b\n&amp;amp;lt; c\n" * 3, "ΟΔΟΣ\nΣ x\u0301 \u0301y " * 4, "caf\u00c3\u00a9\n  Ã \n" * 5,
              "<|endoftext|> <|ENDOFTEXT|>\t<start_of_text>x\n" * 3]
     made = [tok.CLIPTokenizer.from_pretrained(vocab_folder), tok.CLIPTokenizer.from_pretrained(vocab_folder,
                                                                                               clean="openai"),
-            tok.OpenClipTokenizer.from_pretrained(vocab_folder)]
+            OpenClipTokenizer.from_pretrained(vocab_folder)]
     for t in made:
         whole = {text: t.encode(text) for text in texts}
         for size in (1, 2, 5):

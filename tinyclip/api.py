@@ -16,24 +16,24 @@ import warnings
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, hub, identity, openclip, registry, tasks, trace
-from .config import CLIPConfig
+from . import _tinygrad, checkpoints, hub, identity, registry, tasks, trace
+from .config import requested_image_size
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
-from .preprocess import ImageProcessor, OpenClipImageProcessor, PixelScaling, as_batch, check_image_size
+from .preprocess import ImageProcessor, PixelScaling, as_batch, check_image_size
 from .runner import Runner
-from .tokenizer import CLIPTokenizer, OpenClipTokenizer, check_vocab_size
+from .tokenizer import CLIPTokenizer, check_vocab_size
 from .vectors import unit_rows
-from .weights import load_weights
 
 DEFAULT_BATCH_SIZE = 32
 
 
 def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          *, revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-         local_files_only: bool = False, graph_cache: bool = True, allow_tf32: bool = False) -> "CLIP":
+         local_files_only: bool = False, graph_cache: bool = True, allow_tf32: bool = False,
+         image_size: int | None = None) -> "CLIP":
     """Load a Hugging Face CLIPModel checkpoint, or an open_clip one (open_clip_config.json and
-    open_clip_model.safetensors; see tinyclip.openclip).
+    open_clip_model.safetensors); tinyclip.checkpoints reads each format.
 
     Parameters
     ----------
@@ -48,6 +48,9 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     allow_tf32 : let float32 matmuls run on TF32 tensor cores (NVIDIA, the cuda and nv backends):
         faster, and no longer exact float32 (README: its tolerance). Off by default. Where it cannot
         apply (another backend, a float16 model) a warning says so and the model computes exactly.
+    image_size : run the image tower at N x N instead of the checkpoint's size: the processor
+        resizes and crops to N and the position embeddings are interpolated once, bicubically, as
+        transformers' interpolate_pos_encoding=True does. N must be a multiple of the patch size.
     """
     if not isinstance(allow_tf32, bool):
         raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
@@ -66,30 +69,30 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     except ValueError as e:    # a dtype name tinyclip does not know
         raise UsageError(str(e)) from None
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    # An open_clip folder (tinyclip/openclip.py) maps onto the same model; its tokenizer and
-    # preprocessing are open_clip's.
-    spec = openclip.read_config(folder) if openclip.is_openclip_folder(folder) else None
-    config = spec.config if spec else CLIPConfig.from_file(folder / "config.json")
+    checkpoint = checkpoints.open(folder)     # its format's config, weights, tokenizer and processor
+    config = checkpoint.config
+    size = config.vision_config.image_size if image_size is None else \
+        requested_image_size(config.vision_config, image_size)
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
     # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
     # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
     # those of the weights, as when it was read after them.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(OpenClipTokenizer.from_pretrained if spec else CLIPTokenizer.from_pretrained, folder,
-                              context_length=config.text_config.max_position_embeddings)
+        reading = pool.submit(checkpoint.tokenizer)
         with _tinygrad.LOCK, chosen.context():     # tinygrad's state is process-wide (see _tinygrad.LOCK)
             with trace.phase("weights"):
-                (openclip.load_weights if spec else load_weights)(model, folder, dt, chosen.device)
+                checkpoint.load_weights(model, dt, chosen.device)
+                if size != config.vision_config.image_size:
+                    model.resize_images(size)
             with trace.phase("weights arranged for the kernels"):
                 model.prepare()     # the kernel set stores the linear weights its way
         with trace.phase("tokenizer (read beside the weights)"):
             tokenizer = reading.result()
-    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, openclip.CONFIG_FILE if spec else "config.json")
-    if spec:
-        processor = OpenClipImageProcessor.from_dict(spec.preprocess, f"{folder / openclip.CONFIG_FILE} preprocess_cfg")
-    else:
-        processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
-    check_image_size(processor, config.vision_config.image_size, folder)
+    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, checkpoint.config_file.name)
+    processor = checkpoint.image_processor()
+    if size != config.vision_config.image_size:
+        processor = processor.resized(size)
+    check_image_size(processor, size, folder)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
                 revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt))

@@ -12,7 +12,7 @@ import math
 import pathlib
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 from .jsonfile import read_json
 
 # Activations tinyclip implements; kernels/activations.py maps each name to its function.
@@ -52,9 +52,29 @@ class CLIPVisionConfig:
 
 
 @dataclass
+class ResNetVisionConfig:
+    """OpenAI's ModifiedResNet image tower (RN50, RN101, RN50x4, RN50x16, RN50x64), which transformers
+    does not implement; open_clip's vision_cfg with `layers` a list. Names are open_clip's."""
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)   # bottleneck blocks per stage
+    width: int = 64                  # the stem's output channels; stage i has width * 2**i planes
+    heads: int = 32                  # attention-pool heads: width * 32 // head_width
+    image_size: int = 224            # a multiple of 32 (the tower downsamples by 32)
+    num_channels: int = 3
+    batch_norm_eps: float = 1e-5     # torch's nn.BatchNorm2d default, folded into the convolutions at load
+
+    @property
+    def embed_dim(self) -> int:
+        """The attention pool's width: the last stage's output channels."""
+        return self.width * 32
+
+
+RESNET_STRIDE = 32
+
+
+@dataclass
 class CLIPConfig:
     text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)
-    vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    vision_config: CLIPVisionConfig | ResNetVisionConfig = field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = 2.6592
 
@@ -89,7 +109,11 @@ class CLIPConfig:
         return cls.from_dict(read_json(path, ConfigError), str(path))
 
     def validate(self, source: str = "config.json") -> None:
-        for prefix, sub in (("text_config.", self.text_config), ("vision_config.", self.vision_config)):
+        v = self.vision_config
+        if isinstance(v, ResNetVisionConfig):
+            _validate_resnet(v, source)
+        towers = [("text_config.", self.text_config)] + [("vision_config.", v)] * isinstance(v, CLIPVisionConfig)
+        for prefix, sub in towers:
             if sub.hidden_act not in ACTIVATIONS:
                 raise ConfigError(f"{source}: {prefix}hidden_act is {sub.hidden_act!r}; tinyclip supports "
                                   f"{', '.join(ACTIVATIONS)}")
@@ -103,10 +127,40 @@ class CLIPConfig:
                 raise ConfigError(f"{source}: {prefix}num_hidden_layers is {sub.num_hidden_layers}; tinyclip "
                                   f"builds at most {MAX_LAYERS} (the largest CLIP models have 48): the file is "
                                   "corrupt or not a CLIP config")
-        v = self.vision_config
-        if v.image_size % v.patch_size:
+        if isinstance(v, CLIPVisionConfig) and v.image_size % v.patch_size:
             raise ConfigError(f"{source}: vision_config.image_size {v.image_size} is not a multiple of "
                               f"patch_size {v.patch_size}")
+
+
+def _validate_resnet(v: ResNetVisionConfig, source: str) -> None:
+    if len(v.layers) != 4 or sum(v.layers) > MAX_LAYERS:
+        raise ConfigError(f"{source}: vision_cfg.layers is {list(v.layers)}; a ModifiedResNet has 4 stages of at "
+                          f"most {MAX_LAYERS} blocks in all")
+    if v.embed_dim % v.heads:
+        raise ConfigError(f"{source}: the ResNet's attention pool is width * 32 = {v.embed_dim} wide, not a multiple "
+                          f"of its {v.heads} heads (width * 32 // head_width); torch's attention refuses it too")
+    if v.image_size % RESNET_STRIDE:
+        raise ConfigError(f"{source}: vision_cfg.image_size {v.image_size} is not a multiple of {RESNET_STRIDE}, "
+                          "the ResNet's downsampling; its attention pool's positions would not fit the grid")
+
+
+def requested_image_size(vision: CLIPVisionConfig | ResNetVisionConfig, image_size) -> int:
+    """`image_size` (load's argument), checked: a positive multiple of the patch size; the error names
+    the nearest sizes that work."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise UsageError(f"image_size must be a positive integer, got {image_size!r}")
+    if isinstance(vision, ResNetVisionConfig):
+        if image_size != vision.image_size:
+            raise UsageError(f"image_size {image_size}: this checkpoint's ResNet image tower runs at its own size, "
+                             f"{vision.image_size}; interpolation is implemented for ViT towers")
+        return image_size
+    step = vision.patch_size
+    if image_size % step:
+        below, above = image_size // step * step, (image_size // step + 1) * step
+        nearest = f"{below} or {above}" if below else f"{above}"
+        raise UsageError(f"image_size {image_size} is not a multiple of the patch size {step}; the nearest sizes "
+                         f"that work are {nearest}")
+    return image_size
 
 
 def _merge(d: dict, key: str, legacy_key: str, source: str) -> dict:

@@ -26,7 +26,7 @@ ALLOW_PATTERNS = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "preprocessor_config.json",
-    # open_clip's format (tinyclip/openclip.py); never its open_clip_pytorch_model.bin
+    # open_clip's format (tinyclip/checkpoints/open_clip/); never its open_clip_pytorch_model.bin
     "open_clip_config.json",
     "open_clip_model.safetensors",
 ]

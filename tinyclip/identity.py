@@ -153,14 +153,11 @@ def of_checkpoint(folder: pathlib.Path, hub_id: str | None = None, revision: str
     """The identity of the checkpoint in `folder` (what `CLIP.identity` gives), without loading it:
     the hub id and revision where it came from the hub (the snapshot's commit when no revision was
     asked for), the folder, and the fingerprint of its config, weights, tokenizer and preprocessing."""
-    from . import openclip
-    from .weights import checkpoint_files
+    from . import checkpoints
     if hub_id and revision is None and folder.parent.name == "snapshots":
         revision = folder.name
-    if openclip.is_openclip_folder(folder):
-        files, config_name = [openclip.weights_file(folder)], openclip.CONFIG_FILE
-    else:
-        files, config_name = checkpoint_files(folder), "config.json"
+    checkpoint = checkpoints.open(folder)
+    files, config_name = checkpoint.weight_files(), checkpoint.config_file.name
     return {"hub_id": hub_id, "revision": revision, "folder": str(folder.resolve()),
             "fingerprint": fingerprint(folder, files, config_name)}
 

@@ -17,13 +17,14 @@ inference does.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
-from . import _tinygrad, pooling
-from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from . import _tinygrad, interpolate, pooling
+from .config import RESNET_STRIDE, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, ResNetVisionConfig
 from .kernels import TINYGRAD, KernelSet, activation
 
 
@@ -200,6 +201,96 @@ class CLIPVisionTransformer:
         return self.post_layernorm(self.encoder(x)[:, 0])
 
 
+class Conv2d:
+    """A square convolution with a bias: the checkpoint's bias-free convolution with its batch norm
+    folded in at load (eval-mode batch norm is per-channel affine). `weight` (out, in, k, k) until
+    prepare() lets the kernel set store it its way."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dtype: DType, device: str, kernels: KernelSet,
+                 stride: int = 1, padding: int = 0):
+        self.weight = _param((cout, cin, kernel, kernel), dtype, device)
+        self.bias = _param((cout,), dtype, device)
+        self.kernel, self.stride, self.padding, self.kernels = kernel, stride, padding, kernels
+
+    def __call__(self, x: Tensor, act: str | None = None) -> Tensor:
+        return self.kernels.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.kernel, act)
+
+    def prepare(self) -> None:
+        self.weight = self.kernels.prepare_conv2d(self.weight)
+
+
+def _avg_pool(x: Tensor, k: int) -> Tensor:
+    """torch's AvgPool2d(k): k x k windows at stride k, a ragged edge dropped."""
+    return x if k == 1 else x.avg_pool2d(kernel_size=(k, k), stride=k)
+
+
+class Bottleneck:
+    """open_clip's ModifiedResNet block: 1x1, 3x3, (average pool where strided), 1x1 four times wider;
+    the shortcut average-pools then projects where the shape changes (anti-aliased strides)."""
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, dtype: DType, device: str, kernels: KernelSet):
+        out = planes * self.expansion
+        self.conv1 = Conv2d(inplanes, planes, 1, dtype, device, kernels)
+        self.conv2 = Conv2d(planes, planes, 3, dtype, device, kernels, padding=1)
+        self.conv3 = Conv2d(planes, out, 1, dtype, device, kernels)
+        self.downsample = Conv2d(inplanes, out, 1, dtype, device, kernels) if stride > 1 or inplanes != out else None
+        self.stride = stride
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = self.conv3(_avg_pool(self.conv2(self.conv1(x, "relu"), "relu"), self.stride))
+        shortcut = x if self.downsample is None else self.downsample(_avg_pool(x, self.stride))
+        return (y + shortcut).relu()
+
+
+class AttentionPool2d:
+    """Attention pooling: the mean of the grid attends (with the grid) over the grid, one query kept."""
+
+    def __init__(self, grid: int, width: int, heads: int, out: int, dtype: DType, device: str, kernels: KernelSet):
+        self.positional_embedding = _param((grid * grid + 1, width), dtype, device)
+        self.q_proj, self.k_proj, self.v_proj = (Linear(width, width, True, dtype, device, kernels) for _ in range(3))
+        self.c_proj = Linear(width, out, True, dtype, device, kernels)
+        self.num_heads, self.kernels = heads, kernels
+
+    def __call__(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        x = x.reshape(B, C, H * W).permute(0, 2, 1)                                     # (B, HW, C)
+        mean = x.float().mean(1, keepdim=True).cast(x.dtype)                             # (B, 1, C)
+        x = mean.cat(x, dim=1) + self.positional_embedding                               # (B, HW+1, C)
+        out = self.kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, None)
+        return self.c_proj(out[:, 0])                                                    # (B, out)
+
+
+class ModifiedResNet:
+    """OpenAI's ResNet image tower (open_clip's `ModifiedResNet`; attribute names are its keys, the
+    batch norms folded into the convolutions): a three-convolution stem, four stages of bottlenecks,
+    attention pooling straight to the embedding (no separate projection)."""
+
+    def __init__(self, cfg: ResNetVisionConfig, out: int, dtype: DType, device: str, kernels: KernelSet):
+        self.config, w = cfg, cfg.width
+        self.conv1 = Conv2d(cfg.num_channels, w // 2, 3, dtype, device, kernels, stride=2, padding=1)
+        self.conv2 = Conv2d(w // 2, w // 2, 3, dtype, device, kernels, padding=1)
+        self.conv3 = Conv2d(w // 2, w, 3, dtype, device, kernels, padding=1)
+        inplanes = w
+        for i, blocks in enumerate(cfg.layers):
+            planes = w * 2 ** i
+            stage = [Bottleneck(inplanes, planes, 1 if i == 0 else 2, dtype, device, kernels)]
+            inplanes = planes * Bottleneck.expansion
+            stage += [Bottleneck(inplanes, planes, 1, dtype, device, kernels) for _ in range(1, blocks)]
+            setattr(self, f"layer{i + 1}", stage)
+        self.attnpool = AttentionPool2d(cfg.image_size // RESNET_STRIDE, cfg.embed_dim, cfg.heads, out, dtype, device,
+                                        kernels)
+
+    def __call__(self, pixel_values: Tensor) -> Tensor:
+        """(B, C, S, S) pixels -> (B, projection_dim) image features."""
+        x = pixel_values.cast(self.conv1.bias.dtype)
+        x = _avg_pool(self.conv3(self.conv2(self.conv1(x, "relu"), "relu"), "relu"), 2)     # (B, w, S/4, S/4)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in stage:
+                x = block(x)
+        return self.attnpool(x)                                                          # (B, out)
+
+
 class CLIPModel:
     """The whole CLIPModel: `get_image_features`, `get_text_features` and `__call__`
     (logits_per_image) with transformers' names and semantics. `kernels` computes the hot
@@ -209,21 +300,40 @@ class CLIPModel:
                  kernels: KernelSet = TINYGRAD):
         self.config, self.kernels = config, kernels
         self.text_model = CLIPTextTransformer(config.text_config, dtype, device, kernels)
-        self.vision_model = CLIPVisionTransformer(config.vision_config, dtype, device, kernels)
-        self.visual_projection = Linear(config.vision_config.hidden_size, config.projection_dim, False, dtype, device,
-                                        kernels)
+        if isinstance(config.vision_config, ResNetVisionConfig):
+            # open_clip's names: the tower pools straight to projection_dim
+            self.visual = ModifiedResNet(config.vision_config, config.projection_dim, dtype, device, kernels)
+        else:
+            self.vision_model = CLIPVisionTransformer(config.vision_config, dtype, device, kernels)
+            self.visual_projection = Linear(config.vision_config.hidden_size, config.projection_dim, False, dtype,
+                                            device, kernels)
         self.text_projection = Linear(config.text_config.hidden_size, config.projection_dim, False, dtype, device,
                                       kernels)
         self.logit_scale = _param((), dtype, device)
 
+    def resize_images(self, image_size: int) -> None:
+        """After loading, before prepare(): run a ViT at image_size x image_size (a multiple of the patch
+        size; config.requested_image_size). The position embeddings are interpolated once here, as
+        transformers' interpolate_pos_encoding=True does on every call (tinyclip/interpolate.py)."""
+        v, embeddings = self.config.vision_config, self.vision_model.embeddings
+        weight = embeddings.position_embedding.weight
+        resized = interpolate.position_embeddings(weight.float().numpy(), image_size, v.patch_size)
+        embeddings.position_embedding.weight = _tinygrad.from_numpy(
+            resized.astype(_tinygrad.numpy_dtype(weight.dtype)), weight.device)
+        self.config = dataclasses.replace(self.config, vision_config=dataclasses.replace(v, image_size=image_size))
+        self.vision_model.config = self.config.vision_config
+        embeddings.image_size = image_size
+
     def prepare(self) -> None:
         """After loading: let the kernel set store every linear weight its way (once)."""
         for layer in walk(self):
-            if isinstance(layer, (Linear, Conv2dPatch)):
+            if isinstance(layer, (Linear, Conv2dPatch, Conv2d)):
                 layer.prepare()
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, C, S, S) -> (B, projection_dim), projected and not normalised."""
+        if isinstance(self.config.vision_config, ResNetVisionConfig):
+            return self.visual(pixel_values)
         return self.visual_projection(self.vision_model(pixel_values))
 
     def get_text_features(self, input_ids: Tensor) -> Tensor:

@@ -35,11 +35,9 @@ except ImportError:
     raise MissingDependencyError("Ray is not installed; for --engine ray and tinyclip.ray run: "
                                  "pip install 'tinyclip[ray]'") from None
 
-from . import hub, identity, shards
-from .config import CLIPConfig
+from . import checkpoints, hub, identity, shards
 from .preprocess import ImageProcessor, load_image
 from .tasks import UsageError
-from .weights import checkpoint_files
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SHARD_ROWS = 1024     # rows per Parquet shard: what a killed driver may have to redo
@@ -185,8 +183,8 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     if not isinstance(workers, int) or workers < 1:
         raise UsageError(f"workers must be a positive integer, got {workers!r}")
     folder = hub.locate(model, revision=revision)
-    config = CLIPConfig.from_file(folder / "config.json")
-    processor = ImageProcessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    checkpoint = checkpoints.open(folder)
+    processor = checkpoint.image_processor()
     if isinstance(paths_or_dataset, ray.data.Dataset):
         ds = paths_or_dataset
     else:
@@ -200,7 +198,7 @@ def embed_images(paths_or_dataset, model: str = hub.DEFAULT_MODEL, *, device: st
     # `memory` tells Ray what an actor holds (the weights, tinygrad, its batches) so that a node is not
     # packed with more actors than fit. Being a resource the decode tasks do not ask for, it also
     # keeps Ray Data from fusing decoding into the actors: decoding stays in tasks on the free CPUs.
-    actor_memory = ACTOR_BASE_MEMORY + ACTOR_WEIGHT_COPIES * sum(f.stat().st_size for f in checkpoint_files(folder))
+    actor_memory = ACTOR_BASE_MEMORY + ACTOR_WEIGHT_COPIES * sum(f.stat().st_size for f in checkpoint.weight_files())
     ds = ds.map_batches(ImageEmbedder, batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=workers),
                         num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, memory=actor_memory,
@@ -353,7 +351,7 @@ def embed_to_folder(paths: Iterable, out, model: str = hub.DEFAULT_MODEL, *, dev
         run is writing to it.
     """
     folder = hub.locate(model, revision=revision)
-    config = CLIPConfig.from_file(folder / "config.json")
+    config = checkpoints.open(folder).config
     hub_id = None if os.path.isdir(os.path.expanduser(os.fspath(model))) else str(model)
     wanted = shards.manifest_for(identity.of_checkpoint(folder, hub_id, revision), dtype or "float32",
                                  config.projection_dim, normalize)

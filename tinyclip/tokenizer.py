@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from tinyclip import clip_bpe
 from tinyclip.errors import TokenizerError
 from tinyclip.jsonfile import read_json
 
@@ -92,6 +93,8 @@ _WHITE_SPACE = [(0x9, 0xD), (0x20, 0x20), (0x85, 0x85), (0xA0, 0xA0), (0x1680, 0
 _LAST_LETTER_PLANE_END = 0x40000
 
 CLEAN_MODES = ("hf", "openai")
+# tokenizer_config.json's tokenizer_class values that mean CLIP's own BPE vocabulary
+CLIP_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 _SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SIGMA = "\u03a3"
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -189,6 +192,11 @@ def _unicode() -> _Unicode:
         lower_override_chars=re.compile(f"[{_char_class(_to_ranges(lower))}]"),
         byte_symbols=symbols,
     )
+
+
+def bpe_alphabet(word: str) -> str:
+    """`word`'s UTF-8 bytes as BPE symbols (GPT-2's byte -> symbol map)."""
+    return word.encode("utf-8").decode("latin-1").translate(_unicode().byte_symbols)
 
 
 def _nfc(text: str) -> str:
@@ -347,8 +355,11 @@ class CLIPTokenizer:
         if not folder.is_dir():
             raise TokenizerError(f"{folder} is not a folder; pass the checkpoint folder that holds vocab.json "
                                  "and merges.txt")
-        tokenizer_json, vocab, merges = _read_bpe(folder)
         config = _read_json(folder / "tokenizer_config.json") or {}
+        # A folder whose tokenizer_config.json names CLIP's tokenizer but carries no vocabulary
+        # files gets CLIP's BPE shipped with tinyclip (clip_bpe.py); any other tokenizer needs its files.
+        shipped = isinstance(config, dict) and config.get("tokenizer_class") in CLIP_TOKENIZER_CLASSES
+        tokenizer_json, vocab, merges = read_bpe(folder, shipped)
         names, added = _special_tokens(config, _read_json(folder / "special_tokens_map.json"), tokenizer_json, folder)
         if context_length is None:
             max_length = config.get("model_max_length")
@@ -376,7 +387,7 @@ class CLIPTokenizer:
         """Token ids of `text`, without start/end tokens, truncation or padding; with `limit`, it stops
         reading the text once more than `limit` ids are known (a text longer than a row then costs
         what a row does, and `len(ids) > limit` still says it was too long)."""
-        _check_text(text, "the text")
+        check_text(text, "the text")
         return self._encode(text, limit)
 
     def _pieces(self, text: str):
@@ -434,7 +445,7 @@ class CLIPTokenizer:
         rows = np.full((len(texts), self.context_length), self.pad_token_id, dtype=np.int64)
         room = self.context_length - 2
         for i, text in enumerate(texts):
-            _check_text(text, f"texts[{i}]")
+            check_text(text, f"texts[{i}]")
             # With truncation only the first `room` ids are kept: stop there (a megabyte of text
             # then costs what a sentence does); without it the full count goes into the error.
             ids = self._encode(text, room if truncate else None)
@@ -483,91 +494,6 @@ class CLIPTokenizer:
         return ids
 
 
-# open_clip's SimpleTokenizer names its start and end tokens differently from transformers'
-# vocab.json (same ids); its split regex matches them before anything else.
-OPENCLIP_START, OPENCLIP_END = "<start_of_text>", "<end_of_text>"
-_OPENCLIP_PATTERN = (rf"{OPENCLIP_START}|{OPENCLIP_END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|"
-                     r"[^\s\p{L}\p{N}]+")
-
-
-def normalize_openclip(text: str, after_lt: bool = False) -> str:
-    """open_clip's `clean='lower'`: ftfy's `fix_text`, `html.unescape` twice, strip, white space
-    runs (str.split) -> " ", lower-case (`tokenizer.py`, `_clean_lower`).
-
-    `after_lt`: `text` continues a text whose earlier lines hold a "<" (ftfy stops unescaping HTML
-    for the rest of a text from the first line that holds one)."""
-    import ftfy   # a declared dependency, imported here as only open_clip checkpoints need it
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text, unescape_html=False if after_lt else "auto"))).strip()
-    return " ".join(text.split()).strip().lower()
-
-
-class OpenClipTokenizer(CLIPTokenizer):
-    """open_clip's `SimpleTokenizer` (clean='lower'), id for id, on CLIP's BPE.
-
-    It differs from transformers' CLIPTokenizer in its cleaning (`normalize_openclip`),
-    its split regex (the `regex` package's `\\p{L}`, case-insensitive, with the literal
-    `<start_of_text>` / `<end_of_text>` as the start and end ids), and its padding: id 0.
-    Nothing is cut out of the raw text: `<|endoftext|>` in a text is BPE-encoded as text.
-    The BPE merges are the same (lowest rank first; see `CLIPTokenizer._bpe`).
-
-    Parameters
-    ----------
-    vocab, merges : CLIP's `vocab.json` and `merges.txt` (open_clip's bpe_simple_vocab_16e6).
-    context_length : int
-        Row length (open_clip: text_cfg.context_length).
-    """
-
-    PAD_ID = 0   # open_clip pads with zeros, which is also the id of "!"
-
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *, context_length: int = 77):
-        super().__init__(vocab, merges, context_length=context_length)
-        import regex   # a declared dependency; its Unicode tables are open_clip's own
-
-        self.clean = "openclip"
-        self._normalize = normalize_openclip
-        self.pad_token_id = self.PAD_ID
-        self._pattern = regex.compile(_OPENCLIP_PATTERN, regex.IGNORECASE)
-        self._special_words = {OPENCLIP_START: self.bos_token_id, OPENCLIP_END: self.eos_token_id}
-        # ftfy's fix_text repairs each line on its own (it splits the text after each "\n"), so a
-        # text is cut into pieces only there: its mojibake repairs may span a space.
-        self._cut = re.compile("\n")
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, context_length: int | None = None, **_) -> "OpenClipTokenizer":
-        """CLIP's BPE from the folder's `vocab.json` and `merges.txt` (or `tokenizer.json`), as
-        open_clip repositories on the hub carry them; start and end ids are those of
-        `<|startoftext|>` and `<|endoftext|>` there."""
-        folder = Path(folder)
-        if not any((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer.json")):
-            # tinyclip never imports open_clip for the copy of this vocabulary inside its package.
-            raise TokenizerError(f"{folder} has no vocab.json and merges.txt (nor tokenizer.json); open_clip's "
-                                 "tokenizer uses CLIP's BPE vocabulary, which tinyclip reads from those files: copy "
-                                 "them from any openai/clip-vit-* repository into the folder")
-        _, vocab, merges = _read_bpe(folder)
-        return cls(vocab, merges, context_length=77 if context_length is None else context_length)
-
-    def pre_tokenize(self, text: str) -> list[str]:
-        u = _unicode()
-        return [w.encode("utf-8").decode("latin-1").translate(u.byte_symbols) for w in self._pattern.findall(text)]
-
-    def _encode(self, text: str, limit: int | None) -> list[int]:
-        ids = []
-        symbols = _unicode().byte_symbols
-        after_lt = False
-        for chunk in self._pieces(text):
-            for word in self._pattern.findall(self._normalize(chunk, after_lt)):
-                special = self._special_words.get(word)
-                if special is not None:
-                    ids.append(special)
-                else:
-                    ids += self._bpe(word.encode("utf-8").decode("latin-1").translate(symbols))
-                if limit is not None and len(ids) > limit:
-                    return ids
-            after_lt = after_lt or "<" in chunk
-        return ids
-
-
 def check_vocab_size(tokenizer: CLIPTokenizer, vocab_size: int, folder: Path, config_file: str) -> None:
     """Refuse a checkpoint whose text embedding table (`vocab_size` rows) is smaller than its tokenizer's
     ids: the largest id would read past the table (transformers raises an IndexError there)."""
@@ -580,7 +506,7 @@ def check_vocab_size(tokenizer: CLIPTokenizer, vocab_size: int, folder: Path, co
                              "checkpoints: use the tokenizer files this checkpoint was trained with")
 
 
-def _check_text(text: str, what: str) -> None:
+def check_text(text: str, what: str) -> None:
     """A lone surrogate (from bytes decoded with errors="surrogateescape", or a broken UTF-16
     pair) is not text and has no UTF-8 bytes; transformers raises a TypeError for it."""
     if not text.isascii() and (bad := _SURROGATE.search(text)):
@@ -588,10 +514,15 @@ def _check_text(text: str, what: str) -> None:
                              "decode the bytes with errors='replace' or drop it")
 
 
-def _read_bpe(folder: Path):
+def read_bpe(folder: Path, shipped_if_absent: bool = False):
     """(tokenizer.json's content or None, vocabulary, merges) of a folder: from vocab.json and merges.txt
-    where either is there (missing one is then an error naming it), else from tokenizer.json."""
+    where either is there (missing one is then an error naming it), else from tokenizer.json; where
+    there is none of the three and `shipped_if_absent`, CLIP's BPE shipped with tinyclip."""
     tokenizer_json = _read_json(folder / "tokenizer.json")
+    if shipped_if_absent and tokenizer_json is None and not (folder / "vocab.json").exists() \
+            and not (folder / "merges.txt").exists():
+        vocab, merges = clip_bpe.vocab_and_merges()
+        return None, vocab, merges
     if tokenizer_json is None or (folder / "vocab.json").exists() or (folder / "merges.txt").exists():
         return tokenizer_json, _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
     return (tokenizer_json, *_bpe_from_tokenizer_json(tokenizer_json, folder / "tokenizer.json"))

@@ -67,13 +67,20 @@ class TensorInfo:
 
     def converted(self, device: str, dtype: DType) -> Tensor:
         """The tensor read into numpy, converted to `dtype` there and uploaded."""
+        array = self.array()
+        # numpy rounds to nearest even when narrowing, as tinygrad's casts do
+        return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False), device)
+
+    def array(self) -> np.ndarray:
+        """The stored values as a numpy array of this shape, in native byte order, exactly: float16,
+        float32 or float64 as stored, bfloat16 as float32 (for arithmetic before upload, such as
+        folding a batch norm into its convolution)."""
         array = np.empty(math.prod(self.shape), FILE_DTYPES[self.dtype])
         self.read_into(memoryview(array).cast("B"))
         array = array.astype(array.dtype.newbyteorder("="), copy=False)
         if self.dtype == "BF16":   # bfloat16's 16 bits are the top half of a float32: exact
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        # numpy rounds to nearest even when narrowing, as tinygrad's casts do
-        return _tinygrad.from_numpy(array.astype(_tinygrad.numpy_dtype(dtype), copy=False).reshape(self.shape), device)
+        return array.reshape(self.shape)
 
     def read_into(self, target: memoryview) -> None:
         try:
@@ -87,8 +94,10 @@ class TensorInfo:
                                   f"{_short(self.key)}; the file changed while it was being read. Load it again.")
 
 
-def read_safetensors_header(path: pathlib.Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header; every problem names the file and the key."""
+def read_safetensors_header(path: pathlib.Path, skip=None) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header; every problem names the file and the key. Entries whose
+    key `skip(key)` is true are left out unchecked (a format's bookkeeping that is no parameter,
+    such as a batch norm's integer num_batches_tracked)."""
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):   # a FIFO or device would block or never end
@@ -124,7 +133,7 @@ def read_safetensors_header(path: pathlib.Path) -> dict[str, TensorInfo]:
     data_start, data_len = 8 + n, size - 8 - n
     infos: dict[str, TensorInfo] = {}
     for key, entry in header.items():
-        if key == "__metadata__":
+        if key == "__metadata__" or (skip is not None and skip(key)):
             continue
         infos[key] = _check_entry(path, key, entry, data_start, data_len)
     spans = sorted((i.start, i.end, i.key) for i in infos.values() if i.end > i.start)
@@ -145,14 +154,14 @@ def _no_duplicates(pairs):
 
 
 def _short(value) -> str:
-    """repr(value) for an error message, cut to MAX_SHOWN characters (see `_cut`)."""
+    """repr(value) for an error message, cut to MAX_SHOWN characters (see `cut`)."""
     try:
-        return _cut(str(value) if isinstance(value, BaseException) else repr(value))
+        return cut(str(value) if isinstance(value, BaseException) else repr(value))
     except ValueError:   # an integer with more digits than sys.get_int_max_str_digits() allows
         return f"<{type(value).__name__} too long to print>"
 
 
-def _cut(text: str) -> str:
+def cut(text: str) -> str:
     """`text`, cut to MAX_SHOWN characters: a hostile header can hold megabyte-long names and shapes."""
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + f"... ({len(text)} characters)"
 
@@ -200,9 +209,9 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
     single, index = folder / SINGLE_FILE, folder / INDEX_FILE
     if single.is_file():
-        return [_inside(single, folder)]
+        return [inside_checkpoint(single, folder)]
     if index.is_file():
-        return [_inside(shard, folder) for shard in _shards(_inside(index, folder))]
+        return [inside_checkpoint(shard, folder) for shard in _shards(inside_checkpoint(index, folder))]
     unsafe = [name for name in UNSAFE_FORMATS if (folder / name).exists()]
     if unsafe:
         raise CheckpointError(
@@ -212,7 +221,7 @@ def checkpoint_files(folder: pathlib.Path) -> list[pathlib.Path]:
     raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a Hugging Face CLIPModel folder?")
 
 
-def _inside(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+def inside_checkpoint(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
     """`path`, after checking that it does not lead out of the checkpoint through a symbolic link.
 
     A file may resolve anywhere inside the folder or, when the folder is a snapshot in a Hugging
@@ -286,10 +295,10 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     params = get_state_dict(model)
     where = files[0].name if len(files) == 1 else f"{INDEX_FILE} ({len(files)} shards)"
     missing = sorted(k for k in params if k not in infos)
-    unexpected = sorted(_cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
-    misshaped = sorted(f"{k}: checkpoint {_cut(str(list(infos[k].shape)))}, config.json implies "
+    unexpected = sorted(cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
+    misshaped = sorted(f"{k}: checkpoint {cut(str(list(infos[k].shape)))}, config.json implies "
                        f"{list(params[k].shape)}"
-                       for k in params if k in infos and not _same_shape(infos[k].shape, params[k].shape))
+                       for k in params if k in infos and not same_shape(infos[k].shape, params[k].shape))
     if missing or unexpected or misshaped:
         raise mismatch_error(f"{folder / where} does not match config.json", missing, unexpected, misshaped,
                              "Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
@@ -325,6 +334,6 @@ def mismatch_error(title: str, missing: list[str], unexpected: list[str], missha
     return CheckpointError("\n".join(parts))
 
 
-def _same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+def same_shape(stored: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     # logit_scale is a scalar in transformers but was saved as (1,) by some converters.
     return tuple(stored) == tuple(expected) or {tuple(stored), tuple(expected)} == {(), (1,)}

@@ -39,6 +39,9 @@ def add_model_options(p: argparse.ArgumentParser, batch_help: str | None = None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
     p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda and nv backends): "
                    "faster, not exact float32 (README: its tolerance); a warning elsewhere")
+    p.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="run the image tower at N x N, position embeddings interpolated (a multiple of the patch "
+                   "size; default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help=batch_help or f"images or texts per forward pass (default: {DEFAULT_BATCH_SIZE})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -73,7 +76,8 @@ def load_model(args: argparse.Namespace):
     progress.status(f"loading {args.model} ...")
     try:
         return load(args.model, device=backend, dtype=args.dtype, revision=args.revision,
-                    cache_dir=args.cache_dir, allow_tf32=args.tf32)
+                    cache_dir=args.cache_dir, allow_tf32=args.tf32,
+                    image_size=args.image_size)
     finally:
         progress.clear()
 

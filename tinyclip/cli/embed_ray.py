@@ -56,6 +56,8 @@ def run_embed(args) -> int:
     into the folder --out with Ray; prints a summary (JSON with --json)."""
     if args.texts:
         raise UsageError("--engine ray embeds images; embed --texts without --engine ray")
+    if args.image_size is not None:
+        raise UsageError("--image-size is not passed to Ray workers; drop it, or embed without --engine ray")
     if args.tf32:
         raise UsageError("--tf32 is not passed to Ray workers (their embeddings are exact float32); "
                          "drop --tf32, or embed without --engine ray")

@@ -96,7 +96,7 @@ def run(args) -> int:
     with backend.context():     # the CPU kernels' tiles first: the graphs below are compiled for what it chooses
         if (chosen := backend.kernel_set().tune_machine()) is not None:
             print(f"measured this machine's kernel shapes: {chosen}", file=sys.stderr, flush=True)
-    model = load(folder, device=args.device, dtype=args.dtype, allow_tf32=args.tf32)
+    model = load(folder, device=args.device, dtype=args.dtype, allow_tf32=args.tf32, image_size=args.image_size)
     # images given as files go up as uint8 crops, to the graph that normalises them: tune that one
     keys = [model.runner.image_key(key[1], model.image_scaling()) if key[0] == "image" else key for key in keys]
 

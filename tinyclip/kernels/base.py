@@ -48,6 +48,20 @@ class KernelSet:
         y = y if act is None else activation(act)(y)
         return y if residual is None else y + residual
 
+    # ---- convolutions (the ResNet image tower) ----------------------------------------------------
+
+    def prepare_conv2d(self, weight: Tensor) -> Tensor:
+        """A convolution's weight (out, in, k, k), as the checkpoint has it (its batch norm folded in),
+        in the form conv2d() takes: called once after loading. The plain set keeps it as it is."""
+        return weight
+
+    def conv2d(self, x: Tensor, weight: Tensor, bias: Tensor, stride: int, padding: int, kernel: int,
+               act: str | None = None) -> Tensor:
+        """act(conv(x, W) + bias) for NCHW x and W as prepare_conv2d returned it (square `kernel`);
+        `act` a config hidden_act name, or None."""
+        y = x.conv2d(weight, bias, stride=stride, padding=padding)
+        return y if act is None else activation(act)(y)
+
     # ---- attention --------------------------------------------------------------------------------
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:

@@ -13,15 +13,22 @@ the same numbers to float32 rounding, slower.
 from __future__ import annotations
 
 import functools
+import os
 
 from tinygrad import Tensor, dtypes
 
 from ..._tinygrad import cpu_runtime
 from ..activations import activation
 from ..base import KernelSet
-from . import attention, exp, matmul, norm, tuning
+from . import attention, conv, exp, matmul, norm, tuning
 from .isa import ISA
 from .machine import Machine
+
+
+# How convolutions run: "im2col" onto the tiled matmul (conv.py), or "tinygrad"'s own conv. The
+# faster is the default (README, "ResNet CLIPs"); the other stays selectable so that
+# benchmarks/resnet_speed.py can measure both. Part of key(): graphs of the two are cached apart.
+CONV = os.environ.get("TINYCLIP_CONV", "im2col")
 
 
 class CPUKernels(KernelSet):
@@ -34,7 +41,7 @@ class CPUKernels(KernelSet):
         self.isa, self.device, self.cache_folder = isa, device, cache_folder
 
     def key(self) -> dict:
-        return {"name": self.name, "active": self.active, **self.machine.key()}
+        return {"name": self.name, "active": self.active, "conv": CONV, **self.machine.key()}
 
     def describe(self) -> str:
         return f"tinyclip's tiled CPU kernels, {self.isa.name} ({self.isa.lanes} float32 lanes; float16 on tinygrad's)"
@@ -74,6 +81,20 @@ class CPUKernels(KernelSet):
             return matmul.panel_linear(x, weight, bias, exp.quick_gelu if act else None, residual, self.machine)
         y = activation(act)(matmul.panel_linear(x, weight, bias, None, None, self.machine))   # exact GELU etc.
         return y if residual is None else y + residual
+
+    # ---- convolutions (conv.py) --------------------------------------------------------------------
+
+    def prepare_conv2d(self, weight: Tensor) -> Tensor:
+        if CONV != "im2col":
+            return weight
+        panels = self.prepare_linear(conv.weight_matrix(weight).contiguous().realize())
+        return panels if panels.ndim == 3 else weight
+
+    def conv2d(self, x, weight, bias, stride, padding, kernel, act=None):
+        if weight.ndim != 3:    # the plain set's convolution (float16, widths no panel divides)
+            return super().conv2d(x, weight, bias, stride, padding, kernel, act)
+        y = conv.conv2d(x, weight, bias, stride, padding, kernel, lambda a, w, b: self.linear(a, w, b))
+        return y if act is None else activation(act)(y)
 
     # ---- attention and layer norm ----------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""open_clip checkpoints (`open_clip_config.json` + `open_clip_model.safetensors`), read directly.
+"""open_clip's model config (`open_clip_config.json`) in tinyclip's terms.
 
 open_clip's ViT CLIPs compute what transformers' CLIPModel computes, under
 other names and layouts, so they are expressed here as a tinyclip
@@ -24,12 +24,10 @@ import math
 import pathlib
 from dataclasses import dataclass
 
-from tinygrad.nn.state import get_state_dict
-
-from . import pooling, weights
-from .config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from .errors import CheckpointError, ConfigError
-from .jsonfile import read_json
+from ... import pooling
+from ...config import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, ResNetVisionConfig
+from ...errors import ConfigError, TokenizerError
+from ...jsonfile import read_json
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -74,7 +72,6 @@ _VISION_INERT = ("layers", "width", "head_width", "mlp_ratio", "patch_size", "im
 _TEXT_REQUIRED = {
     **_BLOCK_REQUIRED,
     "hf_model_name": ((None, ""), "a Hugging Face text tower"),
-    "hf_tokenizer_name": ((None, ""), "a Hugging Face tokenizer"),
     "embed_cls": ((False,), "a text class token"),
     "no_causal_mask": ((False,), "attention without the causal mask"),
     "pool_type": (("argmax", "eos"), "pooling other than at the end token"),
@@ -86,7 +83,8 @@ _TEXT_REQUIRED = {
     "tokenizer_type": ((None, ""), "another tokenizer"),
 }
 _TEXT_INERT = ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "eos_id",
-               "tokenizer_kwargs",   # checked by tokenizer_settings
+               "tokenizer_kwargs",   # checked by tokenizer_clean
+               "hf_tokenizer_name",  # refused with its own message where set
                "final_ln_after_pool",   # one pooled token: layer norm before or after pooling is the same
                "pad_id",                # only read with embed_cls (refused); the tokenizer pads with 0
                "hf_model_pretrained", "hf_proj_type", "hf_pooler_type")
@@ -105,12 +103,6 @@ class OpenClipSpec:
 
     config: CLIPConfig
     preprocess: dict          # open_clip's preprocess_cfg, with size from the vision tower
-
-
-def is_openclip_folder(folder: pathlib.Path) -> bool:
-    """True for an open_clip checkpoint folder: its config and no transformers config.json
-    (a repository that has both is read as the transformers checkpoint, as before)."""
-    return (folder / CONFIG_FILE).is_file() and not (folder / "config.json").is_file()
 
 
 def read_config(folder: pathlib.Path) -> OpenClipSpec:
@@ -132,26 +124,19 @@ def spec_from_dict(model_cfg: dict, preprocess_cfg: dict, source: str = CONFIG_F
     _check(model_cfg, _TOP_REQUIRED, _TOP_INERT, source, "model_cfg.")
     _check(vision, _VISION_REQUIRED, _VISION_INERT, source, "model_cfg.vision_cfg.")
     _check(text, _TEXT_REQUIRED, _TEXT_INERT, source, "model_cfg.text_cfg.")
+    name = text.get("hf_tokenizer_name")
+    if name not in (None, ""):
+        raise TokenizerError(f"{source}: model_cfg.text_cfg.hf_tokenizer_name is {name!r}, a Hugging Face "
+                             "tokenizer that tinyclip cannot read: it implements CLIP's BPE tokenizer only")
     tokenizer_clean(text, source)
-    if isinstance(vision.get("layers", 12), (list, tuple)):
-        raise ConfigError(f"{source}: model_cfg.vision_cfg.layers is a list: a ModifiedResNet image tower "
-                          "(RN50 and kin), which tinyclip does not implement; it runs ViT CLIPs")
     quick = model_cfg.get("quick_gelu", False)
     if not isinstance(quick, bool):
         raise ConfigError(f"{source}: model_cfg.quick_gelu must be true or false, got {quick!r}")
     act = "quick_gelu" if quick else "gelu"    # open_clip: QuickGELU, else torch's exact (erf) nn.GELU
 
-    width = _int(vision, "width", 768, source, "vision_cfg")
-    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
-    if width % head_width:
-        raise ConfigError(f"{source}: model_cfg.vision_cfg.width {width} is not a multiple of head_width "
-                          f"{head_width}")
-    image_size = _square(vision, "image_size", 224, source)
-    patch_size = _square(vision, "patch_size", 16, source)
-    vision_config = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=_mlp_width(vision, width, source, "vision_cfg"),
-        num_hidden_layers=_int(vision, "layers", 12, source, "vision_cfg"), num_attention_heads=width // head_width,
-        image_size=image_size, patch_size=patch_size, hidden_act=act, layer_norm_eps=LAYER_NORM_EPS)
+    resnet = isinstance(vision.get("layers", 12), (list, tuple))    # OpenAI's RN50 and kin
+    vision_config = _resnet(vision, source) if resnet else _vit(vision, act, source)
+    image_size = vision_config.image_size
 
     text_width = _int(text, "width", 512, source, "text_cfg")
     context_length = _int(text, "context_length", 77, source, "text_cfg")
@@ -177,6 +162,38 @@ def spec_from_dict(model_cfg: dict, preprocess_cfg: dict, source: str = CONFIG_F
     # open_clip's create_model sets the preprocessing size from the vision tower, whatever the file says.
     preprocess = {**preprocess_cfg, "size": image_size}
     return OpenClipSpec(config, preprocess)
+
+
+def _vit(vision: dict, act: str, source: str) -> CLIPVisionConfig:
+    """open_clip's VisionTransformer as transformers' CLIPVisionConfig."""
+    width = _int(vision, "width", 768, source, "vision_cfg")
+    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
+    if width % head_width:
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.width {width} is not a multiple of head_width "
+                          f"{head_width}")
+    image_size = _square(vision, "image_size", 224, source)
+    patch_size = _square(vision, "patch_size", 16, source)
+    return CLIPVisionConfig(
+        hidden_size=width, intermediate_size=_mlp_width(vision, width, source, "vision_cfg"),
+        num_hidden_layers=_int(vision, "layers", 12, source, "vision_cfg"), num_attention_heads=width // head_width,
+        image_size=image_size, patch_size=patch_size, hidden_act=act, layer_norm_eps=LAYER_NORM_EPS)
+
+
+def _resnet(vision: dict, source: str) -> ResNetVisionConfig:
+    """open_clip's ModifiedResNet (vision_cfg.layers a list): model.py's `_build_vision_tower` gives it
+    width * 32 // head_width attention-pool heads and the model's embed_dim as its output."""
+    layers = vision["layers"]
+    if len(layers) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in layers):
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.layers must be 4 positive integers (blocks per ResNet "
+                          f"stage), got {layers!r}")
+    width = _int(vision, "width", 64, source, "vision_cfg")
+    head_width = _int(vision, "head_width", 64, source, "vision_cfg")
+    heads = width * 32 // head_width
+    if heads == 0:
+        raise ConfigError(f"{source}: model_cfg.vision_cfg.head_width {head_width} exceeds the attention pool's "
+                          f"width {width * 32}")
+    return ResNetVisionConfig(layers=tuple(layers), width=width, heads=heads,
+                              image_size=_square(vision, "image_size", 224, source))
 
 
 def tokenizer_clean(model_cfg_text: dict, source: str) -> str:
@@ -240,99 +257,3 @@ def _mlp_width(d: dict, width: int, source: str, where: str) -> int:
     return int(mlp_width)    # open_clip's ResidualAttentionBlock: mlp_width = int(d_model * mlp_ratio)
 
 
-# ---- weights ------------------------------------------------------------------------------------
-
-def key_map(config: CLIPConfig, text_prefix: str = "") -> dict[str, tuple[str, str | tuple[int, int] | None]]:
-    """tinyclip parameter name -> (open_clip key, how to take it): None as stored, "T" transposed,
-    or (start, stop) rows of a fused in_proj tensor."""
-    m = {"logit_scale": ("logit_scale", None),
-         "visual_projection.weight": ("visual.proj", "T"),
-         "text_projection.weight": (text_prefix + "text_projection", "T"),
-         "vision_model.embeddings.class_embedding": ("visual.class_embedding", None),
-         "vision_model.embeddings.patch_embedding.weight": ("visual.conv1.weight", None),
-         "vision_model.embeddings.position_embedding.weight": ("visual.positional_embedding", None),
-         "text_model.embeddings.token_embedding.weight": (text_prefix + "token_embedding.weight", None),
-         "text_model.embeddings.position_embedding.weight": (text_prefix + "positional_embedding", None)}
-    for ours, theirs in (("vision_model.pre_layrnorm", "visual.ln_pre"),
-                         ("vision_model.post_layernorm", "visual.ln_post"),
-                         ("text_model.final_layer_norm", text_prefix + "ln_final")):
-        for p in ("weight", "bias"):
-            m[f"{ours}.{p}"] = (f"{theirs}.{p}", None)
-    for ours, theirs, cfg in (("vision_model", "visual.transformer", config.vision_config),
-                              ("text_model", text_prefix + "transformer", config.text_config)):
-        c = cfg.hidden_size
-        for i in range(cfg.num_hidden_layers):
-            a, b = f"{ours}.encoder.layers.{i}", f"{theirs}.resblocks.{i}"
-            for n, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                m[f"{a}.self_attn.{proj}.weight"] = (f"{b}.attn.in_proj_weight", (n * c, (n + 1) * c))
-                m[f"{a}.self_attn.{proj}.bias"] = (f"{b}.attn.in_proj_bias", (n * c, (n + 1) * c))
-            for ours_sub, theirs_sub in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                                         ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                for p in ("weight", "bias"):
-                    m[f"{a}.{ours_sub}.{p}"] = (f"{b}.{theirs_sub}.{p}", None)
-    return m
-
-
-def stored_shape(ours: tuple[int, ...], how) -> tuple[int, ...]:
-    """The shape open_clip stores for a tinyclip parameter of shape `ours` taken `how` (see key_map)."""
-    if how == "T":
-        return tuple(reversed(ours))
-    if isinstance(how, tuple):
-        return (ours[0] * 3, *ours[1:])
-    return tuple(ours)
-
-
-def weights_file(folder: pathlib.Path) -> pathlib.Path:
-    """The folder's open_clip safetensors file (checked not to lead out of the checkpoint through a
-    symbolic link, as weights.py checks its files); the pickle is refused, saying how to convert it."""
-    path = folder / WEIGHTS_FILE
-    if path.is_file():
-        return weights._inside(path, folder)
-    if (folder / PICKLE_FILE).exists():
-        raise CheckpointError(
-            f"{folder}: has {PICKLE_FILE} but no {WEIGHTS_FILE}; tinyclip reads only safetensors and never "
-            "unpickles. Convert it once with open_clip and safetensors: model = open_clip.create_model("
-            f"'local-dir:{folder}'); safetensors.torch.save_file(model.state_dict(), '{folder / WEIGHTS_FILE}')")
-    raise CheckpointError(f"{folder}: has {CONFIG_FILE} but no {WEIGHTS_FILE}; download the checkpoint's "
-                          "safetensors weights into the folder")
-
-
-def load_weights(model, folder: pathlib.Path, dtype, device: str) -> None:
-    """Fill `model` (a tinyclip CLIPModel built from `read_config`) from the folder's open_clip
-    safetensors, after checking every key and shape with weights.py's strict header checks.
-
-    Each stored tensor is read once; q, k and v are row slices of it, projections its transpose.
-    """
-    path = weights_file(folder)
-    infos = weights.read_safetensors_header(path)
-    params = get_state_dict(model)
-    # CustomTextCLIP (custom_text: true) keeps the text tower under "text."; open_clip also loads
-    # such checkpoints saved without the prefix, so the file decides.
-    prefix = "text." if "text.token_embedding.weight" in infos else ""
-    plan = key_map(model.config, prefix)
-    used = {source for source, _ in plan.values()}
-    missing = sorted({plan[k][0] for k in params if plan[k][0] not in infos})
-    unexpected = sorted(weights._cut(k) for k in infos if k not in used)
-    misshaped = sorted({f"{plan[k][0]}: checkpoint {weights._cut(str(list(infos[plan[k][0]].shape)))}, "
-                        f"{CONFIG_FILE} implies {list(stored_shape(tuple(p.shape), plan[k][1]))}"
-                        for k, p in params.items() if plan[k][0] in infos and not weights._same_shape(
-                            infos[plan[k][0]].shape, stored_shape(tuple(p.shape), plan[k][1]))})
-    if missing or unexpected or misshaped:
-        raise weights.mismatch_error(f"{path} does not match {CONFIG_FILE}", missing, unexpected, misshaped,
-                                     f"Check that {CONFIG_FILE} belongs to these weights and describes a "
-                                     "CLIP model (image and text towers).")
-    loaded, uses = {}, {}
-    for source, _ in plan.values():
-        uses[source] = uses.get(source, 0) + 1
-    for key, param in params.items():
-        source, how = plan[key]
-        if source not in loaded:
-            loaded[source] = infos[source].load(device, dtype)
-        uses[source] -= 1
-        # a fused in_proj is kept until its last slice is taken, then dropped
-        t = loaded[source] if uses[source] else loaded.pop(source)
-        if how == "T":
-            t = t.T.contiguous()
-        elif isinstance(how, tuple):
-            t = t[how[0]:how[1]].contiguous()
-        param.replace(t.reshape(param.shape).realize())
