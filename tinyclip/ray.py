@@ -31,7 +31,7 @@ except ImportError:
     raise MissingDependencyError("Ray is not installed; for --engine ray and tinyclip.ray run: "
                                  "pip install 'tinyclip[ray]'") from None
 
-from . import hub, identity, shards
+from . import hub, identity, shadow, shards
 from .config import CLIPConfig
 from .preprocess import ImageProcessor, load_image
 from .tasks import UsageError
@@ -225,6 +225,8 @@ def connect(address: str | None = None) -> None:
     "host:port"), or, with neither, start a local Ray on this machine."""
     if ray.is_initialized():
         return
+    if (found := shadow.shadowing_folder()) is not None:     # Ray's workers import from the current folder
+        raise UsageError(shadow.explain(found, "Ray's workers"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
