@@ -167,8 +167,9 @@ def _longest_prompt(clip, label: str, templates: tuple[str, ...]) -> int:
 
 
 def _warn_truncated(clip, labels: Sequence[str], templates: tuple[str, ...]) -> None:
-    """One TruncationWarning per label whose longest prompt does not fit the context length, on every
-    call, whether the label was encoded now or came from a cache (which keeps its prompts' lengths)."""
+    """One TruncationWarning per label whose longest prompt does not fit the context length, whether the
+    label was encoded now or came from a cache (which keeps its prompts' lengths). Python shows each
+    once per process (classify and the command line's label cache fill both come here)."""
     context = clip.config.text_config.max_position_embeddings
     room = context - 2     # besides the start and end tokens
     cache: LabelCache = clip.label_cache
