@@ -84,11 +84,11 @@ def run_classify(args) -> int:
     batch_size = check_batch_size(args)
     for path in args.images:
         _check_image_file(path)
-    if len(labels) == 1:
-        warnings.warn(f"one label ({labels[0]!r}): probabilities are over the labels given, so every image "
-                      "gets 100%; give two or more labels to compare")
     images_option.apply(args)
     model = load_model(args)
+    if len(labels) == 1:     # after the errors that come before loading, which would end the run anyway
+        warnings.warn(f"one label ({labels[0]!r}): probabilities are over the labels given, so every image "
+                      "gets 100%; give two or more labels to compare")
     _embed_labels(model, labels, templates, batch_size)
 
     results, skipped = [], 0
