@@ -216,7 +216,7 @@ def default() -> Backend | None:
 
 
 def select(device: str | Backend | None = None) -> Backend:
-    """The backend for `device`; a BackendError listing every backend when none fits."""
+    """The backend for `device`; a one-line BackendError when none fits (every backend in its `table`)."""
     if isinstance(device, Backend):
         backends = (device,)
         chosen = device
