@@ -4,6 +4,7 @@ import os
 import pty
 import select
 import subprocess
+import threading
 import time
 
 
@@ -13,8 +14,7 @@ def run_on_a_terminal(cmd, cwd=None, env=None, timeout=600) -> tuple[int, str, s
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
     os.close(slave)
     shown, deadline = b"", time.monotonic() + timeout
-    out = []
-    import threading
+    out = []     # stdout read in a thread, so that a full pipe never stalls the command
     reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
     reader.start()
     while time.monotonic() < deadline:
