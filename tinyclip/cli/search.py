@@ -153,8 +153,8 @@ def _recorded_model(stored: npz.ImageEmbeddings, source: str, args) -> str:
         except CheckpointNotFoundError as e:
             tried.append(str(e).split(". ")[0])
             continue
-        print(f"tinyclip: using {name}{'@' + revision if revision else ''}, the model {source} was embedded with "
-              "(--model to choose another)", file=sys.stderr, flush=True)
+        say(f"tinyclip: using {name}{'@' + revision if revision else ''}, the model {source} was embedded with "
+            "(--model to choose another)", file=sys.stderr, flush=True)
         args.revision = revision
         return name
     raise UsageError(f"--images {source}: the model it was embedded with is not here ({'; '.join(tried) or 'none recorded'}); "
