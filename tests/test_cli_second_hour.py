@@ -15,7 +15,6 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import ROOT
 from tests.terminal import run_on_a_terminal

@@ -107,8 +107,8 @@ def run_embed(args) -> int:
     progress.close()
     if cut:
         context = model.config.text_config.max_position_embeddings
-        shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
-        warnings.warn(f"{args.texts}: {len(cut)} of the {len(names)} texts (line{'s' * (len(cut) > 1)} {shown}) "
+        numbers = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        warnings.warn(f"{shown(args.texts)}: {len(cut)} of the {len(names)} texts (line{'s' * (len(cut) > 1)} {numbers}) "
                       f"{'are' if len(cut) > 1 else 'is'} cut to fit the model's {context}-token context: only "
                       f"{'their' if len(cut) > 1 else 'its'} start counts", TruncationWarning)
     if not names:
