@@ -102,8 +102,8 @@ def run_search(args) -> int:
     else:
         if tasks.is_cut(model, args.query):
             context = model.config.text_config.max_position_embeddings
-            warnings.warn(f"QUERY is cut to fit the model's {context}-token context (it has "
-                          f"{tasks.token_count(model, args.query)} tokens): only its start counts", TruncationWarning)
+            warnings.warn(f"QUERY is cut to fit the model's {context}-token context (more than {context - 2} tokens "
+                          "besides start and end): only its start counts", TruncationWarning)
         query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
 
     if stored is not None:
