@@ -151,22 +151,26 @@ def test_labels_file_with_a_bom_and_one_label(tiny_quick, work, tmp_path):
     assert "one label ('cat'): probabilities are over the labels given, so every image gets 100%" in warning
 
 
-def test_a_cut_label_warns_when_it_comes_from_the_label_cache(tiny_quick, work):
+def test_a_cut_label_warns_when_it_comes_from_the_label_cache(tiny_quick, work, tmp_path):
     """A run served from the disk cache encodes no text and still says the label was cut; a file written
-    before the lengths were stored is read, its lengths counted."""
+    before the lengths were stored is read, its lengths counted. (A template of this test's own keys the
+    stored file, which holds made-up embeddings: no other test reads it.)"""
     long_label = " ".join(["cat"] * LONG_WORDS)
+    template = "a label-cache test photo of {}"
+    (tmp_path / "templates.txt").write_text(template + "\n")
     store = label_store.default()
-    key = (identity.of_checkpoint(tiny_quick.folder)["fingerprint"], "float32", ("{}",))
+    key = (identity.of_checkpoint(tiny_quick.folder)["fingerprint"], "float32", (template,))
     unit = np.ones(24, np.float32) / np.sqrt(24)
-    for lengths in ({}, {"cat": 3, long_label: LONG_WORDS + 2}):
+    for lengths in ({}, {"cat": 9, long_label: LONG_WORDS + 9}):
         store.save(key, {"cat": unit, long_label: -unit}, lengths)
-        run = run_cli(work, "classify", GOOD[0], "--labels", "cat", long_label, "--templates", "none", "--json",
-                      model=tiny_quick.folder)
+        run = run_cli(work, "classify", GOOD[0], "--labels", "cat", long_label, "--templates",
+                      tmp_path / "templates.txt", "--json", model=tiny_quick.folder)
         assert_ok(run)
         assert len(warnings_of(run)) == 1, run.stderr
         warning = warnings_of(run)[0]
         assert f"label {long_label[:60]!r}... is cut to fit the model's 77-token context (a prompt of it has more " \
                "than 75 tokens besides start and end)" in warning
+    store.path(key).unlink()
 
 
 @pytest.mark.slow     # compiles the text encoder at the full context for embed's batch: ~20 s on a busy machine
