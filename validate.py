@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -107,16 +108,46 @@ def main(argv=None) -> int:
     ap.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda, nv), "
                     "checked to float16's tolerance; other backends warn and run exact float32")
     args = ap.parse_args(argv)
+    if args.tf32 and args.dtype != "float32":
+        ap.error("--tf32 applies to --dtype float32")
+    import tinyclip
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning     # tinyclip's warnings (--tf32 on a CPU ...) as one line each
+        try:
+            return _validate(args, *_checked(args))
+        except tinyclip.TinyClipError as e:
+            print(f"validate.py: error: {e}", file=sys.stderr)
+            return 1
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"validate.py: warning: {message}", file=file or sys.stderr)
+
+
+def _checked(args):
+    """(images, folder, note): the arguments checked before the reference runs (a minute for transformers),
+    each failure one line (a TinyClipError)."""
+    from tinyclip import registry
+    from tinyclip.errors import BackendError
+    from tinyclip.preprocess import load_image
+    for name in args.device or []:
+        try:
+            backend = registry.select(name)
+            backend.check_dtype(args.dtype)
+        except BackendError as e:
+            raise BackendError(f"--device {name}: {e}") from None
+    images = [load_image(p) for p in args.images]     # a missing or damaged file: one line naming it
+    folder, note = resolve_model(args.model)
+    return images, folder, note
+
+
+def _validate(args, images, folder, note) -> int:
     import torch
     import transformers
-    from PIL import Image
 
     import tinyclip
     from tinyclip import checkpoints, registry
 
-    folder, note = resolve_model(args.model)
-    images = [Image.open(p) for p in args.images]
     t0 = time.perf_counter()
     if checkpoints.open(folder).format == "open_clip":
         ids, pixels, ref_img, ref_txt, ref_logits = openclip_reference(folder, args.images, args.texts)
@@ -139,8 +170,6 @@ def main(argv=None) -> int:
 
     devices = args.device or [b.name for b in registry.registered() if b.available]
     unavailable = [f"{b.name} ({b.unavailable})" for b in registry.registered() if not b.available]
-    if args.tf32 and args.dtype != "float32":
-        ap.error("--tf32 applies to --dtype float32")
     rel_tol, cos_tol = TF32_TOLERANCE if args.tf32 else TOLERANCE[args.dtype]
     print(f"model: {args.model}{' [' + note + ']' if note else ''}  folder: {folder}")
     print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}{' (TF32 matmuls)' if args.tf32 else ''}; tolerance: relative <= {rel_tol:g}, "

@@ -5,6 +5,7 @@ import functools
 import os
 import shutil
 import subprocess
+import warnings
 
 from tinygrad.helpers import Context
 
@@ -28,6 +29,15 @@ class CPU(Backend):
     def _isa(self):
         """(ISA or None, target arch): TINYCLIP_CPU_ISA's choice, read once per backend object."""
         return isas.choose()
+
+    def check_dtype(self, dtype: str | None) -> str:
+        """As Backend.check_dtype, and a warning (once per process) that float16 is the slow choice here."""
+        name = super().check_dtype(dtype)
+        if name == "float16":
+            warnings.warn(f"float16 on the {self.name} backend runs several times slower than float32: tinyclip's "
+                          "tiled CPU kernels take float32 only, so float16 runs on tinygrad's plain kernels, and the "
+                          "CPU converts every value; use float32 (the default) unless you need float16's numbers")
+        return name
 
     def kernel_set(self):
         """tinyclip's tiled CPU kernels for this CPU's instruction set (tinygrad's own where it has none)."""

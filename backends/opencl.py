@@ -36,6 +36,15 @@ class OpenCL(Backend):
         return "\n".join((probes.files_key(f"{vendors}/*", "/etc/OpenCL/vendors/*", "/etc/ld.so.cache"),
                           probes.env_key("OCL_ICD", "OPENCL", "POCL", "LD_LIBRARY_PATH", "DEV")))
 
+    def context(self):
+        # before the first kernel compiles (the probe's): clang's "1 warning generated." kept off stderr
+        if not self._quiet:
+            self._quiet = True
+            _tinygrad.quiet_opencl_builds(self.device)
+        return super().context()
+
+    _quiet = False
+
     @functools.cached_property
     def priority(self) -> int:  # type: ignore[override]
         # Only an OpenCL device known to be a GPU ranks as an accelerator: one that is really the CPU (PoCL),

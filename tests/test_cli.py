@@ -111,7 +111,7 @@ def test_embed_npz_equals_transformers_image_features(embedded, oracle_images, t
     recorded = json.loads(str(npz["model_identity"]))
     assert recorded["fingerprint"] == identity.fingerprint(tiny_quick.folder, checkpoint_files(tiny_quick.folder))
     assert recorded["folder"] == str(tiny_quick.folder.resolve()) and recorded["hub_id"] is None
-    assert str(npz["dtype"]) == "float32" and int(npz["format"]) == 2
+    assert str(npz["dtype"]) == "float32" and int(npz["format"]) == 3
     assert int(npz["projection_dim"]) == tiny_quick.config.projection_dim and not npz["normalized"]
 
 

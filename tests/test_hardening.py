@@ -243,8 +243,8 @@ SMALL = {"size": {"shortest_edge": 32}, "crop_size": 32}
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")   # Pillow's, before our error
 @pytest.mark.parametrize("size, match", [
     ((40, 40), r"40x40 = 1,600 pixels, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = 1,000\. "
-               r"If you trust the file, raise the limit \(PIL.Image.MAX_IMAGE_PIXELS = 1600\) or switch it off "
-               r"\(= None\)"),
+               r"If you trust the file, raise the limit \(PIL.Image.MAX_IMAGE_PIXELS = 1600; the command line's "
+               r"--max-pixels 1600\) or switch it off \(= None; --max-pixels 0\)"),
     ((50, 50), r"more than 2,000 pixels, over Pillow's decompression-bomb limit"),   # Pillow raises itself
 ])
 def test_decompression_bombs_are_refused_before_decoding(tmp_path, monkeypatch, size, match):

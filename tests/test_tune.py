@@ -7,6 +7,7 @@ BEAM_MIN_PROGRESS raised so that each kernel gets one round of candidates.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import tinyclip
 from tinyclip import cli, graph_cache
 from tinyclip.api import CLIP
 from tests.conftest import ROOT
+from tests.terminal import run_on_a_terminal
 
 from tests.checkpoints import build_checkpoint, clip_config
 
@@ -38,11 +40,19 @@ def micro(tmp_path_factory):
 def tuned(micro, tmp_path_factory):
     """(the cache root, tune's --json report) after tuning the image graph of batch 1."""
     root = tmp_path_factory.mktemp("tune-cache")
-    done = subprocess.run([sys.executable, "-m", "tinyclip", "tune", str(micro), "--device", "cpu", "--beam", "1",
-                           "--batch", "1", "--only", "image", "--json"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **SEARCH_ENV, "TINYCLIP_CACHE_DIR": str(root)}, timeout=600)
-    assert done.returncode == 0, done.stderr
-    return root, json.loads(done.stdout)
+    env = {**os.environ, **SEARCH_ENV, "TINYCLIP_CACHE_DIR": str(root)}
+    env.pop("TINYCLIP_PROGRESS", None)
+    # stderr on a terminal, as a user runs it: the status line says which kernel the search is at
+    code, out, shown = run_on_a_terminal([sys.executable, "-m", "tinyclip", "tune", str(micro), "--device", "cpu",
+                                          "--beam", "1", "--batch", "1", "--only", "image", "--json"], cwd=ROOT, env=env)
+    assert code == 0, shown
+    return root, json.loads(out), shown
+
+
+def test_tune_shows_which_kernel_the_search_is_at(tuned):
+    kernels = re.findall(r"tuning the image encoder for batches of 1 with BEAM=1: kernel (\d+) of (\d+)", tuned[2])
+    assert kernels and kernels[0][0] == "1" and kernels[-1][0] == kernels[-1][1], tuned[2]
+    assert [int(i) for i, _ in kernels] == list(range(1, len(kernels) + 1)), "one line per kernel, in order"
 
 
 def images():
@@ -55,7 +65,7 @@ def image_key(model, batch: int) -> tuple:
 
 
 def test_tune_stores_the_graph_marked_tuned(tuned, micro):
-    root, report = tuned
+    root, report, _ = tuned
     [entry] = report
     assert (entry["tower"], entry["batch"], entry["beam"]) == ("image", 1, 1)
     assert entry["path"].startswith(str(root / "graphs"))
@@ -82,7 +92,7 @@ print(json.dumps(header and header["tuned"]))
 
 
 def test_a_later_process_runs_the_tuned_graph_and_matches_the_plain_path(tuned, micro, tmp_path):
-    root, [entry] = tuned
+    root, [entry], _ = tuned
     before = open(entry["path"], "rb").read()
     np.save(tmp_path / "images.npy", images())
     done = subprocess.run([sys.executable, "-c", CHILD, str(micro), str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -98,7 +108,7 @@ def test_a_later_process_runs_the_tuned_graph_and_matches_the_plain_path(tuned, 
 
 
 def test_an_untuned_capture_never_replaces_a_tuned_graph(tuned, micro, tmp_path, monkeypatch):
-    root, [entry] = tuned
+    root, [entry], _ = tuned
     shutil.copytree(root, tmp_path / "cache")
     monkeypatch.setenv("TINYCLIP_CACHE_DIR", str(tmp_path / "cache"))
     untuned = tinyclip.load(micro, device="cpu", graph_cache=False)

@@ -33,7 +33,15 @@ class ImageError(TinyClipError, ValueError):
 
 
 class BackendError(TinyClipError, RuntimeError):
-    """The requested device or backend is unknown or unavailable."""
+    """The requested device or backend is unknown or unavailable.
+
+    str() is one line: what is wrong and the backends that run here. `table`, where given, lists
+    every registered backend with its tinygrad device and status (or why it is unavailable), one
+    per line, for a program that wants to show it."""
+
+    def __init__(self, message: str, table: str | None = None):
+        super().__init__(message)
+        self.table = table
 
 
 class UsageError(TinyClipError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 from .errors import CheckpointNotFoundError
 
@@ -36,12 +37,17 @@ def locate(name_or_path: str | os.PathLike, revision: str | None = None, cache_d
             local_files_only: bool = False) -> pathlib.Path:
     """The local folder holding the checkpoint `name_or_path`.
 
-    An existing directory is used as it is. Anything else must look like a
-    hub id ("org/name" or "name") and is fetched into (or found in) the
-    Hugging Face cache.
+    An existing directory is used as it is (`revision` and `cache_dir`, which select a hub
+    snapshot, are then ignored, with a warning). Anything else must look like a hub id
+    ("org/name" or "name") and is fetched into (or found in) the Hugging Face cache.
     """
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():
+        ignored = [f"{what} {value!r}" for what, value in (("revision", revision), ("cache_dir", cache_dir))
+                   if value is not None]
+        if ignored:
+            warnings.warn(f"{name_or_path} is a local folder: {' and '.join(ignored)} ignored (they select a "
+                          "hub model's snapshot)")     # warned from here: once per process, whoever calls
         return path
     name = str(name_or_path)
     if path.exists():

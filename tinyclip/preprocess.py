@@ -173,9 +173,10 @@ def load_image(image) -> Image.Image:
 def _bomb_message(path: str, size: tuple[int, int] | None) -> str:
     limit = Image.MAX_IMAGE_PIXELS
     what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else f"more than {2 * limit:,} pixels"
+    enough = size[0] * size[1] if size else 4 * limit
     return (f"{path}: the image has {what}, over Pillow's decompression-bomb limit PIL.Image.MAX_IMAGE_PIXELS = "
-            f"{limit:,}. If you trust the file, raise the limit (PIL.Image.MAX_IMAGE_PIXELS = "
-            f"{size[0] * size[1] if size else 4 * limit}) or switch it off (= None)")
+            f"{limit:,}. If you trust the file, raise the limit (PIL.Image.MAX_IMAGE_PIXELS = {enough}; the command "
+            f"line's --max-pixels {enough}) or switch it off (= None; --max-pixels 0)")
 
 
 def _upright_rgb(image: Image.Image, what: str) -> Image.Image:

@@ -45,6 +45,12 @@ def compiling(key: tuple, stream=None) -> None:
     status(f"compiling the {graph_name(key)}, once ...", stream)
 
 
+def tuning(key: tuple, beam: int, kernel: int, kernels: int, seconds: float, stream=None) -> None:
+    """The status line while `tinyclip tune` beam-searches the kernels of a runner key's graph (minutes)."""
+    at = f": kernel {kernel} of {kernels} ({seconds:.0f} s so far)" if kernels else ""
+    status(f"tuning the {graph_name(key)} with BEAM={beam}{at} ...", stream)
+
+
 def graph_name(key: tuple) -> str:
     """A runner key's graph in words: "image encoder for batches of 32", "text encoder for 12 tokens (batches of 8)"."""
     if key[0] == "image":

@@ -35,7 +35,7 @@ except ImportError:
     raise MissingDependencyError("Ray is not installed; for --engine ray and tinyclip.ray run: "
                                  "pip install 'tinyclip[ray]'") from None
 
-from . import checkpoints, hub, identity, shards
+from . import checkpoints, hub, identity, shadow, shards
 from .preprocess import ImageProcessor, load_image
 from .tasks import UsageError
 
@@ -288,6 +288,8 @@ def connect(address: str | None = None) -> bool:
     connects += 1
     if ray.is_initialized():
         return False
+    if (found := shadow.shadowing_folder()) is not None:     # Ray's workers import from the current folder
+        raise UsageError(shadow.explain(found, "Ray's workers"))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None
     options = dict(logging_level=logging.WARNING, configure_logging=True)

@@ -216,7 +216,7 @@ def default() -> Backend | None:
 
 
 def select(device: str | Backend | None = None) -> Backend:
-    """The backend for `device`; a BackendError listing every backend when none fits."""
+    """The backend for `device`; a one-line BackendError when none fits (every backend in its `table`)."""
     if isinstance(device, Backend):
         backends = (device,)
         chosen = device
@@ -224,7 +224,9 @@ def select(device: str | Backend | None = None) -> Backend:
         backends = registered()
         chosen = _choose(device, backends)
     if chosen is None or not chosen.available:
-        raise BackendError(_listing(device, backends, chosen))
+        usable = [b.name for b in _by_priority(backends) if b.available]
+        raise BackendError(f"{_head(device, chosen).rstrip('.')}; backends that run here: {', '.join(usable) or 'none'}. "
+                           "Pass one of them as device=..., or see `tinyclip backends`", table=_listing(backends))
     return chosen
 
 
@@ -300,10 +302,9 @@ def _head(device, chosen) -> str:
     return f"device {device!r} ({chosen.name}) is not available: {chosen.unavailable}"
 
 
-def _listing(device, backends, chosen) -> str:
-    head = _head(device, chosen)
+def _listing(backends) -> str:
+    """Every backend, its tinygrad device and its status, one per line (BackendError.table)."""
     width = max((len(b.name) for b in backends), default=0)
     dwidth = max((len(b.device) for b in backends), default=0)
     rows = [f"  {b.name:<{width}}  {b.device:<{dwidth}}  {status(b)}" for b in backends]
-    return "\n".join([head, "Backends (name, tinygrad device, status):", *rows,
-                      "Pass one of the available names as device=..., or see `tinyclip backends`."])
+    return "\n".join(["Backends (name, tinygrad device, status):", *rows])

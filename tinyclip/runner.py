@@ -143,14 +143,19 @@ class Runner:
         Returns (the output, the graph file written or None)."""
         encoder = self._encoder(key)
         jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
-        progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
+        start = time.perf_counter()
         with trace.phase(f"graph {progress.graph_name(key)}: compiled and run"):
             if beam is None:
+                progress.compiling(key)    # on a terminal only: the one long wait a user sees unexplained
                 with _tinygrad.forked_compiles():
                     out = _tinygrad.to_numpy(jit(t))
                 beam = _tinygrad.beam_setting()
-            else:
-                with _tinygrad.beam_context(beam):
+            else:    # minutes: which kernel the search is at
+                progress.tuning(key, beam, 0, 0, 0.0)
+
+                def at_kernel(i: int, n: int) -> None:
+                    progress.tuning(key, beam, i, n, time.perf_counter() - start)
+                with _tinygrad.beam_context(beam), _tinygrad.beam_progress(at_kernel):
                     out = _tinygrad.to_numpy(jit(t))
         progress.clear()
         self._jits[key] = jit

@@ -38,6 +38,7 @@ class LabelCache:
     def __init__(self, max_entries: int = LABEL_CACHE_SIZE):
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._longest: dict[tuple, int] = {}     # tokens in each entry's longest prompt: a cut one warns each time
         self._lock = threading.Lock()
         self.logit_scale: float | None = None    # exp(logit_scale), read from the model once
 
@@ -51,16 +52,24 @@ class LabelCache:
                 return self._entries[key]
             return None
 
-    def put(self, key: tuple, value: np.ndarray) -> None:
+    def longest(self, key: tuple) -> int | None:
+        """How many tokens the longest prompt of the entry `key` has (start and end included), if known."""
+        with self._lock:
+            return self._longest.get(key)
+
+    def put(self, key: tuple, value: np.ndarray, longest: int | None = None) -> None:
         with self._lock:
             self._entries[key] = value
             self._entries.move_to_end(key)
+            if longest is not None:
+                self._longest[key] = longest
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                self._longest.pop(self._entries.popitem(last=False)[0], None)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._longest.clear()
 
 
 # ---- classification and similarity -------------------------------------------------------------
@@ -121,14 +130,16 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
     cache: LabelCache = clip.label_cache
     missing = [label for label in dict.fromkeys(labels) if cache.get((templates, label)) is None]
     stored: dict[str, np.ndarray] = {}
+    stored_longest: dict[str, int] = {}
     if missing and store is not None:
         key = (clip.identity["fingerprint"], clip.dtype, templates)
-        stored = store.load(key, dim=clip.config.projection_dim)
+        stored, stored_longest = store.load_with_lengths(key, dim=clip.config.projection_dim)
         for label in missing:
             if label in stored:
-                cache.put((templates, label), stored[label])
+                if label not in stored_longest:     # a file written before lengths were stored
+                    stored_longest[label] = _longest_prompt(clip, label, templates)
+                cache.put((templates, label), stored[label], stored_longest[label])
         missing = [label for label in missing if label not in stored]
-    _warn_truncated(clip, missing, templates)
     encoded: dict[str, np.ndarray] = {}
     per_chunk = max(1, PROMPTS_PER_CHUNK // len(templates))
     if missing and on_progress is not None:
@@ -139,27 +150,50 @@ def label_embeddings(clip, labels: Sequence[str], templates="imagenet", *, batch
         embeds = clip.encode_text(prompts, normalize=True, batch_size=batch_size).astype(np.float64)
         embeds = unit_rows(embeds.reshape(len(chunk), len(templates), -1).mean(axis=1))     # (n_labels, D)
         for label, e in zip(chunk, embeds.astype(np.float32)):
-            cache.put((templates, label), e)
+            stored_longest[label] = _longest_prompt(clip, label, templates)
+            cache.put((templates, label), e, stored_longest[label])
             encoded[label] = e
         if on_progress is not None:
             on_progress((i + len(chunk)) * len(templates), len(missing) * len(templates))
     if encoded and store is not None:
-        store.save(key, {**stored, **encoded})
+        store.save(key, {**stored, **encoded}, stored_longest)
+    _warn_truncated(clip, labels, templates)
     return np.stack([cache.get((templates, label)) for label in labels])
 
 
+def _longest_prompt(clip, label: str, templates: tuple[str, ...]) -> int:
+    """Tokens of the label's longest prompt, start and end included (counted up to one past the context)."""
+    return max(token_count(clip, t.replace("{}", label)) for t in templates)
+
+
 def _warn_truncated(clip, labels: Sequence[str], templates: tuple[str, ...]) -> None:
-    """One TruncationWarning per label whose longest prompt does not fit the context length."""
+    """One TruncationWarning per label whose longest prompt does not fit the context length, whether the
+    label was encoded now or came from a cache (which keeps its prompts' lengths). Python shows each
+    once per process (classify and the command line's label cache fill both come here)."""
     context = clip.config.text_config.max_position_embeddings
     room = context - 2     # besides the start and end tokens
+    cache: LabelCache = clip.label_cache
     for label in labels:
-        # limit=room: reading stops past the context, so a huge label costs what a short one does
-        longest = max(len(clip.tokenizer.encode(t.replace("{}", label), limit=room)) for t in templates)
-        if longest > room:
+        longest = cache.longest((templates, label))
+        if longest is None:
+            longest = _longest_prompt(clip, label, templates)
+        if longest > context:
             shown = repr(label) if len(label) <= 60 else f"{label[:60]!r}..."
             warnings.warn(f"label {shown} is cut to fit the model's {context}-token context (a prompt of it has "
                           f"more than {room} tokens besides start and end): only its start counts",
-                          TruncationWarning, stacklevel=3)
+                          TruncationWarning)   # located here: once a process, whoever calls
+
+
+def token_count(clip, text: str) -> int:
+    """How many tokens `text` takes in the model's context, its start and end tokens included; counted up
+    to one past the context (reading stops there: a huge text costs what a row does)."""
+    room = clip.config.text_config.max_position_embeddings - 2
+    return len(clip.tokenizer.encode(text, limit=room)) + 2
+
+
+def is_cut(clip, text: str) -> bool:
+    """Whether `text` is longer than the model's context, so that encoding it cuts it (as transformers does)."""
+    return token_count(clip, text) > clip.config.text_config.max_position_embeddings
 
 
 def resolve_templates(templates) -> tuple[str, ...]:
@@ -181,7 +215,7 @@ def resolve_templates(templates) -> tuple[str, ...]:
         raise UsageError("templates is an empty list; pass None to use the labels as they are")
     for i, t in enumerate(templates):
         if "{}" not in t:
-            raise UsageError(f"template {i} ({t!r}) has no '{{}}' where the label should go, "
+            raise UsageError(f"template {i + 1} of {len(templates)} ({t!r}) has no '{{}}' where the label should go, "
                              "e.g. 'a photo of a {}.'")
     return tuple(templates)
 
@@ -233,9 +267,9 @@ def check_labels(labels) -> list[str]:
         raise UsageError("no labels: pass at least one class name")
     for i, label in enumerate(labels):
         if not isinstance(label, str):
-            raise UsageError(f"label {i} is {type(label).__name__}, not a string")
+            raise UsageError(f"label {i + 1} of {len(labels)} is {type(label).__name__}, not a string")
         if not label.strip():
-            raise UsageError(f"label {i} is empty")
+            raise UsageError(f"label {i + 1} of {len(labels)} is empty")     # counted from 1, as people count
     dupes = sorted({label for label in labels if labels.count(label) > 1})
     if dupes:
         raise UsageError(f"labels must be distinct; repeated: {', '.join(map(repr, dupes))}")
@@ -272,14 +306,37 @@ def is_image_file(path) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
+def looks_like_a_path(text: str) -> str | None:
+    """Why `text`, given where a label or a query goes, looks like a file path (it contains a path
+    separator, or names an existing folder), or None. The command line refuses such words there:
+    they are almost always a mistyped or misplaced image path, not a text."""
+    if os.path.isdir(text):
+        return "is a folder"
+    for sep in filter(None, (os.sep, os.altsep)):
+        if sep in text:
+            return f"contains {sep} like a path (no such file)" if not os.path.exists(text) else "is a file"
+    return None
+
+
 def find_images(paths: Iterable, on_error: Callable[[str, str], None] | None = None) -> Iterator[str]:
     """Image files under `paths`, one at a time and in a stable order.
 
     A file is yielded as given, whatever its extension. A folder is walked recursively in sorted
     order for files with a common image extension (IMAGE_EXTENSIONS, any case), leaving out hidden
-    files and folders (names starting with "."). A folder that cannot be listed is reported to
-    `on_error(path, reason)` and skipped. A path that does not exist raises ImageError.
+    files and folders (names starting with "."). A file reached twice (named twice, inside a folder
+    also given, through a link) is yielded once, the first time, compared by its resolved path.
+    A folder that cannot be listed is reported to `on_error(path, reason)` and skipped. A path that
+    does not exist raises ImageError.
     """
+    seen: set[str] = set()
+    for found in _walk_images(paths, on_error):
+        resolved = os.path.realpath(found)
+        if resolved not in seen:
+            seen.add(resolved)
+            yield found
+
+
+def _walk_images(paths: Iterable, on_error) -> Iterator[str]:
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):

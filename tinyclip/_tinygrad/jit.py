@@ -4,12 +4,16 @@
   _TinyJit.captured   the CapturedJit (ret, _linear, expected_names, expected_input_info) once captured
   _TinyJit(None, captured)   a JIT that only runs `captured`; it raises JitError when the inputs differ
   BEAM                compile_linear searches kernels with BEAM=n while a JIT captures (jit_lower)
+  lower_and_compile   compiles a capture's kernels; under BEAM in this process (beam_progress counts them)
 
 Pickling a captured graph without its weights lives beside this, in graph_pickle.py.
 """
 from __future__ import annotations
 
+import contextlib
+
 from tinygrad.helpers import Context
+
 
 def new_jit(fn, capture_first: bool = True):
     """A TinyJit of `fn`. With capture_first it captures on its first call; tinygrad's default runs
@@ -48,3 +52,44 @@ def beam_setting() -> int:
     from tinygrad.helpers import BEAM, getenv
     return int(getenv("JITBEAM", BEAM.value))
 
+
+
+@contextlib.contextmanager
+def beam_progress(on_kernel):
+    """Inside, `on_kernel(i, n)` is called before each kernel that a capture lowers and compiles in
+    this process (under BEAM, every kernel: its search times candidates on the device, so tinygrad
+    does it here, one kernel after the other), i counting from 1 to the n it compiles in that batch.
+
+    tinygrad 0.14 (engine/realize.py): compile_linear -> lower_and_compile(linear), which collects the
+    CALLs to compile (_get_call_to_compile), drops those in to_program_cache (by to_program_key) and
+    maps _compile_kernel over the rest; both are looked up as module globals at each call.
+    """
+    from tinygrad.engine import realize
+    from tinygrad.uop.ops import Ops
+    real_lower, real_compile = realize.lower_and_compile, realize._compile_kernel
+    count = {"i": 0, "n": 0, "depth": 0}
+
+    def lower_and_compile(linear):
+        # the search realizes small buffers of its own (nested calls): only the outermost call's kernels count
+        count["depth"] += 1
+        try:
+            if count["depth"] == 1:
+                calls = [a for c in linear.toposort()
+                         if c.op is Ops.CALL and (a := realize._get_call_to_compile(c)) is not None]
+                count["i"], count["n"] = 0, len({k for k in (realize.to_program_key(*a) for a in calls)
+                                                 if k not in realize.to_program_cache})
+            return real_lower(linear)
+        finally:
+            count["depth"] -= 1
+
+    def compile_kernel(x):
+        if count["depth"] == 1:
+            count["i"] += 1
+            on_kernel(count["i"], max(count["n"], count["i"]))
+        return real_compile(x)
+
+    realize.lower_and_compile, realize._compile_kernel = lower_and_compile, compile_kernel
+    try:
+        yield
+    finally:
+        realize.lower_and_compile, realize._compile_kernel = real_lower, real_compile

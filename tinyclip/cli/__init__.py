@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     if unknown:     # argparse would answer with the top-level usage; the subcommand's is the useful one
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if dashed_labels:
-        args.labels = [*args.labels, *dashed_labels]
+        args.labels, args.dashed_labels = [*args.labels, *dashed_labels], dashed_labels
     if args.trace:
         os.environ[trace.ENV] = "1"
     try:

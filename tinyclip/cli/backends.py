@@ -2,6 +2,8 @@
 
     tinyclip backends          # a table; the default choice is marked with *
     tinyclip backends --json   # the same as a JSON list, for scripts
+
+The exit code is 1 when no backend is available here (the listing says why each is not), else 0.
 """
 from __future__ import annotations
 
@@ -75,4 +77,4 @@ def run(args: argparse.Namespace) -> int:
     default = registry.default()
     rows = [describe(b, default) for b in registry.registered()]
     say(json_text(rows) if args.json else table(rows))
-    return 0
+    return 0 if default is not None else 1     # a script can tell that nothing runs here

@@ -9,11 +9,12 @@ import argparse
 import os
 import pathlib
 import sys
+import warnings
 
 from .. import label_store, tasks
 from ..errors import ImageError, UsageError
 from ..preprocess import load_image
-from . import add_model_options, check_batch_size, load_model, print_json, rounded
+from . import add_model_options, check_batch_size, images_option, load_model, print_json, rounded
 from .lines import read_lines
 from .progress_bar import ProgressBar
 from .terminal import say, shown
@@ -28,7 +29,11 @@ examples:
   tinyclip classify photos/*.jpg --labels-file imagenet-classes.txt   # one label per line
   tinyclip classify cat.jpg --labels cat -- -1 --weird-label      # after --, every word is a label
 
-Put --labels after the images: it takes every word that follows. Probabilities
+Put --labels after the images: it takes every word that follows, and a word
+there that looks like a path (an image file, a / in it, an existing folder) is
+refused (a label like that goes after -- or in --labels-file). An image that
+cannot be read is skipped with a warning; the exit code is 1 only when none
+could be. Probabilities
 are softmax(exp(logit_scale) * cosine) over the labels, each label's text
 embedding ensembled over the templates (default: OpenAI's 80 ImageNet prompts).
 --json prints [{"image": PATH, "scores": {LABEL: PROBABILITY, ...}}, ...], best first,
@@ -53,6 +58,7 @@ def register(subparsers) -> None:
                         "given), or a file with one template per line containing {}")
     p.add_argument("--top", type=int, default=None, metavar="K", help="show the K best labels per image "
                    "(default: all)")
+    images_option.add(p)
     add_model_options(p)
     p.set_defaults(run=run_classify)
 
@@ -78,13 +84,26 @@ def run_classify(args) -> int:
     batch_size = check_batch_size(args)
     for path in args.images:
         _check_image_file(path)
+    images_option.apply(args)
     model = load_model(args)
+    if len(labels) == 1:     # after the errors that come before loading, which would end the run anyway
+        warnings.warn(f"one label ({labels[0]!r}): probabilities are over the labels given, so every image "
+                      "gets 100%; give two or more labels to compare")
     _embed_labels(model, labels, templates, batch_size)
 
-    results = []
+    results, skipped = [], 0
     for i in range(0, len(args.images), batch_size):
-        chunk = args.images[i:i + batch_size]
-        images = [load_image(path) for path in chunk]     # its errors name the file
+        chunk, images = [], []
+        for path in args.images[i:i + batch_size]:
+            try:
+                images.append(load_image(path))
+            except ImageError as e:     # one bad file must not end the run: skip it, as embed and search do
+                skipped += 1
+                warnings.warn(f"{e}; skipped")
+                continue
+            chunk.append(path)
+        if not images:
+            continue
         probs = model.classify(images, labels, templates, batch_size=batch_size)   # label embeddings are cached
         for path, best in zip(chunk, tasks.ranked(probs, labels, top)):
             if args.json:
@@ -95,6 +114,8 @@ def run_classify(args) -> int:
                 for label, p in best:
                     say(f"  {100 * p:7.2f}%  {shown(label):<{width}}".rstrip())
                 sys.stdout.flush()
+    if skipped == len(args.images):
+        raise ImageError(f"none of the {skipped} images could be read (see the warnings); nothing classified")
     if args.json:
         print_json(results)
     return 0
@@ -113,10 +134,14 @@ def _labels(args) -> list[str]:
     if not labels:
         raise UsageError("no labels: give the class names with --labels L1 L2 ... (after the images) "
                          "or --labels-file FILE")
-    for label in args.labels:
+    typed = args.labels[:len(args.labels) - len(getattr(args, "dashed_labels", []))]    # not those after --
+    for label in typed:
         if tasks.is_image_file(label) and os.path.isfile(label):
             raise UsageError(f"--labels took {label}, an image file: put the images before --labels, "
                              "which takes every word that follows")
+        if why := tasks.looks_like_a_path(label):
+            raise UsageError(f"--labels took {label}, which {why}: put the images before --labels, which takes "
+                             "every word that follows (a label with a / goes in --labels-file, or after --)")
     return labels
 
 

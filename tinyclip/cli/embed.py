@@ -7,12 +7,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import warnings
 
 import numpy as np
 
 from .. import tasks
-from ..errors import ImageError, UsageError
-from . import add_model_options, check_batch_size, embed_ray, load_model, npz, print_json
+from ..errors import ImageError, TruncationWarning, UsageError
+from . import add_model_options, check_batch_size, images_option, embed_ray, load_model, npz, print_json
 from .lines import read_lines
 from .progress_bar import ProgressBar
 from .terminal import say, shown
@@ -24,13 +25,17 @@ examples:
   tinyclip embed --texts captions.txt --out captions.npz  # one text per line (blank lines skipped)
   tinyclip embed photos/ --out photos-emb --engine ray    # Ray workers: a resumable folder of Parquet shards
 
-The .npz holds `embeddings` (N x D float32), `paths` (relative to `root`, the
-folder embed ran in) or `texts`, `model_identity` (hub id, revision, folder and a
+The .npz holds `embeddings` (N x D float32), `paths` (relative to the .npz's
+folder) or `texts`, `model_identity` (hub id, revision, folder and a
 fingerprint of the weights, so a copied checkpoint still matches), `dtype`,
 `normalized`, `projection_dim` and `format`. Folders are searched recursively for
 .jpg .jpeg .png .webp .bmp .gif .tif .tiff files (hidden files and folders left
-out); files that cannot be read are skipped with a warning and counted. Images
-are read and embedded --batch-size at a time, so memory stays bounded.
+out); a file named twice (or reached through two arguments) is embedded once.
+Files that cannot be read are skipped with a warning and counted. Images are
+read and embedded --batch-size at a time, so memory stays bounded. Image paths
+are stored relative to the .npz's folder where they lie under it, so a folder
+moved together with its .npz still resolves. An existing --out is replaced only
+with --overwrite; --out is checked before the model loads.
 """
 
 
@@ -43,6 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="FILE.npz", help="the .npz to write")
     p.add_argument("--texts", metavar="FILE", help="embed the lines of this text file instead of images")
     p.add_argument("--normalize", action="store_true", help="store unit-length embeddings")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
+    images_option.add(p)
     embed_ray.add_options(p)
     add_model_options(p)
     p.set_defaults(run=run_embed)
@@ -53,10 +60,7 @@ def run_embed(args) -> int:
         return embed_ray.run_embed(args)
     embed_ray.check_local(args)
     out = pathlib.Path(args.out)
-    if out.suffix.lower() != ".npz":
-        raise UsageError(f"--out {args.out}: the file name must end in .npz")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {args.out}: the folder {out.parent} does not exist")
+    npz.check_out(out, args.overwrite)     # before the model loads, not after all the work
     if args.texts and args.paths:
         raise UsageError("give image PATHs or --texts FILE, not both")
     if not args.texts and not args.paths:
@@ -66,6 +70,7 @@ def run_embed(args) -> int:
         if not os.path.isfile(args.texts):
             raise UsageError(f"--texts {args.texts}: no such file")
         total = sum(1 for line in read_lines(args.texts) if line.strip())
+        # the cut texts are found after the model loads (its tokenizer), warned about as one line at the end
         if total == 0:
             raise UsageError(f"--texts {args.texts}: the file has no non-blank lines")
     else:
@@ -76,6 +81,7 @@ def run_embed(args) -> int:
         if total == 0:
             raise UsageError(f"no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) in "
                              f"{' '.join(args.paths)}")
+    images_option.apply(args)
     model = load_model(args)
     dim = model.config.projection_dim
     rows = Rows(total, dim)
@@ -87,8 +93,9 @@ def run_embed(args) -> int:
         skipped.append({"path": path, "reason": reason})
         progress.note(f"tinyclip: warning: {path}: skipped ({reason})")
 
+    cut: list[int] = []     # line numbers of texts longer than the context
     if args.texts:
-        batches = _text_batches(model, args.texts, batch_size, args.normalize)
+        batches = _text_batches(model, args.texts, batch_size, args.normalize, cut)
     else:
         files = tasks.find_images(args.paths, on_error=skip)
         batches = tasks.embed_image_files(model, files, batch_size=batch_size, normalize=args.normalize,
@@ -98,6 +105,12 @@ def run_embed(args) -> int:
         names.extend(batch_names)
         progress.update(len(names) + len(skipped), len(skipped))
     progress.close()
+    if cut:
+        context = model.config.text_config.max_position_embeddings
+        numbers = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        warnings.warn(f"{shown(args.texts)}: {len(cut)} of the {len(names)} texts (line{'s' * (len(cut) > 1)} {numbers}) "
+                      f"{'are' if len(cut) > 1 else 'is'} cut to fit the model's {context}-token context: only "
+                      f"{'their' if len(cut) > 1 else 'its'} start counts", TruncationWarning)
     if not names:
         raise ImageError(f"none of the {len(skipped)} files could be read; nothing written to {out}")
 
@@ -105,7 +118,7 @@ def run_embed(args) -> int:
     if args.texts:
         npz.save(out, embeddings=rows.array(), texts=np.array(names, dtype=str), **described)
     else:
-        root = os.getcwd()     # paths stay as typed, and resolve from elsewhere through the root
+        root = os.path.dirname(os.path.abspath(out))    # paths move with the .npz's folder (npz.py, format 3)
         npz.save(out, embeddings=rows.array(), paths=np.array([npz.stored_path(n, root) for n in names], dtype=str),
                  root=np.array(root), **described)
     if args.json:
@@ -117,11 +130,14 @@ def run_embed(args) -> int:
     return 0
 
 
-def _text_batches(model, path, batch_size: int, normalize: bool):
+def _text_batches(model, path, batch_size: int, normalize: bool, cut: list[int]):
+    """(texts, embeddings) a batch at a time; the line numbers of texts the context cuts go to `cut`."""
     batch = []
-    for line in read_lines(path):
+    for n, line in enumerate(read_lines(path), 1):
         if line.strip():
             batch.append(line)
+            if tasks.is_cut(model, line):
+                cut.append(n)
         if len(batch) == batch_size:
             yield batch, model.encode_text(batch, normalize=normalize, batch_size=batch_size)
             batch = []

@@ -5,7 +5,8 @@ from ..errors import UsageError
 
 
 def read_lines(path):
-    """The lines of a UTF-8 text file, without their line endings, read lazily.
+    """The lines of a UTF-8 text file, without their line endings, read lazily. A byte-order mark at
+    its start (Windows editors save one) is not part of the first line.
 
     Raises
     ------
@@ -13,7 +14,7 @@ def read_lines(path):
         naming the file, when it is not UTF-8 or cannot be read.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line in f:
                 yield line.rstrip("\r\n")
     except UnicodeDecodeError as e:

@@ -1,16 +1,18 @@
 """The .npz embedding files `tinyclip embed` writes and `tinyclip search` reads.
 
-Format 2 (the `format` array) holds:
+Format 3 (the `format` array) holds:
 
     embeddings      (N, D) float32
-    paths | texts   (N,) strings: image paths relative to `root` (absolute when outside it), or texts
-    root            the folder `embed` ran in, absolute (image files only)
+    paths | texts   (N,) strings: image paths relative to the .npz's own folder where they lie under
+                    it (so the folder and its .npz can move together), absolute elsewhere; or texts
+    root            the .npz's folder when it was written, absolute (image files only; for reference)
     model_identity  JSON of tinyclip.identity: hub_id, revision, folder, fingerprint
     dtype           the dtype the model ran in ("float32", "float16")
     normalized      whether the rows are unit length
     projection_dim  D
 
-Format 1 (tinyclip 0.1's first files) recorded `model` as a folder path or hub id and no
+Format 2 stored image paths relative to `root`, the folder `embed` ran in; such files are read as
+they were. Format 1 (tinyclip 0.1's first files) recorded `model` as a folder path or hub id and no
 fingerprint, so which weights made it cannot be checked; search refuses it unless told
 --allow-other-model.
 """
@@ -26,7 +28,7 @@ import numpy as np
 from ..atomic import write_atomic
 from ..errors import UsageError
 
-NPZ_FORMAT = 2
+NPZ_FORMAT = 3
 
 
 @dataclasses.dataclass
@@ -45,10 +47,37 @@ def stored_path(path: str, root: str) -> str:
     return full if rel == ".." or rel.startswith(".." + os.sep) else rel
 
 
+def missing(paths: list[str]) -> list[str]:
+    """The stored paths (as read_image_embeddings shows them) whose files are gone."""
+    return [p for p in paths if not os.path.exists(p)]
+
+
 def shown_path(path: str, root: str) -> str:
     """A stored path as the user can open it from the current folder: relative to it when inside, else absolute."""
     full = os.path.normpath(os.path.join(root, path))
     return stored_path(full, os.getcwd())
+
+
+def check_out(out: pathlib.Path, overwrite: bool) -> None:
+    """Refuse an --out that cannot be written, before any work: not an .npz name, a folder, a missing
+    folder, an existing file without --overwrite, or a folder this process cannot create files in
+    (tried with a file created and removed at once: permissions, a read-only file system)."""
+    if out.suffix.lower() != ".npz":
+        raise UsageError(f"--out {out}: the file name must end in .npz")
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give the name of an .npz file to write")
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: the folder {folder} does not exist")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out}: the file exists; pass --overwrite to replace it, or another name")
+    probe = folder / f".{out.name}.{os.getpid()}.probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create files in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def save(out: pathlib.Path, **arrays) -> None:
@@ -96,9 +125,10 @@ def read_image_embeddings(path: str) -> ImageEmbeddings:
                                str(arrays["model"]))
     try:
         identity = json.loads(str(arrays["model_identity"]))
-        root = str(arrays["root"])
+        # format 3: relative to the .npz's folder, wherever it is now; format 2: to the folder embed ran in
+        root = os.path.dirname(os.path.abspath(path)) if int(arrays.get("format", 2)) >= 3 else str(arrays["root"])
         dtype = str(arrays["dtype"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise UsageError(f"--images {path}: a damaged tinyclip embeddings file ({type(e).__name__}: {e}); "
                          "embed again") from None
     if not isinstance(identity, dict):

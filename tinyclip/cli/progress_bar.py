@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .. import progress
 from .terminal import say
 
 REDRAW_S = 0.1     # at most ten redraws a second: drawing is I/O on every batch otherwise
@@ -11,13 +12,13 @@ REDRAW_S = 0.1     # at most ten redraws a second: drawing is I/O on every batch
 
 class ProgressBar:
     """A one-line progress bar on stderr, drawn only when stderr is a terminal, so that logs
-    and pipes get no carriage returns."""
+    and pipes get no carriage returns, and not when TINYCLIP_PROGRESS=0 (tinyclip.progress.enabled)."""
 
     WIDTH = 30
 
     def __init__(self, total: int, what: str, stream=None):
         self.stream = stream or sys.stderr
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.enabled = progress.enabled(self.stream)
         self.total, self.what = total, what
         self.done = self.skipped = 0
         self.start = self.last_draw = time.monotonic()

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 
 import numpy as np
 
 from .. import shards, tasks
-from ..errors import ImageError, UsageError
+from ..hub import DEFAULT_MODEL
+from ..errors import ImageError, TruncationWarning, UsageError
 from ..preprocess import load_image
 from ..vectors import unit_rows
-from . import add_model_options, check_batch_size, check_device, load_model, npz, print_json, rounded
+from . import add_model_options, check_batch_size, check_device, images_option, load_model, npz, print_json, rounded
 from .progress_bar import ProgressBar
 from .terminal import say, shown
 
@@ -28,7 +30,10 @@ examples:
   tinyclip search query.jpg --images photos.npz --json          # an image file as the query
 
 QUERY is an image when it ends in an image suffix (.jpg, .png, ...), which must
-then exist; otherwise, or with --text, it is a text. Scores are cosine
+then exist, or names an existing file; a QUERY that looks like a path (a / in
+it, an existing folder) is refused; otherwise, or with --text, it is a text.
+Without --model, an .npz is searched with the model it records (its folder, or
+its hub id), which is said on stderr. Scores are cosine
 similarities. An .npz must come from `tinyclip embed` with the same weights
 (compared by fingerprint, so a copied checkpoint or another cache is fine) and
 dtype, unless --allow-other-model. Its paths are shown as they resolve from
@@ -52,7 +57,9 @@ def register(subparsers) -> None:
     p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
     p.add_argument("--allow-other-model", action="store_true",
                    help="search an .npz embedded with other weights or another dtype, with a warning")
+    images_option.add(p)
     add_model_options(p)
+    p.set_defaults(model=None)     # None: the model an .npz records, else the default (run_search)
     p.set_defaults(run=run_search)
 
 
@@ -61,10 +68,13 @@ def run_search(args) -> int:
         raise UsageError("QUERY is empty: give a text to search for, or an image file")
     top = tasks.check_top(args.top, name="--top")
     batch_size = check_batch_size(args)
-    image_query = not args.text and tasks.is_image_file(args.query)
+    image_query = not args.text and (tasks.is_image_file(args.query) or os.path.isfile(args.query))
     if image_query and not os.path.isfile(args.query):
         raise ImageError(f"{args.query}: no such image file (QUERY ending in {os.path.splitext(args.query)[1]} "
                          "names an image); to search for these words as text, add --text")
+    if not image_query and not args.text and (why := tasks.looks_like_a_path(args.query)):
+        raise ImageError(f"QUERY {args.query} {why}, so it looks like an image path, not a text; to search "
+                         "for these words as text, add --text")
     source = args.images
     if os.path.isdir(source) and shards.is_output_folder(source):     # written by `embed --engine ray`
         embeddings, paths, manifest = shards.read_embeddings(source)
@@ -80,13 +90,20 @@ def run_search(args) -> int:
         raise UsageError(f"--images {source}: not a folder or an .npz written by `tinyclip embed`")
     else:
         raise UsageError(f"--images {source}: no such folder or file")
+    if args.model is None:
+        args.model = _recorded_model(stored, source, args) if stored is not None else DEFAULT_MODEL
     backend = check_device(args)
     if stored is not None:
         _check_same_model(stored, args, backend.check_dtype(args.dtype))
+    images_option.apply(args)
     model = load_model(args)
     if image_query:
         query = model.encode_image([load_image(args.query)], normalize=True, batch_size=1)[0]
     else:
+        if tasks.is_cut(model, args.query):
+            context = model.config.text_config.max_position_embeddings
+            warnings.warn(f"QUERY is cut to fit the model's {context}-token context (more than {context - 2} tokens "
+                          "besides start and end): only its start counts", TruncationWarning)
         query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
 
     if stored is not None:
@@ -96,6 +113,10 @@ def run_search(args) -> int:
         scores = unit_rows(stored.embeddings) @ query
         order = tasks.top_indices(scores, top)
         best = [(stored.paths[i], float(scores[i])) for i in order]
+        if gone := npz.missing([p for p, _ in best]):
+            warnings.warn(f"--images {source}: {len(gone)} of the {len(best)} results {'are' if len(gone) > 1 else 'is'} "
+                          f"no longer where the embeddings say (e.g. {gone[0]}): moved or deleted since they were "
+                          "embedded; embed the files again where they are now")
     else:
         best = _search_folder(model, source, query, top, batch_size)
         if not best:
@@ -108,6 +129,36 @@ def run_search(args) -> int:
         for rank, (p, s) in enumerate(best, 1):
             say(f"{rank:>4}  {s:7.4f}  {shown(p)}")
     return 0
+
+
+def _recorded_model(stored: npz.ImageEmbeddings, source: str, args) -> str:
+    """The model the embeddings were made with, for a search without --model: its folder where it still
+    holds the checkpoint, else its hub id (from the Hugging Face cache or the hub); said on stderr."""
+    from .. import hub
+    from ..errors import CheckpointNotFoundError
+    if stored.identity is None:    # format 1 recorded only a name
+        candidates = [(stored.old_model, None)] if stored.old_model else []
+    else:
+        candidates = [(stored.identity.get("folder"), None), (stored.identity.get("hub_id"),
+                                                             stored.identity.get("revision"))]
+    tried = []
+    for name, revision in candidates:
+        if not name:
+            continue
+        revision = args.revision or revision
+        try:
+            with warnings.catch_warnings():     # a folder with --revision: said when the model loads
+                warnings.simplefilter("ignore")
+                hub.locate(name, revision=revision, cache_dir=args.cache_dir)
+        except CheckpointNotFoundError as e:
+            tried.append(str(e).split(". ")[0])
+            continue
+        say(f"tinyclip: using {name}{'@' + revision if revision else ''}, the model {source} was embedded with "
+            "(--model to choose another)", file=sys.stderr, flush=True)
+        args.revision = revision
+        return name
+    raise UsageError(f"--images {source}: the model it was embedded with is not here ({'; '.join(tried) or 'none recorded'}); "
+                     "pass --model")
 
 
 def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
