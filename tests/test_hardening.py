@@ -443,21 +443,16 @@ JOBS = {
 }
 
 
-@pytest.mark.slow     # compiles a graph per batch shape and text length the threads meet
-@pytest.mark.parametrize("first, second", [("texts", "other-texts"), ("images", "other-images"),
-                                           ("texts", "images")])
-def test_two_threads_sharing_one_model_get_the_sequential_answers(model, first, second):
-    # tinygrad's scheduler and JIT are not thread-safe; CLIP must serialize its own use of them.
-    jobs = [JOBS[first], JOBS[second]]
-    want = [job(model) for job in jobs]
+def on_two_threads(calls, rounds: int) -> list[list]:
+    """Run calls[0] and calls[1] `rounds` times each on two threads started together; every result, in order."""
     start = threading.Barrier(2)
     got, errors = [[], []], []
 
     def worker(i):
         try:
             start.wait()
-            for _ in range(THREAD_ROUNDS):
-                got[i].append(jobs[i](model))
+            for _ in range(rounds):
+                got[i].append(calls[i]())
         except BaseException as e:   # noqa: BLE001 - reported below, in the test's thread
             errors.append(e)
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
@@ -466,8 +461,19 @@ def test_two_threads_sharing_one_model_get_the_sequential_answers(model, first, 
     for t in threads:
         t.join(timeout=300)
     assert not errors, errors
+    assert [len(g) for g in got] == [rounds, rounds]
+    return got
+
+
+@pytest.mark.slow     # compiles a graph per batch shape and text length the threads meet
+@pytest.mark.parametrize("first, second", [("texts", "other-texts"), ("images", "other-images"),
+                                           ("texts", "images")])
+def test_two_threads_sharing_one_model_get_the_sequential_answers(model, first, second):
+    # tinygrad's scheduler and JIT are not thread-safe; CLIP must serialize its own use of them.
+    jobs = [JOBS[first], JOBS[second]]
+    want = [job(model) for job in jobs]
+    got = on_two_threads([lambda: jobs[0](model), lambda: jobs[1](model)], THREAD_ROUNDS)
     for i in range(2):
-        assert len(got[i]) == THREAD_ROUNDS
         for result in got[i]:
             np.testing.assert_array_equal(result, want[i])
 
@@ -487,25 +493,9 @@ def test_two_models_on_two_threads_get_their_sequential_answers(model, second_mo
     jobs = [lambda m: (m.encode_text(TEXTS_A), m.encode_image(images(2, 0))),
             lambda m: (m.encode_image(images(3, 1)), m.encode_text(TEXTS_B))]
     want = [jobs[i](models[i]) for i in range(2)]
-    start = threading.Barrier(2)
-    got, errors = [[], []], []
-
-    def worker(i):
-        try:
-            start.wait()
-            for _ in range(MODEL_ROUNDS):
-                got[i].append(jobs[i](models[i]))
-        except BaseException as e:   # noqa: BLE001 - reported below, in the test's thread
-            errors.append(e)
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
+    got = on_two_threads([lambda: jobs[0](models[0]), lambda: jobs[1](models[1])], MODEL_ROUNDS)
     assert models[0].runner.lock is models[1].runner.lock
     for i in range(2):
-        assert len(got[i]) == MODEL_ROUNDS
-        for result, expected in zip(got[i], [want[i]] * MODEL_ROUNDS):
-            for a, b in zip(result, expected):
+        for result in got[i]:
+            for a, b in zip(result, want[i]):
                 np.testing.assert_array_equal(a, b)
