@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 
 import numpy as np
 
-from .. import shards, tasks
+from .. import index, tasks
 from ..errors import ImageError, UsageError
 from ..preprocess import load_image
 from ..vectors import unit_rows
-from . import add_model_options, check_batch_size, check_device, load_model, npz, print_json, rounded
+from . import add_model_options, check_batch_size, check_device, collection, load_model, npz, print_json, rounded
 from .progress_bar import ProgressBar
 
 DEFAULT_SEARCH_TOP = 10
@@ -25,13 +24,15 @@ examples:
   tinyclip embed photos/ --out photos.npz
   tinyclip search "a dog on a beach" --images photos.npz --top 5
   tinyclip search query.jpg --images photos.npz --json          # an image file as the query
+  tinyclip index photos.npz --out photos.index                  # a faiss index, for large collections
+  tinyclip search "a dog on a beach" --images photos.index
 
 QUERY is an image when it ends in an image suffix (.jpg, .png, ...), which must
 then exist; otherwise, or with --text, it is a text. Scores are cosine
 similarities. An .npz must come from `tinyclip embed` with the same weights
 (compared by fingerprint, so a copied checkpoint or another cache is fine) and
-dtype, unless --allow-other-model. Its paths are shown as they resolve from
-here. --json prints [{"path": PATH, "score": COSINE}, ...], best first, cosines
+dtype, unless --allow-other-model; so must an index. Its paths are shown as
+they resolve from here. --json prints [{"path": PATH, "score": COSINE}, ...], best first, cosines
 to 6 significant digits.
 """
 
@@ -43,9 +44,9 @@ def register(subparsers) -> None:
                                           "similarity to QUERY.",
                               epilog=SEARCH_EPILOG, formatter_class=fmt)
     p.add_argument("query", metavar="QUERY", help="a text, or the path of an image file")
-    p.add_argument("--images", required=True, metavar="FOLDER_OR_NPZ",
-                   help="a folder of images, an .npz written by `tinyclip embed`, or a folder written by "
-                        "`tinyclip embed --engine ray`")
+    p.add_argument("--images", required=True, metavar="FOLDER_NPZ_OR_INDEX",
+                   help="a folder of images, an .npz written by `tinyclip embed`, a folder written by "
+                        "`tinyclip embed --engine ray`, or an index written by `tinyclip index`")
     p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
                    help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
     p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
@@ -65,33 +66,32 @@ def run_search(args) -> int:
         raise ImageError(f"{args.query}: no such image file (QUERY ending in {os.path.splitext(args.query)[1]} "
                          "names an image); to search for these words as text, add --text")
     source = args.images
-    if os.path.isdir(source) and shards.is_output_folder(source):     # written by `embed --engine ray`
-        embeddings, paths, manifest = shards.read_embeddings(source)
-        stored = npz.ImageEmbeddings(embeddings, list(paths), manifest["model"], manifest["dtype"], None)
-    elif os.path.isdir(source):
-        stored = None
-        if next(iter(tasks.find_images([source])), None) is None:
-            raise UsageError(f"--images {source}: no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) "
-                             "in the folder")
-    elif os.path.isfile(source) and source.lower().endswith(".npz"):
-        stored = npz.read_image_embeddings(source)
-    elif os.path.exists(source):
-        raise UsageError(f"--images {source}: not a folder or an .npz written by `tinyclip embed`")
-    else:
-        raise UsageError(f"--images {source}: no such folder or file")
+    kind = collection.kind_of(source, "--images")
     backend = check_device(args)
-    if stored is not None:
-        _check_same_model(stored, args, backend.check_dtype(args.dtype))
+    stored = found = None
+    if kind == collection.INDEX:      # built by `tinyclip index`: faiss answers from the index
+        meta = index.read_meta(source)
+        collection.check_same_model(meta["model"], meta["dtype"], args, f"--images {source}",
+                                    backend.check_dtype(args.dtype))
+        found = index.read(source, meta)
+    elif kind != collection.IMAGES:
+        stored = collection.read_embeddings(source, kind, "--images")
+        collection.check_same_model(stored.identity, stored.dtype, args, f"--images {source}",
+                                    backend.check_dtype(args.dtype), stored.old_model)
     model = load_model(args)
     if image_query:
         query = model.encode_image([load_image(args.query)], normalize=True, batch_size=1)[0]
     else:
         query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
 
-    if stored is not None:
-        if stored.embeddings.shape[1] != model.config.projection_dim:
-            raise UsageError(f"--images {source}: embeddings have {stored.embeddings.shape[1]} dimensions, the "
-                             f"model {args.model} gives {model.config.projection_dim}; embed again with this --model")
+    dim = found.dim if found is not None else stored.embeddings.shape[1] if stored is not None else None
+    if dim is not None and dim != model.config.projection_dim:
+        raise UsageError(f"--images {source}: embeddings have {dim} dimensions, the model {args.model} gives "
+                         f"{model.config.projection_dim}; embed again with this --model")
+    if found is not None:
+        scores, ids = found.search(query, top)
+        best = [(npz.stored_path(found.paths[i], os.getcwd()), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    elif stored is not None:
         scores = unit_rows(stored.embeddings) @ query
         order = tasks.top_indices(scores, top)
         best = [(stored.paths[i], float(scores[i])) for i in order]
@@ -107,29 +107,6 @@ def run_search(args) -> int:
         for rank, (p, s) in enumerate(best, 1):
             print(f"{rank:>4}  {s:7.4f}  {p}")
     return 0
-
-
-def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
-    """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
-    before the model loads: the fingerprint reads a few MB of the checkpoint, not all of it."""
-    from .. import hub, identity
-    folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
-    current = identity.of_checkpoint(folder)
-    if stored.identity is None:
-        problem = (f"written by an older tinyclip (format 1), which recorded the model as {stored.old_model} "
-                   "without a fingerprint of its weights")
-    elif not identity.same_model(stored.identity, current):
-        problem = (f"embedded with {identity.describe(stored.identity)}, not with {args.model} "
-                   f"(fingerprint {current['fingerprint'][:12]})")
-    elif stored.dtype != dtype:
-        problem = f"embedded in {stored.dtype}, but this search runs in {dtype} (--dtype {stored.dtype} matches it)"
-    else:
-        return
-    if not args.allow_other_model:
-        raise UsageError(f"--images {args.images}: {problem}; embed again with this model, or pass "
-                         "--allow-other-model to compare anyway")
-    warnings.warn(f"--images {args.images}: {problem}; comparing anyway (--allow-other-model), so the scores may "
-                  "mean little", stacklevel=2)
 
 
 def _search_folder(model, folder, query, top, batch_size):
