@@ -177,6 +177,7 @@ def create_app(model, collection, *, cwd: str, loopback_only: bool, batch_size: 
     routes = [
         Route("/", index_page),
         Route("/static/{name}", static),
+        Route("/favicon.ico", lambda request: Response(status_code=204)),
         Route("/api/info", info),
         Route("/api/search", search_get, methods=["GET"]),
         Route("/api/search", search_post, methods=["POST"]),

@@ -71,18 +71,18 @@ async function run(message, work) {
   }
 }
 
-function top() { return $("top").value; }
+function howMany() { return $("top").value; }
 
 function searchText(text) {
   return run("searching ...", async () => {
-    const body = await call("/api/search?" + new URLSearchParams({ q: text, k: top() }));
+    const body = await call("/api/search?" + new URLSearchParams({ q: text, k: howMany() }));
     showResults(`Best matches for “${body.query.text}”`, body.results);
   });
 }
 
 function moreLike(result) {
   return run("searching ...", async () => {
-    const body = await call("/api/search?" + new URLSearchParams({ like: String(result.id), k: top() }));
+    const body = await call("/api/search?" + new URLSearchParams({ like: String(result.id), k: howMany() }));
     showResults(`More like ${body.query.path}`, body.results);
   });
 }
@@ -94,7 +94,7 @@ function searchImage(file) {
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   return run("searching by image ...", async () => {
-    const body = await call("/api/search?" + new URLSearchParams({ k: top() }),
+    const body = await call("/api/search?" + new URLSearchParams({ k: howMany() }),
       { method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" } });
     showResults(`Best matches for ${file.name || "the image"}`, body.results);
   });
@@ -123,7 +123,7 @@ function classify(labels) {
 
 document.addEventListener("DOMContentLoaded", () => {
   call("/api/info").then((info) => {
-    $("info").textContent = `${info.count.toLocaleString()} images · ${info.kind} search · ${info.model}`;
+    $("info").textContent = `${info.count.toLocaleString()} images · ${info.kind === "ivf-flat" ? "approximate" : "exact"} search · ${info.model}`;
   }, (e) => showError(e.message));
 
   $("text-form").addEventListener("submit", (event) => {
