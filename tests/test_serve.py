@@ -27,7 +27,8 @@ from tests.test_cli import BATCH, DATA, GOOD, assert_ok, tinyclip  # noqa: E402
 SCORE_ATOL = 1e-6          # scores are rounded to 6 significant digits on both sides
 STARTUP_S = 300            # loading, and compiling the query graphs when the graph cache is cold
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-SCREENSHOT = os.environ.get("TINYCLIP_SCREENSHOT")     # where to save the page's picture as well (README)
+# Where to copy the page's screenshot as well: TINYCLIP_SCREENSHOT=docs/serve.png made the README's.
+SCREENSHOT = os.environ.get("TINYCLIP_SCREENSHOT")
 
 
 class Server:
@@ -169,6 +170,7 @@ def test_more_like_this_starts_with_the_image_itself(server):
     assert sorted(r["id"] for r in body["results"]) == list(range(len(GOOD)))
 
 
+@pytest.mark.slow
 def test_classify_equals_cli_classify(server, work, tiny_quick):
     labels = ["cat", "rocket", "cup of coffee"]
     run = tinyclip(work, "classify", GOOD[2], "--labels", *labels, "--json", model=tiny_quick.folder)
