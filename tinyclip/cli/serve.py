@@ -6,7 +6,9 @@ or a busy port fails at once with one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import os
 import socket
 import sys
@@ -19,6 +21,7 @@ from . import add_model_options, check_batch_size, check_device, collection, loa
 from .progress_bar import ProgressBar
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+GRACEFUL_SHUTDOWN_S = 5         # requests still running when asked to stop get this long to finish
 
 SERVE_EPILOG = """\
 examples:
@@ -99,11 +102,37 @@ def run_serve(args) -> int:
             print(json.dumps({"url": url, "count": len(searched), "kind": searched.kind}), flush=True)
         else:
             print(f"serving {len(searched):,} images from {source} at {url} (Ctrl+C stops)", flush=True)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+        _server_class()(config).run(sockets=[sock])
     finally:
         sock.close()
+        _end_children()
     return 0
+
+
+def _end_children() -> None:
+    """Compile workers forked while a request compiled a graph inherit uvicorn's SIGTERM handler (which
+    only sets a flag), so a shutdown in the middle of a compile would leave them running: end them."""
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, ending this process's children before uvicorn re-raises the signal that
+        stopped it (which ends this process before any `finally` of ours could run)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    _end_children()
+    return Server
 
 
 def _bind(host: str, port: int) -> socket.socket:
