@@ -170,8 +170,7 @@ def test_more_like_this_starts_with_the_image_itself(server):
     assert sorted(r["id"] for r in body["results"]) == list(range(len(GOOD)))
 
 
-@pytest.mark.slow
-def test_classify_equals_cli_classify(server, work, tiny_quick):
+def test_classify_equals_cli_classify(server, work, tiny_quick):     # before the browser test: fills the label cache
     labels = ["cat", "rocket", "cup of coffee"]
     run = tinyclip(work, "classify", GOOD[2], "--labels", *labels, "--json", model=tiny_quick.folder)
     assert_ok(run)
