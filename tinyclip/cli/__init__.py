@@ -3,7 +3,9 @@
     tinyclip backends [--json]
     tinyclip classify IMAGE... --labels L1 L2 ...
     tinyclip embed PATH... --out FILE.npz
-    tinyclip search QUERY --images FOLDER_OR_NPZ
+    tinyclip index EMBEDDINGS --out INDEX
+    tinyclip search QUERY --images FOLDER_NPZ_OR_INDEX
+    tinyclip serve COLLECTION [--host 127.0.0.1] [--port 8000]
     tinyclip tune [MODEL] [--batch 1,32] [--text-length 8,16] [--beam 2]
 
 Errors tinyclip finds print as one line, `tinyclip: error: ...`, with exit code 1. A command line
@@ -100,7 +102,7 @@ def print_json(value) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: each command module imports helpers from this package.
-    from . import backends, classify, embed, search, tune
+    from . import backends, classify, embed, index, search, serve, tune
     from .. import __version__
     parser = argparse.ArgumentParser(prog="tinyclip", description="CLIP in tinygrad: embeddings, zero-shot "
                                      "classification and search on CPU, OpenCL, CUDA or Metal.")
@@ -108,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace", action="store_true", help="print where the start-up time goes: one line per "
                         "phase (imports, backend, weights, graphs, runs) with its seconds (also TINYCLIP_TRACE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (backends, classify, embed, search, tune):
+    for command in (backends, classify, embed, index, search, serve, tune):
         command.register(sub)
     parser.commands = sub.choices     # name -> subparser, for errors in the subcommand's own words
     return parser

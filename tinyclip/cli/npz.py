@@ -96,29 +96,31 @@ def header(identity: dict, dtype: str, normalized: bool, dim: int) -> dict:
                 format=np.array(NPZ_FORMAT, np.int64))
 
 
-def read_image_embeddings(path: str) -> ImageEmbeddings:
-    """The image embeddings of an .npz from `tinyclip embed`, checked for shape and format."""
+def read_image_embeddings(path: str, option: str = "--images") -> ImageEmbeddings:
+    """The image embeddings of an .npz from `tinyclip embed`, checked for shape and format; errors name
+    the file after `option`, the command-line option that gave it."""
+    where = f"{option} {path}" if option else path
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as e:
-        raise UsageError(f"--images {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{where}: not a readable .npz ({type(e).__name__}: {e})") from None
     if "texts" in arrays and "paths" not in arrays:
-        raise UsageError(f"--images {path}: holds text embeddings (made with --texts), not images")
+        raise UsageError(f"{where}: holds text embeddings (made with --texts), not images")
     missing = [k for k in ("embeddings", "paths") if k not in arrays]
     if "model_identity" not in arrays and "model" not in arrays:
         missing.append("model_identity")
     if missing:
-        raise UsageError(f"--images {path}: not written by `tinyclip embed` (no {', '.join(missing)} array)")
+        raise UsageError(f"{where}: not written by `tinyclip embed` (no {', '.join(missing)} array)")
     embeddings, paths = arrays["embeddings"], arrays["paths"]
     if embeddings.ndim != 2 or paths.shape != (len(embeddings),):
-        raise UsageError(f"--images {path}: embeddings {embeddings.shape} and paths {paths.shape} do not match")
+        raise UsageError(f"{where}: embeddings {embeddings.shape} and paths {paths.shape} do not match")
     if embeddings.dtype.kind not in "fiu":
-        raise UsageError(f"--images {path}: its embeddings are {embeddings.dtype} values, not numbers; embed again")
+        raise UsageError(f"{where}: its embeddings are {embeddings.dtype} values, not numbers; embed again")
     embeddings = embeddings.astype(np.float32, copy=False)
     if len(bad := np.flatnonzero(~np.isfinite(embeddings).all(axis=1))):
         more = f" (and {len(bad) - 1} other rows)" if len(bad) > 1 else ""
-        raise UsageError(f"--images {path}: row {bad[0]} ({paths[bad[0]]}) holds NaN or infinity{more}; "
+        raise UsageError(f"{where}: row {bad[0]} ({paths[bad[0]]}) holds NaN or infinity{more}; "
                          "embed that image again")
     if "model_identity" not in arrays:     # format 1: paths relative to wherever embed ran
         return ImageEmbeddings(embeddings, [str(p) for p in paths], None, None,
@@ -129,9 +131,9 @@ def read_image_embeddings(path: str) -> ImageEmbeddings:
         root = os.path.dirname(os.path.abspath(path)) if int(arrays.get("format", 2)) >= 3 else str(arrays["root"])
         dtype = str(arrays["dtype"])
     except (KeyError, ValueError, TypeError) as e:
-        raise UsageError(f"--images {path}: a damaged tinyclip embeddings file ({type(e).__name__}: {e}); "
+        raise UsageError(f"{where}: a damaged tinyclip embeddings file ({type(e).__name__}: {e}); "
                          "embed again") from None
     if not isinstance(identity, dict):
-        raise UsageError(f"--images {path}: model_identity is not a JSON object; embed again")
+        raise UsageError(f"{where}: model_identity is not a JSON object; embed again")
     return ImageEmbeddings(embeddings, [shown_path(str(p), root) for p in paths],
                            identity, dtype, None)

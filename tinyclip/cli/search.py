@@ -11,12 +11,13 @@ import warnings
 
 import numpy as np
 
-from .. import shards, tasks
+from .. import index, tasks
 from ..hub import DEFAULT_MODEL
 from ..errors import ImageError, TruncationWarning, UsageError
 from ..preprocess import load_image
 from ..vectors import unit_rows
-from . import add_model_options, check_batch_size, check_device, images_option, load_model, npz, print_json, rounded
+from . import (add_model_options, check_batch_size, check_device, collection, images_option, load_model, npz,
+               print_json, rounded)
 from .progress_bar import ProgressBar
 from .terminal import say, shown
 
@@ -28,15 +29,17 @@ examples:
   tinyclip embed photos/ --out photos.npz
   tinyclip search "a dog on a beach" --images photos.npz --top 5
   tinyclip search query.jpg --images photos.npz --json          # an image file as the query
+  tinyclip index photos.npz --out photos.index                  # a faiss index, for large collections
+  tinyclip search "a dog on a beach" --images photos.index
 
 QUERY is an image when it ends in an image suffix (.jpg, .png, ...), which must
 then exist, or names an existing file; a QUERY that looks like a path (a / in
 it, an existing folder) is refused; otherwise, or with --text, it is a text.
-Without --model, an .npz is searched with the model it records (its folder, or
-its hub id), which is said on stderr. Scores are cosine
+Without --model, an .npz or an index is searched with the model it records (its
+folder, or its hub id), which is said on stderr. Scores are cosine
 similarities. An .npz must come from `tinyclip embed` with the same weights
 (compared by fingerprint, so a copied checkpoint or another cache is fine) and
-dtype, unless --allow-other-model. Its paths are shown as they resolve from
+dtype, unless --allow-other-model; so must an index. Its paths are shown as they resolve from
 here. --json prints [{"path": PATH, "score": COSINE}, ...], best first, cosines
 to 6 significant digits.
 """
@@ -49,9 +52,9 @@ def register(subparsers) -> None:
                                           "similarity to QUERY.",
                               epilog=SEARCH_EPILOG, formatter_class=fmt)
     p.add_argument("query", metavar="QUERY", help="a text, or the path of an image file")
-    p.add_argument("--images", required=True, metavar="FOLDER_OR_NPZ",
-                   help="a folder of images, an .npz written by `tinyclip embed`, or a folder written by "
-                        "`tinyclip embed --engine ray`")
+    p.add_argument("--images", required=True, metavar="FOLDER_NPZ_OR_INDEX",
+                   help="a folder of images, an .npz written by `tinyclip embed`, a folder written by "
+                        "`tinyclip embed --engine ray`, or an index written by `tinyclip index`")
     p.add_argument("--top", type=int, default=DEFAULT_SEARCH_TOP, metavar="K",
                    help=f"how many results (default: {DEFAULT_SEARCH_TOP})")
     p.add_argument("--text", action="store_true", help="QUERY is a text even if it looks like an image path")
@@ -76,25 +79,25 @@ def run_search(args) -> int:
         raise ImageError(f"QUERY {args.query} {why}, so it looks like an image path, not a text; to search "
                          "for these words as text, add --text")
     source = args.images
-    if os.path.isdir(source) and shards.is_output_folder(source):     # written by `embed --engine ray`
-        embeddings, paths, manifest = shards.read_embeddings(source)
-        stored = npz.ImageEmbeddings(embeddings, list(paths), manifest["model"], manifest["dtype"], None)
-    elif os.path.isdir(source):
-        stored = None
-        if next(iter(tasks.find_images([source])), None) is None:
-            raise UsageError(f"--images {source}: no image files ({' '.join(sorted(tasks.IMAGE_EXTENSIONS))}) "
-                             "in the folder")
-    elif os.path.isfile(source) and source.lower().endswith(".npz"):
-        stored = npz.read_image_embeddings(source)
-    elif os.path.exists(source):
-        raise UsageError(f"--images {source}: not a folder or an .npz written by `tinyclip embed`")
-    else:
-        raise UsageError(f"--images {source}: no such folder or file")
+    kind = collection.kind_of(source, "--images")
+    stored = found = meta = None
+    if kind == collection.INDEX:      # built by `tinyclip index`: faiss answers from the index
+        meta = index.read_meta(source)
+    elif kind != collection.IMAGES:
+        stored = collection.read_embeddings(source, kind, "--images")
     if args.model is None:
-        args.model = _recorded_model(stored, source, args) if stored is not None else DEFAULT_MODEL
+        if meta is not None:
+            args.model = _recorded_model(meta["model"], None, source, args)
+        else:
+            args.model = _recorded_model(stored.identity, stored.old_model, source, args) if stored else DEFAULT_MODEL
     backend = check_device(args)
-    if stored is not None:
-        _check_same_model(stored, args, backend.check_dtype(args.dtype))
+    dtype = backend.check_dtype(args.dtype)
+    if meta is not None:
+        collection.check_same_model(meta["model"], meta["dtype"], args, f"--images {source}", dtype)
+        found = index.read(source, meta)
+    elif stored is not None:
+        collection.check_same_model(stored.identity, stored.dtype, args, f"--images {source}", dtype,
+                                    stored.old_model)
     images_option.apply(args)
     model = load_model(args)
     if image_query:
@@ -106,13 +109,18 @@ def run_search(args) -> int:
                           "besides start and end): only its start counts", TruncationWarning)
         query = model.encode_text([args.query], normalize=True, batch_size=1)[0]
 
-    if stored is not None:
-        if stored.embeddings.shape[1] != model.config.projection_dim:
-            raise UsageError(f"--images {source}: embeddings have {stored.embeddings.shape[1]} dimensions, the "
-                             f"model {args.model} gives {model.config.projection_dim}; embed again with this --model")
-        scores = unit_rows(stored.embeddings) @ query
-        order = tasks.top_indices(scores, top)
-        best = [(stored.paths[i], float(scores[i])) for i in order]
+    dim = found.dim if found is not None else stored.embeddings.shape[1] if stored is not None else None
+    if dim is not None and dim != model.config.projection_dim:
+        raise UsageError(f"--images {source}: embeddings have {dim} dimensions, the model {args.model} gives "
+                         f"{model.config.projection_dim}; embed again with this --model")
+    if found is not None or stored is not None:
+        if found is not None:
+            scores, ids = found.search(query, top)
+            best = [(npz.stored_path(found.paths[i], os.getcwd()), float(s)) for i, s in zip(ids[0], scores[0])
+                    if i >= 0]
+        else:
+            scores = unit_rows(stored.embeddings) @ query
+            best = [(stored.paths[i], float(scores[i])) for i in tasks.top_indices(scores, top)]
         if gone := npz.missing([p for p, _ in best]):
             warnings.warn(f"--images {source}: {len(gone)} of the {len(best)} results {'are' if len(gone) > 1 else 'is'} "
                           f"no longer where the embeddings say (e.g. {gone[0]}): moved or deleted since they were "
@@ -131,16 +139,16 @@ def run_search(args) -> int:
     return 0
 
 
-def _recorded_model(stored: npz.ImageEmbeddings, source: str, args) -> str:
-    """The model the embeddings were made with, for a search without --model: its folder where it still
-    holds the checkpoint, else its hub id (from the Hugging Face cache or the hub); said on stderr."""
+def _recorded_model(identity: dict | None, old_model: str | None, source: str, args) -> str:
+    """The model the embeddings (of an .npz, a Ray folder or an index) were made with, for a search without
+    --model: its folder where it still holds the checkpoint, else its hub id (from the Hugging Face cache or
+    the hub); said on stderr."""
     from .. import hub
     from ..errors import CheckpointNotFoundError
-    if stored.identity is None:    # format 1 recorded only a name
-        candidates = [(stored.old_model, None)] if stored.old_model else []
+    if identity is None:    # format 1 recorded only a name
+        candidates = [(old_model, None)] if old_model else []
     else:
-        candidates = [(stored.identity.get("folder"), None), (stored.identity.get("hub_id"),
-                                                             stored.identity.get("revision"))]
+        candidates = [(identity.get("folder"), None), (identity.get("hub_id"), identity.get("revision"))]
     tried = []
     for name, revision in candidates:
         if not name:
@@ -159,29 +167,6 @@ def _recorded_model(stored: npz.ImageEmbeddings, source: str, args) -> str:
         return name
     raise UsageError(f"--images {source}: the model it was embedded with is not here ({'; '.join(tried) or 'none recorded'}); "
                      "pass --model")
-
-
-def _check_same_model(stored: npz.ImageEmbeddings, args, dtype: str) -> None:
-    """Refuse (or, with --allow-other-model, warn about) embeddings from other weights or another dtype,
-    before the model loads: the fingerprint reads the weights once, then comes from the digest cache."""
-    from .. import hub, identity
-    folder = hub.locate(args.model, revision=args.revision, cache_dir=args.cache_dir)
-    current = identity.of_checkpoint(folder)
-    if stored.identity is None:
-        problem = (f"written by an older tinyclip (format 1), which recorded the model as {stored.old_model} "
-                   "without a fingerprint of its weights")
-    elif not identity.same_model(stored.identity, current):
-        problem = (f"embedded with {identity.describe(stored.identity)}, not with {args.model} "
-                   f"(fingerprint {current['fingerprint'][:12]})")
-    elif stored.dtype != dtype:
-        problem = f"embedded in {stored.dtype}, but this search runs in {dtype} (--dtype {stored.dtype} matches it)"
-    else:
-        return
-    if not args.allow_other_model:
-        raise UsageError(f"--images {args.images}: {problem}; embed again with this model, or pass "
-                         "--allow-other-model to compare anyway")
-    warnings.warn(f"--images {args.images}: {problem}; comparing anyway (--allow-other-model), so the scores may "
-                  "mean little", stacklevel=2)
 
 
 def _search_folder(model, folder, query, top, batch_size):
