@@ -26,6 +26,10 @@ from tinygrad.uop.ops import Ops, UOp, buffers
 def dumps(captured, model) -> bytes:
     """(the CapturedJit, the buffers its graph writes), pickled with each of `model`'s weights written
     as a reference to its state-dict name."""
+    views = [name for name, t in get_state_dict(model).items() if not _device_buffer(t.uop.base)]
+    if views:   # its bytes could be neither named nor stored as the model's: a graph would bind another's
+        raise pickle.PicklingError(f"weight {views[0]} is a view of another buffer, not a buffer of its own, so a "
+                                   "graph file cannot bind it to the model that loads it")
     f = io.BytesIO()
     written = captured._written_uops
     _Pickler(f, model, written).dump((captured, list(written)))

@@ -157,16 +157,20 @@ def load_weights(model, folder: pathlib.Path, dtype, device: str) -> None:
         if isinstance(how, Fold):
             param.replace(_folded(infos, source, how, bn_eps, dtype, device).reshape(param.shape).realize())
             continue
-        if source not in loaded:
-            loaded[source] = infos[source].load(device, dtype)
         uses[source] -= 1
-        # a fused in_proj is kept until its last slice is taken, then dropped
-        t = loaded[source] if uses[source] else loaded.pop(source)
-        if how == "T":
-            t = t.T.contiguous()
-        elif isinstance(how, tuple):
-            t = t[how[0]:how[1]].contiguous()
-        param.replace(t.reshape(param.shape).realize())
+        if how is None:
+            param.replace(infos[source].load(device, dtype).reshape(param.shape))
+            continue
+        # Transposed or sliced in numpy, each into a buffer of its own: a slice taken in tinygrad is a view
+        # of the fused in_proj's buffer, which the graph cache could not name as the parameter (it stores
+        # weights by state-dict name and binds them to the loaded model's), so a graph captured with one
+        # checkpoint would have run another's q, k and v biases. A fused in_proj is kept until its last
+        # slice is taken, then dropped.
+        if source not in loaded:
+            loaded[source] = infos[source].array().astype(_tinygrad.numpy_dtype(dtype), copy=False)
+        array = loaded[source] if uses[source] else loaded.pop(source)
+        array = array.T if how == "T" else array[how[0]:how[1]]
+        param.replace(_tinygrad.from_numpy(array.reshape(param.shape), device))
 
 
 def _folded(infos: dict, source: str, how: Fold, eps: float, dtype, device: str):
