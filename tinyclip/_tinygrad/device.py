@@ -16,6 +16,7 @@ from tinygrad.dtype import DType
 from tinygrad.helpers import Context
 
 from ..atomic import write_atomic
+from .cpu_runtime import TESTED_TINYGRAD, tinygrad_version
 from ..trust import guard_kernel_cache, read_trusted  # noqa: F401  (re-exported: it runs before tinygrad reads its cache)
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16}
@@ -101,7 +102,7 @@ def device_programs(device: str, folder: os.PathLike | None):
     as for the graph cache), named by a digest of the program's AST, the renderer's target, the CPU and
     tinygrad's version. ops_cpu.do_to_program is swapped for the length of the opening only, under a lock.
     """
-    if folder is None or device.split(":")[0].upper() != "CPU" or _tinygrad_version() != TESTED_TINYGRAD:
+    if folder is None or device.split(":")[0].upper() != "CPU" or tinygrad_version() not in TESTED_TINYGRAD:
         yield
         return
     import tinygrad.runtime.ops_cpu as ops_cpu
@@ -126,9 +127,6 @@ def device_programs(device: str, folder: os.PathLike | None):
             ops_cpu.do_to_program = original
 
 
-TESTED_TINYGRAD = "0.14.0"
-
-
 class _Compiled:
     """What CPUDevice asks of do_to_program's result: its ELF."""
 
@@ -139,17 +137,9 @@ class _Compiled:
         return self._elf
 
 
-def _tinygrad_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version("tinygrad")
-    except PackageNotFoundError:
-        return "?"
-
-
 def _program_digest(ast, renderer) -> str:
     from .. import cpu_info
-    text = repr((_tinygrad_version(), ast.key.hex(), str(renderer.target), cpu_info.model(), sorted(cpu_info.flags())))
+    text = repr((tinygrad_version(), ast.key.hex(), str(renderer.target), cpu_info.model(), sorted(cpu_info.flags())))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
