@@ -11,6 +11,7 @@ wrapped here, split by concern, so an upgrade touches this package alone:
 - cpu_runtime.py  the CPU patches (wide vectors, threads on several cores), installed on first use
 - opencl.py       OpenCL builds without clang's "1 warning generated." on stderr
 - kernel.py       the custom-kernel API (UOp ranges, opts) tinyclip's hand-written kernels are built with
+- source.py       kernels given as C source, compiled by clang and run as tinygrad programs (no codegen)
 
 The names most of tinyclip uses are re-exported here, with LOCK: tinygrad's scheduler, its JIT, its Context
 settings (DEV, ALLOW_TF32, BEAM) and tinyclip's swaps of its internals are process-wide, so every model's
