@@ -185,8 +185,10 @@ with Context(DEV=sys.argv[1]):
 @pytest.mark.parametrize("renderer", RENDERERS)
 @pytest.mark.parametrize("parallel", ["0", "2"])
 def test_kernels_use_the_isas_vectors_in_process_and_in_compile_workers(isa, renderer, parallel):
-    """tinyclip's coalescing pass (_tinygrad/cpu_runtime.py) reaches tinygrad's spawned compile workers
-    too: the matmul's source (DEBUG=4) loads and stores vectors of the ISA's lanes."""
+    """The matmul's source (DEBUG=4) computes in vectors of the ISA's lanes. On CLANG it is tinyclip's C
+    (kernels/cpu/csource.py): vector variables of the lanes for every accumulator. On LLVM it is built
+    from UOps, and tinyclip's coalescing pass (_tinygrad/cpu_runtime.py) must reach tinygrad's compile
+    workers too: loads and stores of the lanes, the accumulators reached as whole vectors only."""
     env = dict(os.environ, DEBUG="4", PARALLEL=parallel, CACHELEVEL="0")
     r = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, device(renderer, isa), isa.name], env=env,
                        capture_output=True, text=True, timeout=300,
@@ -195,13 +197,20 @@ def test_kernels_use_the_isas_vectors_in_process_and_in_compile_workers(isa, ren
     assert r.returncode == 0, out[-3000:]
     assert "sum 16384.0" in out     # 8 rows x 64 outputs x (16 inputs x 2 x 1)
     name = f"tc{isa.lanes}_linear_8_64_16"
-    source = out[out.index(f"void {name}(" if renderer == "CLANG" else f"@{name}("):]
+    if renderer == "CLANG":
+        start = out.index(f"typedef float vf __attribute__((ext_vector_type({isa.lanes})));")
+        source = out[start:out.index("\n}", start)]
+        assert f"void {name}(" in source
+        # 4 rows x 2 vectors of accumulators, each a vector variable (registers), none an array in memory
+        assert re.search(r"vf c0_0 = 0, c0_1 = 0, c1_0 = 0, c1_1 = 0, c2_0 = 0, c2_1 = 0, c3_0 = 0, c3_1 = 0;", source)
+        assert "[" not in source.split(f"void {name}(")[1].split("for (int k")[0].replace("A[", "").replace("B[", "")
+        return
+    source = out[out.index(f"@{name}("):]
     source = source[:source.index("\n}")]
-    assert (f"float{isa.lanes} " if renderer == "CLANG" else f"<{isa.lanes} x float>") in source
+    assert f"<{isa.lanes} x float>" in source
     # The accumulators (a register array) are reached as whole vectors only: every offset into the
     # array is a multiple of the lanes (scalar accesses, which clang 14 spills on AVX2, would not be).
-    offsets = [int(n) for n in re.findall(r"\bbuf\d+\+(\d+)\)" if renderer == "CLANG" else
-                                          r"%reg_\d+, i32 (\d+)", source)]
+    offsets = [int(n) for n in re.findall(r"%reg_\d+, i32 (\d+)", source)]
     assert len(set(offsets)) == 4 * 2 and all(n % isa.lanes == 0 for n in offsets), sorted(set(offsets))
 
 

@@ -23,7 +23,7 @@ import sys
 
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.renderer import Estimates
-from tinygrad.uop.ops import KernelInfo, Ops, ProgramInfo, UOp
+from tinygrad.uop.ops import AddrSpace, KernelInfo, Ops, ProgramInfo, UOp
 
 __all__ = ["compiles_c", "run_c"]
 
@@ -48,7 +48,9 @@ def run_c(name: str, source: str, size: int, inputs: list[Tensor], threads: int 
     n = 1 + len(inputs)
 
     def program(*params: UOp) -> UOp:
-        core = (UOp.variable("core_id", 0, threads - 1, dtypes.int, param=True),) if threads > 1 else ()
+        # core_id is the argument after the buffers (slot n), as tinygrad numbers its own THREAD kernels' core_id
+        core = (UOp.param(n, dtypes.int, shape=(), vmin_vmax=(0, threads - 1), multiple_of=1, name="core_id",
+                          addrspace=AddrSpace.ALU),) if threads > 1 else ()
         memory = sum(t.nbytes() for t in (out, *inputs))
         info = KernelInfo(name=name, estimates=Estimates(ops=flops, lds=memory, mem=memory))
         spec = ProgramInfo(name=name, global_size=(threads, 1, 1), local_size=(1, 1, 1), vars=core,

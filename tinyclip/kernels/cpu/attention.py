@@ -5,9 +5,10 @@ import math
 
 from tinygrad import Tensor
 
+from ..._tinygrad import source
 from ..._tinygrad.cpu_runtime import wide_name
 from ..._tinygrad.kernel import UPCAST_LIMIT, AxisType, KernelInfo, Ops, Opt, OptOps, UOp, dtypes, run
-from . import exp
+from . import csource, exp
 from .machine import Machine
 
 # Speeds against the matmul kernel's, on one core (ratios measured on AVX2; they scale with the machine):
@@ -60,6 +61,11 @@ def softmax_rows(scores: Tensor, R: int, T: int, Tp: int, mask: Tensor | None, m
     Output (R, T)."""
     if mask is not None and (mask.shape[-2:] != (T, T) or math.prod(mask.shape[:-2]) != 1):
         raise ValueError(f"attention: the mask must be ({T}, {T}) after leading ones, got {mask.shape}")
+    inputs = [scores.reshape(-1)] + ([mask.reshape(-1).cast(dtypes.float32)] if mask is not None else [])
+    threads = machine.threads_for(R * T * SCORE_COST)
+    name = wide_name(machine.isa.lanes, f"softmax_{R}_{T}")
+    if source.compiles_c(scores.device):
+        return source.run_c(name, csource.softmax(name, R, T, Tp, mask is not None, threads), R * T, inputs, threads)
     rows = 4 if (R // T) % 4 == 0 else 1   # tinygrad splits the row loop into (R/T, T) for the mask
 
     def kernel(out: UOp, S: UOp, *masks: UOp) -> UOp:
@@ -78,13 +84,11 @@ def softmax_rows(scores: Tensor, R: int, T: int, Tp: int, mask: Tensor | None, m
         total = exp_shifted(j[1]).reduce(j[1], arg=Ops.ADD, dtype=dtypes.float32)
         weight = exp_shifted(j[2]) / total
         opts = [Opt(OptOps.UPCAST, 0, rows)] if rows > 1 else []
-        if (threads := machine.threads_for(R * T * SCORE_COST)) > 1 and (R // T // rows) % threads == 0:
+        if threads > 1 and (R // T // rows) % threads == 0:
             opts.append(Opt(OptOps.THREAD, 0, threads))
         store = out[r * T + j[2]].store(weight).end(r, j[2])
-        return store.sink(arg=KernelInfo(name=wide_name(machine.isa.lanes, f"softmax_{R}_{T}"),
-                                         opts_to_apply=tuple(opts)))
+        return store.sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
-    inputs = [scores.reshape(-1)] + ([mask.reshape(-1).cast(dtypes.float32)] if mask is not None else [])
     return run(R * T, inputs, kernel)
 
 
@@ -97,6 +101,12 @@ def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...],
     B, H, M, N, width, K = dims
     rows = 8 if width <= machine.isa.lanes else machine.tile_rows
     Mp = -(-M // rows) * rows
+    threads = machine.threads_for(B * H * Mp * N * K, PRODUCT_EFFICIENCY)
+    inputs = [left.reshape(-1), right.reshape(-1)]
+    if source.compiles_c(left.device):
+        name = wide_name(machine.isa.lanes, name)
+        code = csource.head_product(name, dims, rows, machine.isa.lanes, threads, left_at, right_at, out_at, scale)
+        return source.run_c(name, code, size, inputs, threads, flops=2 * B * H * M * N * K)
 
     def kernel(out: UOp, lhs: UOp, rhs: UOp) -> UOp:
         b, h, i, n = (UOp.range(extent, axis, AxisType.WEAK) for axis, extent in enumerate((B, H, Mp, N)))
@@ -107,11 +117,10 @@ def _head_product(name: str, left: Tensor, right: Tensor, dims: tuple[int, ...],
             acc = acc * scale
         at = out_at(b, h, i, n)
         store = out[at.valid(i < M) if Mp != M else at].store(acc).end(b, h, i, n)
-        threads = machine.threads_for(B * H * Mp * N * K, PRODUCT_EFFICIENCY)
         return store.sink(arg=KernelInfo(name=wide_name(machine.isa.lanes, name),
                                          opts_to_apply=_head_opts(B, H, Mp, rows, N, width, threads)))
 
-    return run(size, [left.reshape(-1), right.reshape(-1)], kernel)
+    return run(size, inputs, kernel)
 
 
 def _head_opts(B: int, H: int, Mp: int, rows: int, N: int, width: int, threads: int) -> tuple[Opt, ...]:

@@ -31,9 +31,10 @@ import math
 
 from tinygrad import Tensor
 
-from ..._tinygrad import buffers
+from ..._tinygrad import buffers, source
 from ..._tinygrad.cpu_runtime import wide_name
 from ..._tinygrad.kernel import UPCAST_LIMIT, AxisType, KernelInfo, Ops, Opt, OptOps, UOp, dtypes, run
+from . import csource, exp
 from .machine import Machine
 
 L2_SHARE = 2     # an input filling at most 1/L2_SHARE of L2 stays in cache: panels loop outside rows
@@ -90,6 +91,12 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act, residual: 
     opts = _tile_opts(extents, rows, threads)
     name = wide_name(machine.isa.lanes, f"linear_{Mp}_{N}_{K}") + ("_bias" if bias is not None else "") + \
         ("_res" if residual is not None else "")
+    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else []) + \
+        ([residual.reshape(-1)] if residual is not None else [])
+    if source.compiles_c(x.device):
+        code = csource.linear(name, M, N, K, P, machine.isa.lanes, rows, rows_outer, threads, bias is not None,
+                              residual is not None)
+        return source.run_c(name, code, M * N, inputs, threads, flops=2 * M * N * K).reshape(*lead, N)
 
     def kernel(C: UOp, A: UOp, B: UOp, *extra: UOp) -> UOp:
         m, panel, col = (UOp.range(extents[loop], list(extents).index(loop), AxisType.WEAK)
@@ -105,8 +112,6 @@ def panel_linear(x: Tensor, panels: Tensor, bias: Tensor | None, act, residual: 
         store = C[at.valid(m < M) if Mp != M else at].store(acc).end(m, panel, col)
         return store.sink(arg=KernelInfo(name=name, opts_to_apply=opts))
 
-    inputs = [x.reshape(-1), panels.reshape(-1)] + ([bias] if bias is not None else []) + \
-        ([residual.reshape(-1)] if residual is not None else [])
     return run(M * N, inputs, kernel).reshape(*lead, N)
 
 
@@ -123,6 +128,10 @@ def activation(y: Tensor, act, residual: Tensor | None, machine: Machine) -> Ten
     if threads > 1 and (total // lanes) % threads == 0:
         opts.append(Opt(OptOps.THREAD, 0, threads))
     name = wide_name(lanes, f"act_{total}") + ("_res" if residual is not None else "")
+    inputs = [y.reshape(-1)] + ([residual.reshape(-1)] if residual is not None else [])
+    if source.compiles_c(y.device) and act is exp.quick_gelu:
+        code = csource.activation(name, total, lanes, threads, residual is not None)
+        return source.run_c(name, code, total, inputs, threads).reshape(y.shape)
 
     def kernel(out: UOp, Y: UOp, *extra: UOp) -> UOp:
         i = UOp.range(total, 0, AxisType.WEAK)
@@ -131,7 +140,6 @@ def activation(y: Tensor, act, residual: Tensor | None, machine: Machine) -> Ten
             value = value + extra[0][i]
         return out[i].store(value).end(i).sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
-    inputs = [y.reshape(-1)] + ([residual.reshape(-1)] if residual is not None else [])
     return run(total, inputs, kernel).reshape(y.shape)
 
 

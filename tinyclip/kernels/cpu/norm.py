@@ -5,8 +5,10 @@ import math
 
 from tinygrad import Tensor
 
+from ..._tinygrad import source
 from ..._tinygrad.cpu_runtime import wide_name
 from ..._tinygrad.kernel import AxisType, KernelInfo, Ops, Opt, OptOps, UOp, dtypes, run
+from . import csource
 from .machine import Machine
 
 LANE_SUMS = 8      # partial sums per row: enough to hide the add latency, whatever the vector width
@@ -30,6 +32,11 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, machine: Mac
     if not fits(C):
         raise ValueError(f"layer_norm: width {C} is not a multiple of {LANE_SUMS} of at least {2 * LANE_SUMS}")
     lanes = LANE_SUMS
+    threads = machine.threads_for(R * C * VALUE_COST)
+    name = wide_name(machine.isa.lanes, f"layernorm_{R}_{C}")
+    if source.compiles_c(x.device):
+        code = csource.layer_norm(name, R, C, lanes, eps, threads)
+        return source.run_c(name, code, R * C, [x.reshape(-1), weight, bias], threads).reshape(*lead, C)
 
     def kernel(out: UOp, X: UOp, W: UOp, Bias: UOp) -> UOp:
         r = UOp.range(R, 0, AxisType.WEAK)
@@ -46,10 +53,9 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float, machine: Mac
         y = (X[r * C + c] - mean) / (var + eps).sqrt() * W[c] + Bias[c]
         opts = [Opt(OptOps.UNROLL, 0, lanes), Opt(OptOps.UNROLL, 1, lanes),      # the two sums' lanes
                 Opt(OptOps.UPCAST, 1 if R > 1 else 0, lanes)]                    # the output's columns
-        if (threads := machine.threads_for(R * C * VALUE_COST)) > 1 and R % threads == 0:
+        if threads > 1 and R % threads == 0:
             opts.append(Opt(OptOps.THREAD, 0, threads))
         store = out[r * C + c].store(y).end(r, c)
-        return store.sink(arg=KernelInfo(name=wide_name(machine.isa.lanes, f"layernorm_{R}_{C}"),
-                                         opts_to_apply=tuple(opts)))
+        return store.sink(arg=KernelInfo(name=name, opts_to_apply=tuple(opts)))
 
     return run(R * C, [x.reshape(-1), weight, bias], kernel).reshape(*lead, C)
