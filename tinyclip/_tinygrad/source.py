@@ -25,7 +25,7 @@ from tinygrad import Device, Tensor, dtypes
 from tinygrad.renderer import Estimates
 from tinygrad.uop.ops import AddrSpace, KernelInfo, Ops, ProgramInfo, UOp
 
-__all__ = ["compiles_c", "run_c"]
+__all__ = ["compiles_c", "install", "run_c"]
 
 
 def compiles_c(device: str) -> bool:
@@ -42,6 +42,7 @@ def run_c(name: str, source: str, size: int, inputs: list[Tensor], threads: int 
     """A new tensor of `size` values of `dtype`, written by the C function `name` in `source`, called as
     name(out, *inputs[, core_id]) `threads` times (core_id 0..threads-1; no core_id argument for 1).
     `flops` is what the kernel computes, for tinygrad's statistics (DEBUG=2)."""
+    install()
     device = inputs[0].device
     out = Tensor.empty(size, dtype=dtype, device=device)
     target = Device[device].renderer.target
@@ -59,3 +60,71 @@ def run_c(name: str, source: str, size: int, inputs: list[Tensor], threads: int 
                    arg=spec)
 
     return out.custom_kernel(*inputs, fxn=program)[0]
+
+
+# ---- a capture's C programs compiled by one clang per core (tinygrad/engine/realize.py) ------------------
+# tinygrad compiles each program in its own clang process: about 40 ms of CPU to start clang, more than
+# most of these kernels take to compile (a linear layer's tile: 40 ms more). Before tinygrad's
+# lower_and_compile (looked up as a module global at each call) compiles a capture's kernels, the C
+# programs among them that it has not compiled yet are compiled here, split between one clang process
+# per core, each compiling its share of files in one run (one object per file, the flags tinygrad's
+# ClangCompiler uses), and put in tinygrad's program cache (to_program_cache) as tinygrad would have:
+# the PROGRAM with its BINARY. tinygrad then finds them compiled. If clang fails, nothing is cached and
+# tinygrad compiles them itself, one by one, reporting the error as it does.
+_batched = False
+
+
+def install() -> None:
+    """Compile each capture's C programs together (once per process)."""
+    global _batched
+    from tinygrad.engine import realize
+    if _batched or getattr(realize.lower_and_compile, "tinyclip_batched", False):
+        return
+    tinygrad_lower = realize.lower_and_compile
+
+    def lower_and_compile(linear):
+        _compile_c_programs(linear)
+        return tinygrad_lower(linear)
+
+    lower_and_compile.tinyclip_batched = True
+    realize.lower_and_compile = lower_and_compile
+    _batched = True
+
+
+def _compile_c_programs(linear) -> None:
+    import os
+    import subprocess
+    import tempfile
+    from tinygrad.codegen import to_program_cache, to_program_key
+    from tinygrad.engine import realize
+    from tinygrad.helpers import getenv
+    from tinygrad.renderer.cstyle import ClangRenderer
+    todo: dict = {}
+    for c in linear.toposort():
+        if c.op is not Ops.CALL or (a := realize._get_call_to_compile(c)) is None:
+            continue
+        ast, renderer = a
+        if ast.op is Ops.PROGRAM and len(ast.src) == 3 and ast.src[2].op is Ops.SOURCE and type(renderer) is ClangRenderer:
+            if (key := to_program_key(ast, renderer)) not in to_program_cache:
+                todo.setdefault((renderer.compiler.arch, tuple(renderer.compiler.args)), {})[key] = (ast, renderer)
+    for programs in todo.values():
+        if len(programs) < 2:
+            continue
+        items = list(programs.items())
+        compiler = items[0][1][1].compiler
+        with tempfile.TemporaryDirectory(prefix="tinyclip-c-") as folder:
+            names = []
+            for i, (_, (ast, _)) in enumerate(items):
+                names.append(f"k{i}.c")
+                with open(os.path.join(folder, names[-1]), "w") as f:
+                    f.write(ast.src[2].arg)
+            cores = max(1, min(len(names), os.cpu_count() or 1))
+            command = [getenv("CC", "clang"), "-c", "-x", "c", "-O2", "-fPIC", "-ffreestanding", "-fno-math-errno",
+                       "-nostdlib", "-fno-ident", f"--target={compiler.arch}-none-unknown-elf", *compiler.args]
+            runs = [subprocess.Popen(command + names[part::cores], cwd=folder, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL) for part in range(cores)]
+            if any(run.wait() != 0 for run in runs):
+                continue
+            for (key, (ast, _)), name in zip(items, names):
+                with open(os.path.join(folder, name[:-2] + ".o"), "rb") as f:
+                    to_program_cache[key] = ast.replace(src=ast.src + (UOp(Ops.BINARY, arg=f.read()),))
