@@ -152,3 +152,34 @@ def test_trace_prints_one_line_per_phase(tiny_quick, env):
                             "--templates", "none", "--model", str(tiny_quick.folder), "--device", "cpu"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert "trace" not in quiet.stderr
+
+
+def test_each_tower_is_read_on_its_first_use_and_the_results_do_not_change(tiny_quick):
+    """load() reads neither tower; an image call reads the image tower only, a text call the text tower;
+    CLIP.model reads everything. The embeddings equal those of a model read whole, and the graph keys are
+    the same whichever tower ran first (they are taken before any tower's weights are arranged)."""
+    import tinyclip
+    from tinyclip.model import tower_of
+    from tinygrad.nn.state import get_state_dict
+    whole = tinyclip.load(tiny_quick.folder, device="cpu")
+    want_image, want_text = whole.model and whole.encode_image([IMAGE]), whole.encode_text(["a cat", "a dog"])
+
+    def realized(clip, tower):
+        params = {k: t for k, t in get_state_dict(clip.runner.model).items() if tower_of(k) == tower}
+        return {t.uop.base.is_realized for t in params.values()}
+
+    image_first = tinyclip.load(tiny_quick.folder, device="cpu")
+    assert image_first.towers.pending == {"text", "image"} and realized(image_first, "image") == {False}
+    np.testing.assert_array_equal(image_first.encode_image([IMAGE]), want_image)
+    assert image_first.towers.pending == {"text"} and realized(image_first, "image") == {True}
+    assert realized(image_first, "text") == {False}
+    np.testing.assert_array_equal(image_first.encode_text(["a cat", "a dog"]), want_text)
+    assert image_first.towers.pending == set() and realized(image_first, "text") == {True}
+
+    text_first = tinyclip.load(tiny_quick.folder, device="cpu")
+    np.testing.assert_array_equal(text_first.encode_text(["a cat", "a dog"]), want_text)
+    assert text_first.towers.pending == {"image"}
+    assert text_first.runner.graphs.key(("image", 1)) == image_first.runner.graphs.key(("image", 1))
+    assert text_first.runner.graphs.key(("text", 2, 7)) == image_first.runner.graphs.key(("text", 2, 7))
+    text_first.model     # a user holding the model holds every weight
+    assert text_first.towers.pending == set() and realized(text_first, "image") == {True}

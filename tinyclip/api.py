@@ -7,7 +7,6 @@ use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import pathlib
@@ -22,6 +21,7 @@ from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
 from .preprocess import ImageProcessor, PixelScaling, as_batch, check_image_size
 from .runner import Runner
+from .towers import Towers
 from .tokenizer import CLIPTokenizer, check_vocab_size
 from .vectors import unit_rows
 
@@ -74,20 +74,15 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     size = config.vision_config.image_size if image_size is None else \
         requested_image_size(config.vision_config, image_size)
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
-    # The tokenizer (pure Python, ~0.25 s) is read in a thread while the weights are read and
-    # rearranged (file reads and numpy copies, which release the GIL); its errors raise here after
-    # those of the weights, as when it was read after them.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reading = pool.submit(checkpoint.tokenizer)
-        with _tinygrad.LOCK, chosen.context():     # tinygrad's state is process-wide (see _tinygrad.LOCK)
-            with trace.phase("weights"):
-                checkpoint.load_weights(model, dt, chosen.device)
-                if size != config.vision_config.image_size:
-                    model.resize_images(size)
-            with trace.phase("weights arranged for the kernels"):
-                model.prepare()     # the kernel set stores the linear weights its way
-        with trace.phase("tokenizer (read beside the weights)"):
-            tokenizer = reading.result()
+    towers = Towers(checkpoint, model, dt, chosen)
+    with trace.phase("weights checked (each tower read on its first use)"):
+        towers.load_shared()
+    if size != config.vision_config.image_size:    # the position embeddings are interpolated from the weights
+        towers.load("image")
+        with _tinygrad.LOCK, chosen.context():
+            model.resize_images(size)
+    with trace.phase("tokenizer"):
+        tokenizer = checkpoint.tokenizer()
     check_vocab_size(tokenizer, config.text_config.vocab_size, folder, checkpoint.config_file.name)
     processor = checkpoint.image_processor()
     if size != config.vision_config.image_size:
@@ -95,7 +90,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     check_image_size(processor, size, folder)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
     return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
-                revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt))
+                revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt), towers=towers)
 
 
 def _tf32_applies(backend: registry.Backend, dtype) -> bool:
@@ -115,14 +110,25 @@ class CLIP:
 
     def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
                  backend: registry.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True,
-                 hub_id: str | None = None, revision: str | None = None, tf32: bool = False):
-        self.model, self.tokenizer, self.processor, self.backend, self.folder = \
+                 hub_id: str | None = None, revision: str | None = None, tf32: bool = False,
+                 towers: Towers | None = None):
+        self._model, self.tokenizer, self.processor, self.backend, self.folder = \
             model, tokenizer, processor, backend, folder
+        self.towers = towers    # the towers whose weights are still to be read (None: all are read)
         self.hub_id, self.revision = hub_id, revision
         self.config = model.config
         self.label_cache = tasks.LabelCache()    # ensembled label embeddings for classify()
         # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
-        self.runner = Runner(model, backend, jit=jit, cache=graph_cache, tf32=tf32)
+        self.runner = Runner(model, backend, jit=jit, cache=graph_cache, tf32=tf32,
+                             ready=towers.load if towers is not None else None)
+
+    @property
+    def model(self) -> CLIPModel:
+        """The tinygrad model (tinyclip.model.CLIPModel), every weight read (a tower's weights are
+        otherwise read when the tower first runs)."""
+        if self.towers is not None:
+            self.towers.load_all()
+        return self._model
 
     @property
     def device(self) -> str:
@@ -131,7 +137,7 @@ class CLIP:
 
     @property
     def dtype(self) -> str:
-        return "float16" if self.model.logit_scale.dtype == dtypes.float16 else "float32"
+        return "float16" if self._model.logit_scale.dtype == dtypes.float16 else "float32"
 
     @functools.cached_property
     def identity(self) -> dict:
@@ -202,7 +208,7 @@ class CLIP:
 
     def logits_from_embeddings(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         with self.runner.lock, self.runner.context():
-            logits = self.model.logits(_tinygrad.to_tensor(np.asarray(image_embeds, np.float32), self.backend.device),
+            logits = self._model.logits(_tinygrad.to_tensor(np.asarray(image_embeds, np.float32), self.backend.device),
                                        _tinygrad.to_tensor(np.asarray(text_embeds, np.float32), self.backend.device))
             return _tinygrad.as_float32(logits)
 

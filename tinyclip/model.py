@@ -28,8 +28,19 @@ from .config import RESNET_STRIDE, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
 from .kernels import TINYGRAD, KernelSet, activation
 
 
+# The two towers by the top-level attributes (state-dict key prefixes) that hold their parameters; logit_scale
+# belongs to neither. tinyclip/towers.py reads each tower's weights on the tower's first use.
+TOWERS = {"text": ("text_model", "text_projection"), "image": ("vision_model", "visual_projection", "visual")}
+
+
+def tower_of(key: str) -> str | None:
+    """The tower ("text" or "image") whose parameter the state-dict key names; None for logit_scale."""
+    first = key.split(".", 1)[0]
+    return next((tower for tower, names in TOWERS.items() if first in names), None)
+
+
 def _param(shape: tuple[int, ...], dtype: DType, device: str) -> Tensor:
-    return Tensor.empty(*shape, dtype=dtype, device=device)
+    return _tinygrad.empty(shape, dtype, device)
 
 
 class Linear:
@@ -312,8 +323,8 @@ class CLIPModel:
         self.logit_scale = _param((), dtype, device)
 
     def resize_images(self, image_size: int) -> None:
-        """After loading, before prepare(): run a ViT at image_size x image_size (a multiple of the patch
-        size; config.requested_image_size). The position embeddings are interpolated once here, as
+        """After the image tower's weights are read: run a ViT at image_size x image_size (a multiple of
+        the patch size; config.requested_image_size). The position embeddings are interpolated once here, as
         transformers' interpolate_pos_encoding=True does on every call (tinyclip/interpolate.py)."""
         v, embeddings = self.config.vision_config, self.vision_model.embeddings
         weight = embeddings.position_embedding.weight
@@ -324,11 +335,14 @@ class CLIPModel:
         self.vision_model.config = self.config.vision_config
         embeddings.image_size = image_size
 
-    def prepare(self) -> None:
-        """After loading: let the kernel set store every linear weight its way (once)."""
-        for layer in walk(self):
-            if isinstance(layer, (Linear, Conv2dPatch, Conv2d)):
-                layer.prepare()
+    def prepare(self, tower: str | None = None) -> None:
+        """After loading: let the kernel set store every linear weight its way (once); those of one tower
+        ("text" or "image", TOWERS) when given."""
+        roots = [self] if tower is None else [getattr(self, name) for name in TOWERS[tower] if hasattr(self, name)]
+        for root in roots:
+            for layer in walk(root):
+                if isinstance(layer, (Linear, Conv2dPatch, Conv2d)):
+                    layer.prepare()
 
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         """(B, C, S, S) -> (B, projection_dim), projected and not normalised."""

@@ -64,8 +64,10 @@ class Runner:
     tf32=True compiles float32 matmuls for TF32 tensor cores (a backend whose `tf32` is True).
     """
 
-    def __init__(self, model, backend, jit: bool = True, cache: bool = True, tf32: bool = False):
+    def __init__(self, model, backend, jit: bool = True, cache: bool = True, tf32: bool = False, ready=None):
         self.model, self.backend, self.jit, self.tf32 = model, backend, jit, tf32
+        # ready(tower) reads a tower's weights before its first run (tinyclip/towers.py); None: all are read
+        self.ready = ready if ready is not None else (lambda tower: None)
         self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
         self.account = self.graphs.account() if self.graphs is not None else None
@@ -108,6 +110,7 @@ class Runner:
 
     def _run(self, key: tuple, x) -> np.ndarray:
         """The encoder's output for the input `x`: a numpy array, or a Staging (uploaded as it is)."""
+        self.ready("text" if key[0] == "text" else "image")
         with self.lock, self.context():
             t = x.upload() if isinstance(x, _tinygrad.Staging) else _tinygrad.to_tensor(x, self.backend.device)
             if not self.jit:
@@ -245,6 +248,7 @@ class Runner:
         """Beam-search the kernels of the graph for `key` (see image_key, or ("text", batch, length)),
         keep it for this process and store it in the graph cache marked tuned, replacing any graph
         there. Returns (seconds taken, the file written or None when the cache is off)."""
+        self.ready("text" if key[0] == "text" else "image")
         shape, dtype = self._input_shape(key)
         x = np.zeros(shape, dtype)
         with self.lock, self.context():

@@ -290,7 +290,7 @@ def _logit_scale(clip) -> float:
     if cache.logit_scale is None:
         from . import _tinygrad
         with clip.runner.lock, clip.runner.context():
-            raw = _tinygrad.as_float32(clip.model.logit_scale)
+            raw = _tinygrad.as_float32(clip.runner.model.logit_scale)   # read at load: not a tower's
         cache.logit_scale = float(np.exp(np.float64(raw)))
     return cache.logit_scale
 

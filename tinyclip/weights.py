@@ -285,10 +285,13 @@ def read_safetensors_headers(files: list[pathlib.Path]) -> dict[str, TensorInfo]
     return infos
 
 
-def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None:
+def load_weights(model, folder: pathlib.Path, dtype: DType, device: str, only=None, checked=None) -> None:
     """Fill `model`'s parameters from the folder's safetensors, after checking every key and shape.
 
-    Every missing, unexpected and mis-shaped key is reported at once.
+    Every missing, unexpected and mis-shaped key is reported at once. `only(key)`, when given, picks the
+    parameters to read now (tinyclip/towers.py reads each tower on its first use); every key's presence is
+    checked all the same, and the shape of those `checked(key)` accepts (default: those read; a parameter
+    that a kernel set already stores its own way has another shape than the checkpoint's).
     """
     files = checkpoint_files(folder)
     infos = read_safetensors_headers(files)
@@ -296,9 +299,10 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     where = files[0].name if len(files) == 1 else f"{INDEX_FILE} ({len(files)} shards)"
     missing = sorted(k for k in params if k not in infos)
     unexpected = sorted(cut(k) for k in infos if k not in params and k not in NON_PARAMETERS)
+    checked = checked or only or (lambda key: True)
     misshaped = sorted(f"{k}: checkpoint {cut(str(list(infos[k].shape)))}, config.json implies "
                        f"{list(params[k].shape)}"
-                       for k in params if k in infos and not same_shape(infos[k].shape, params[k].shape))
+                       for k in params if k in infos and checked(k) and not same_shape(infos[k].shape, params[k].shape))
     if missing or unexpected or misshaped:
         raise mismatch_error(f"{folder / where} does not match config.json", missing, unexpected, misshaped,
                              "Check that the folder holds a CLIPModel checkpoint (not a CLIPVisionModel or "
@@ -306,6 +310,8 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
     # Tensors whose bytes go straight into host buffers are read by READ_THREADS threads at once (file reads
     # release the GIL, and filling fresh memory costs a page fault per page, which one core does at about
     # 1.2 GB/s: half a second for ViT-B/32); tinygrad's own objects are made on this thread only.
+    if only is not None:
+        params = {key: param for key, param in params.items() if only(key)}
     loaded, reads = {}, []
     for key in params:
         tensor, view = infos[key].direct(device, dtype)
@@ -318,7 +324,8 @@ def load_weights(model, folder: pathlib.Path, dtype: DType, device: str) -> None
         for _ in pool.map(lambda job: job[0].read_into(job[1]), reads):
             pass   # re-raises the first CheckpointError; leaving the pool waits for the other reads
     for key, param in params.items():
-        param.replace(loaded[key].reshape(param.shape))
+        tensor = loaded[key]
+        param.replace(tensor if tensor.shape == param.shape else tensor.reshape(param.shape))
 
 
 def mismatch_error(title: str, missing: list[str], unexpected: list[str], misshaped: list[str],

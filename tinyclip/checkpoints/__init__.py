@@ -34,8 +34,10 @@ class Checkpoint:
         """The safetensors files the weights are read from (checked to lie inside the checkpoint)."""
         raise NotImplementedError
 
-    def load_weights(self, model, dtype, device: str) -> None:
-        """Fill `model` (a tinyclip CLIPModel built from `config`) after checking every key and shape."""
+    def load_weights(self, model, dtype, device: str, only=None, checked=None) -> None:
+        """Fill `model` (a tinyclip CLIPModel built from `config`) after checking every key and shape; only
+        the parameters whose state-dict key `only(key)` accepts when it is given, checking the shapes of
+        those `checked(key)` accepts (default: those read)."""
         raise NotImplementedError
 
     def tokenizer(self):

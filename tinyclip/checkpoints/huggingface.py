@@ -28,8 +28,8 @@ class HuggingFaceCheckpoint(Checkpoint):
     def weight_files(self) -> list[pathlib.Path]:
         return weights.checkpoint_files(self.folder)
 
-    def load_weights(self, model, dtype, device: str) -> None:
-        weights.load_weights(model, self.folder, dtype, device)
+    def load_weights(self, model, dtype, device: str, only=None, checked=None) -> None:
+        weights.load_weights(model, self.folder, dtype, device, only, checked)
 
     def tokenizer(self) -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(self.folder, context_length=self.config.text_config.max_position_embeddings)

@@ -29,9 +29,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1]     # tinyclip/
 TINYGRAD_SOURCES = ("uop/ops.py", "engine/jit.py", "engine/realize.py", "device.py", "dtype.py", "tensor.py")
 
 
-def base_key(model, backend, tf32: bool = False) -> dict:
+def base_key(model, backend, tf32: bool = False, architecture: str | None = None) -> dict:
     """The parts of the key shared by all of one model's graphs on one backend (tf32: compiled for TF32
-    tensor cores, Runner's setting)."""
+    tensor cores, Runner's setting; architecture: architecture_hash(model), when taken earlier)."""
     from .. import __version__
     dtype = model.logit_scale.dtype
     kernels = model.kernels
@@ -41,7 +41,7 @@ def base_key(model, backend, tf32: bool = False) -> dict:
             codegen += f":{host_cpu()}:threads={_tinygrad.cpu_threads()}"
     return {
         "format": FORMAT,
-        "architecture": architecture_hash(model),
+        "architecture": architecture if architecture is not None else architecture_hash(model),
         "code": code_hash(tuple(filter(None, (source_file(type(backend)), source_file(type(kernels)))))),
         "backend": backend.name,
         "device": backend.device,

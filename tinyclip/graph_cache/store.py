@@ -45,12 +45,15 @@ class GraphStore:
         self.folder = pathlib.Path(folder) if folder is not None else cache_dir()
         self._warned: set[tuple[str, str]] = set()
         self._base_key: dict | None = None
+        # Taken now, before any tower's weights are arranged for the kernel set (tinyclip/towers.py arranges
+        # each on its first use): the same shapes in every process, whichever tower runs first.
+        self._architecture = keys.architecture_hash(model)
 
     # ---- keys ------------------------------------------------------------------------------------
 
     def key(self, graph: tuple) -> dict:
         if self._base_key is None:
-            self._base_key = keys.base_key(self.model, self.backend, self.tf32)
+            self._base_key = keys.base_key(self.model, self.backend, self.tf32, self._architecture)
         return {**self._base_key, "graph": list(graph)}
 
     def account(self):

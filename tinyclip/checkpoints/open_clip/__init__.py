@@ -45,8 +45,8 @@ class OpenClipCheckpoint(Checkpoint):
     def weight_files(self) -> list[pathlib.Path]:
         return [_weights.weights_file(self.folder)]
 
-    def load_weights(self, model, dtype, device: str) -> None:
-        _weights.load_weights(model, self.folder, dtype, device)
+    def load_weights(self, model, dtype, device: str, only=None, checked=None) -> None:
+        _weights.load_weights(model, self.folder, dtype, device, only, checked)
 
     def tokenizer(self) -> OpenClipTokenizer:
         return OpenClipTokenizer.from_pretrained(self.folder,

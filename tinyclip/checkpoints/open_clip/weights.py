@@ -120,9 +120,11 @@ def weights_file(folder: pathlib.Path) -> pathlib.Path:
                           "safetensors weights into the folder")
 
 
-def load_weights(model, folder: pathlib.Path, dtype, device: str) -> None:
+def load_weights(model, folder: pathlib.Path, dtype, device: str, only=None, checked=None) -> None:
     """Fill `model` (a tinyclip CLIPModel built from `read_config`) from the folder's open_clip
-    safetensors, after checking every key and shape with weights.py's strict header checks.
+    safetensors, after checking every key and shape with weights.py's strict header checks. `only(key)`,
+    when given, picks the parameters to read now; every key's presence is checked all the same, and the
+    shapes of those `checked(key)` accepts (default: those read, as weights.load_weights).
 
     Each stored tensor is read once; q, k and v are row slices of it, projections its transpose. A
     ResNet's batch norms are folded into their convolutions in float64 before the upload.
@@ -135,22 +137,28 @@ def load_weights(model, folder: pathlib.Path, dtype, device: str) -> None:
     prefix = "text." if "text.token_embedding.weight" in infos else ""
     plan = key_map(model.config, prefix)
     # what each stored tensor must be: the parameters' sources, and the statistics of folded batch norms
+    checked = checked or only or (lambda key: True)
     expected = {plan[k][0]: stored_shape(tuple(p.shape), plan[k][1]) for k, p in params.items()}
+    shaped = {plan[k][0] for k in params if checked(k)}     # the stored tensors whose shapes are checked now
     for key, p in params.items():
         how = plan[key][1]
         if isinstance(how, Fold) and how.part == "bias":
             expected |= {f"{how.bn}.{stat}": tuple(p.shape) for stat in BN_STATS}
+            shaped |= {f"{how.bn}.{stat}" for stat in BN_STATS} if checked(key) else set()
     missing = sorted(k for k in expected if k not in infos)
     unexpected = sorted(weights.cut(k) for k in infos if k not in expected)
     misshaped = sorted(f"{k}: checkpoint {weights.cut(str(list(infos[k].shape)))}, {CONFIG_FILE} implies {list(shape)}"
-                       for k, shape in expected.items() if k in infos and not weights.same_shape(infos[k].shape, shape))
+                       for k, shape in expected.items()
+                       if k in infos and k in shaped and not weights.same_shape(infos[k].shape, shape))
     if missing or unexpected or misshaped:
         raise weights.mismatch_error(f"{path} does not match {CONFIG_FILE}", missing, unexpected, misshaped,
                                      f"Check that {CONFIG_FILE} belongs to these weights and describes a "
                                      "CLIP model (image and text towers).")
     bn_eps = getattr(model.config.vision_config, "batch_norm_eps", None)
+    if only is not None:
+        params = {key: param for key, param in params.items() if only(key)}
     loaded, uses = {}, {}
-    for source, _ in plan.values():
+    for source, _ in (plan[key] for key in params):
         uses[source] = uses.get(source, 0) + 1
     for key, param in params.items():
         source, how = plan[key]
