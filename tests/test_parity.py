@@ -6,7 +6,7 @@ from PIL import Image
 from tinygrad import Tensor
 
 import tinyclip
-from tinyclip import batch_plan, pooling, registry
+from tinyclip import pooling, registry
 from tests.conftest import ROOT
 
 REL_TOL = 1e-5          # max |ours - theirs| / max |theirs|
@@ -202,7 +202,7 @@ def plain_text_features(model, ids):
         return model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy()
 
 
-def test_a_batch_pads_into_a_compiled_longer_graph_until_the_padding_has_cost_a_compile(tiny_quick, monkeypatch):
+def test_a_batch_pads_into_a_compiled_longer_graph_until_the_padding_has_cost_a_compile(tiny_quick):
     """A batch runs in a longer graph already compiled instead of compiling its own (exact under the causal
     mask, to float32 rounding) until the padding spent in its place exceeds what a compile costs."""
     model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
@@ -210,7 +210,7 @@ def test_a_batch_pads_into_a_compiled_longer_graph_until_the_padding_has_cost_a_
     assert set(model.runner._jits) == {("text", 2, 12)}
     ids = model.tokenize(["a photo of a cat", "a cat"])                     # 7 positions: its own length is 8
     padding = 2 * 12 - 2 * 8                                                # tokens a call pads
-    monkeypatch.setattr(batch_plan, "TEXT_COMPILE_TOKENS", 2 * padding)
+    model.runner.planner.text_cost = 2 * padding
     plain = plain_text_features(model, ids)
     for _ in range(2):
         reused = model.encode_text(ids)
@@ -235,12 +235,12 @@ def test_a_query_compiles_the_full_context_and_later_queries_of_any_length_run_i
     (None, {("text", 2, 12)}),                                     # the later batches pad into the first's graph
     (0, {("text", 2, 12), ("text", 2, 8), ("text", 1, 4)}),        # compiling costs nothing: each its own
 ])
-def test_a_text_job_runs_longest_first_and_keeps_the_order_of_its_texts(tiny_quick, monkeypatch, compile_tokens,
+def test_a_text_job_runs_longest_first_and_keeps_the_order_of_its_texts(tiny_quick, compile_tokens,
                                                                          graphs):
     """Rows are sorted by length into batches (positions needed: 11, 11 | 7, 4 | 3) and put back in order."""
-    if compile_tokens is not None:
-        monkeypatch.setattr(batch_plan, "TEXT_COMPILE_TOKENS", compile_tokens)
     model = tinyclip.load(tiny_quick.folder, device=DEVICE, graph_cache=False)
+    if compile_tokens is not None:
+        model.runner.planner.text_cost = compile_tokens
     texts = ["a cat", "a photo of a dog on a red sofa", "x", "a photo of a cat", "a dog on a very old and red sofa"]
     ids = model.tokenize(texts)
     ours = model.encode_text(ids, batch_size=2)

@@ -40,25 +40,26 @@ m = tinyclip.load(sys.argv[1], device="cpu")
 n = int(sys.argv[2])
 m.encode_image([sys.argv[3]] * n, batch_size=32)
 keys = sorted(m.runner._jits)
-print(json.dumps({"graphs": [list(k[:2]) for k in keys]}))
+print(json.dumps({"graphs": [list(k[:2]) for k in keys], "image_cost": m.runner.planner.image_cost}))
 """
 
 
 def test_one_image_calls_after_a_batch_job_stop_padding_once_their_padding_has_cost_a_compile(tiny_quick, env):
     """The padding account lives next to the graph cache: each new process adds its padding (31 rows of a
     32-row graph for one image) to the one-image graph's rent, and the process whose padding would take the
-    rent past a compile's cost (IMAGE_COMPILE_IMAGES) compiles the one-image graph, which every later
-    process loads instead of padding."""
-    from tinyclip.batch_plan import IMAGE_COMPILE_IMAGES
+    rent past a compile's cost (the kernel set's, KernelSet.compile_costs) compiles the one-image graph, which
+    every later process loads instead of padding."""
     assert python(ONE_CALL, env, str(tiny_quick.folder), str(BATCH), IMAGE)["graphs"] == [["image", 32]]
-    first = python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"]
+    first_call = python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)
+    first, cost = first_call["graphs"], first_call["image_cost"]
     assert first == [["image", 32]], "a one-image call pads into the compiled 32-image graph"
     (account,) = glob.glob(os.path.join(env["TINYCLIP_CACHE_DIR"], "graphs", "account-*.json"))
     data = json.loads(pathlib.Path(account).read_text())
     (one, rent), = data["rent"].items()
     assert one.startswith("image-1-") and rent == BATCH - 1, data
-    # Many processes later (seeded, instead of running them): two more calls' padding would pass the cost.
-    data["rent"][one] = IMAGE_COMPILE_IMAGES - 2 * (BATCH - 1) + 1
+    # Many processes later (seeded, instead of running them): one more call's padding reaches the cost, a
+    # second's would pass it.
+    data["rent"][one] = cost - (BATCH - 1)
     pathlib.Path(account).write_text(json.dumps(data))
     ran = [python(ONE_CALL, env, str(tiny_quick.folder), "1", IMAGE)["graphs"] for _ in range(3)]
     assert ran == [[["image", 32]], [["image", 1]], [["image", 1]]], ran

@@ -8,7 +8,8 @@ batch chooses between compiling its own graph and padding into a bigger one that
 (in this process, in the graph cache, or earlier in the same plan). The rule is ski rental: a batch
 pads into the smallest such graph while the padding spent so far in place of its own graph (its rent,
 counted per own graph for the life of the Runner) stays within what compiling that graph costs
-(TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES); after that its own graph is compiled. That spends at most
+(KernelSet.compile_costs: TEXT_COMPILE_TOKENS and IMAGE_COMPILE_IMAGES for tinygrad's own kernels, less for
+sets whose code is quicker to make); after that its own graph is compiled. That spends at most
 about twice what knowing every later batch in advance would have. With a graph cache the rents are kept
 on disk (graph_cache/account.py), so they add up across processes too: one-image calls in new processes
 after an `embed` job pad into its batch-32 graph only until their padding has cost a compile, then the
@@ -28,12 +29,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-# Compiling a text graph costs about as much work as encoding this many tokens (batch rows x positions):
-# ViT-B/32's text tower compiles in 10-15 s on 2 cores of an AVX-512 Zen 4 and encodes 1,300-2,500 tokens
-# a second there. A smaller model or a GPU encodes faster still, so the rule pads more there, never less.
-TEXT_COMPILE_TOKENS = 20_000
-# The same for an image graph, in images: 10-15 s to compile ViT-B/32's image tower, 25-40 ms an image.
-IMAGE_COMPILE_IMAGES = 300
+# What compiling a graph costs, as work (text tokens, images) it could have encoded instead: the kernel set's
+# (KernelSet.compile_costs), these where none is given (tinygrad's own kernels: kernels/base.py).
+from .kernels.base import IMAGE_COMPILE_IMAGES, TEXT_COMPILE_TOKENS
 
 
 def bucket(n: int, limit: int) -> int:
@@ -60,9 +58,11 @@ class Planner:
     length)) runs without compiling. `account` (a graph_cache.Account, or None) keeps the rents between
     processes; without one they last as long as the Planner."""
 
-    def __init__(self, compiled: Callable[[tuple], bool], account=None):
+    def __init__(self, compiled: Callable[[tuple], bool], account=None, costs: tuple[float, float] | None = None):
         self.compiled = compiled
         self.account = account
+        # a compile, in text tokens and in images
+        self.text_cost, self.image_cost = costs if costs is not None else (TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES)
         self.rent: dict[tuple, float] = {}    # own graph -> padding spent in its place so far (without an account)
         self._spent: dict[tuple, float] = {}  # padding of the plan being made, saved when it is complete
 
@@ -104,7 +104,7 @@ class Planner:
         order = np.argsort(-np.asarray(needed), kind="stable")
         planned: set[tuple] = set()
         self._spent = {}
-        cost = TEXT_COMPILE_TOKENS
+        cost = self.text_cost
         try:
             yield from self._text(order, needed, batch_size, lengths, planned, cost, record)
         finally:
@@ -133,7 +133,7 @@ class Planner:
         planned: set[tuple] = set()
         out = []
         self._spent = {}
-        cost = IMAGE_COMPILE_IMAGES
+        cost = self.image_cost
         for n in sizes:
             options = [(key_of(b), b) for b in buckets_from(n, batch_size)]
             own_b = options[0][1]

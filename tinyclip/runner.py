@@ -71,7 +71,9 @@ class Runner:
         self.graphs = graph_cache.GraphStore(model, backend, tf32=tf32) if jit and graph_cache.enabled(cache) else None
         self._jits: dict[tuple, object] = {}
         self.account = self.graphs.account() if self.graphs is not None else None
-        self.planner = Planner(self.compiled, self.account)
+        with self.context():
+            costs = model.kernels.compile_costs()
+        self.planner = Planner(self.compiled, self.account, costs)
         self._scalings: dict[str, PixelScaling] = {}    # uint8 image graphs' key part -> their float steps
         self.prefetch = True    # prepare the next image batch in a thread while this one runs (see images())
         self.lock = _tinygrad.LOCK     # process-wide: tinygrad's state is, not this model's
