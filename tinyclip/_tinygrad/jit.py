@@ -74,8 +74,10 @@ def beam_progress(on_kernel):
         count["depth"] += 1
         try:
             if count["depth"] == 1:
+                # kernels given as C source (source.py) are compiled as they are, before tinygrad's, and not searched
                 calls = [a for c in linear.toposort()
-                         if c.op is Ops.CALL and (a := realize._get_call_to_compile(c)) is not None]
+                         if c.op is Ops.CALL and (a := realize._get_call_to_compile(c)) is not None
+                         and a[0].op is not Ops.PROGRAM]
                 count["i"], count["n"] = 0, len({k for k in (realize.to_program_key(*a) for a in calls)
                                                  if k not in realize.to_program_cache})
             return real_lower(linear)
