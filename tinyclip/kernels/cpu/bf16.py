@@ -1,0 +1,229 @@
+"""bfloat16 linear layers on the CPU: `vdpbf16ps` (AVX512_BF16) on weights stored as bfloat16 pairs.
+
+The rest of the model stays float32 (layer norms, attention and its softmax, the embeddings' sums);
+only the linear layers' products take bfloat16 inputs, summed in float32:
+
+- Weights are rounded to bfloat16 once, at load (round to nearest even, as the CPU's own conversion
+  does), and stored as panels of P outputs (P = 32, two vectors of 16 float32 lanes; 16 where 32 does
+  not divide the outputs) with the reduction in pairs: (out/P, K/2, P, 2), kept as int32 (out/P, K/2, P).
+  `vdpbf16ps` multiplies 16 pairs of bfloat16 and adds each pair's two products into one float32 lane,
+  so one step of the reduction reads two activations, broadcast as one 32-bit pair, against a 64-byte
+  vector of weights. An odd input count is padded with a zero weight; outputs must fill whole vectors
+  (`fits`: every CLIP width does; a layer that 16 does not divide keeps its float32 kernel).
+- Activations arrive in float32 (the previous layer norm's or attention's output) and are rounded to
+  bfloat16 pairs by a conversion kernel of their own (`vcvtne2ps2bf16`, 32 values an instruction), once
+  per layer: converting inside the matmul would redo it for every panel.
+- The register tile is `machine.tile_rows` rows by the panel's vectors of accumulators while the
+  reduction runs; panels outside, rows inside; panels are split between threads by core_id, the
+  conversion's rows likewise (Machine.threads_for).
+- Bias, quick_gelu and the residual are applied in the tile's epilogue, in float32.
+
+The kernels are C source (tinyclip/_tinygrad/source.py), compiled by the CPU device's clang with a
+function-level target, so they build whatever -march tinygrad passes; they run only where the CPU has
+`avx512_bf16` (CPUKernels refuses bfloat16 elsewhere). Each output is a float32 sum of exact products of
+bfloat16 values, in pairs: the error against float32 is bfloat16's rounding of the inputs (8 bits of
+mantissa), which README's tolerances bound.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tinygrad import Tensor
+
+from ..._tinygrad import buffers, source
+from ..._tinygrad.kernel import dtypes
+from .machine import Machine
+
+FLAG = "avx512_bf16"      # the /proc/cpuinfo flag these kernels need
+LANES = 16                # float32 lanes of a 512-bit vector: the outputs one vdpbf16ps accumulates
+TARGET = '__attribute__((target("avx512bf16,avx512f,avx512vl,avx512bw,avx512dq")))'
+# An activation rounded to bfloat16 costs about as long as this many of the matmul's multiply-adds on one
+# core (a load, a convert and a store per 32 values, where the matmul does 32 multiply-adds an instruction).
+CONVERT_COST = 2
+
+
+def fits(out_features: int) -> bool:
+    """Whether a layer of this many outputs fills whole vectors (the kernel stores no partial vector)."""
+    return out_features % LANES == 0
+
+
+def panel_width(out_features: int) -> int:
+    """Outputs per panel: two vectors, or one where two do not divide the outputs."""
+    return 2 * LANES if out_features % (2 * LANES) == 0 else LANES
+
+
+def to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (uint16), rounded to nearest even as vcvtne2ps2bf16 does."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) as float32 values (exact)."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def to_pairs(weight: Tensor) -> Tensor:
+    """A linear layer's float32 (out, in) weight as bfloat16 panels of pairs, (out/P, in/2, P) int32 holding two
+    bfloat16 bit patterns each (the even input in the low half; an odd last input paired with a zero weight),
+    realized on the weight's device. `out` must fit (fits())."""
+    out_features, in_features = weight.shape
+    if not fits(out_features):
+        raise ValueError(f"bf16.to_pairs: {out_features} outputs do not fill vectors of {LANES}")
+    P = panel_width(out_features)
+    n_panels, pairs = out_features // P, -(-in_features // 2)
+    dense = np.zeros((out_features, pairs * 2), np.float32)
+    dense[:, :in_features] = buffers.host_array(weight)
+    bits = to_bf16_bits(dense).reshape(n_panels, P, pairs, 2).transpose(0, 2, 1, 3)   # (out/P, in/2, P, 2)
+    return buffers.from_numpy(np.ascontiguousarray(bits).view(np.int32)[..., 0], weight.device)
+
+
+def from_pairs(pairs: Tensor) -> np.ndarray:
+    """The inverse of to_pairs, as float32 (out, in rounded up to pairs) values: the bfloat16-rounded weight."""
+    n_panels, n_pairs, P = pairs.shape
+    bits = np.ascontiguousarray(buffers.host_array(pairs)).view(np.uint16).reshape(n_panels, n_pairs, P, 2)
+    return from_bf16_bits(bits.transpose(0, 2, 1, 3).reshape(n_panels * P, n_pairs * 2))
+
+
+def _split(total: int, threads: int, part: str) -> str:
+    """C declarations of `start`, `stop`: this thread's share of `total` items (all of them for one thread)."""
+    if threads == 1:
+        return f"const int {part}_start = 0, {part}_stop = {total};"
+    share = -(-total // threads)
+    return (f"const int {part}_start = core_id * {share};\n"
+            f"  const int {part}_stop = {part}_start + {share} < {total} ? {part}_start + {share} : {total};")
+
+
+def convert_source(name: str, rows: int, features: int, threads: int) -> str:
+    """C for rows x features float32 values into rows x ceil(features/2) bfloat16 pairs (uint32), a row's
+    odd last value paired with zero."""
+    pairs = -(-features // 2)
+    core = ", int core_id" if threads > 1 else ""
+    return f"""#include <immintrin.h>
+{TARGET}
+void {name}(unsigned int* restrict out, const float* restrict x{core}) {{
+  {_split(rows, threads, "row")}
+  for (int m = row_start; m < row_stop; m++) {{
+    const float* src = x + (long)m * {features};
+    unsigned short* dst = (unsigned short*)(out + (long)m * {pairs});
+    for (int j = 0; j < {features}; j += 32) {{
+      int left = {features} - j;
+      __mmask16 lo = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+      __mmask16 hi = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+      __m512bh b = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, src + j + 16), _mm512_maskz_loadu_ps(lo, src + j));
+      int keep = {2 * pairs} - j;     /* bfloat16 values of this row left to write, the pad included */
+      __mmask32 mask = keep >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << keep) - 1);
+      _mm512_mask_storeu_epi16(dst + j, mask, (__m512i)b);
+    }}
+  }}
+}}
+"""
+
+
+# quick_gelu(y) = y * sigmoid(1.702 y) = y / (1 + 2**t), t = -1.702 y / ln 2, clamped to [-126, 126]; 2**t as
+# 2**n * 2**f (n = t rounded, f in [-1/2, 1/2]) with exp.EXP2_TAYLOR's polynomial, as the float32 kernels do.
+def _quick_gelu_c() -> str:
+    from .exp import EXP2_TAYLOR
+    poly = f"_mm512_set1_ps({EXP2_TAYLOR[-1]!r}f)"
+    for c in reversed(EXP2_TAYLOR[:-1]):
+        poly = f"_mm512_fmadd_ps({poly}, f, _mm512_set1_ps({c!r}f))"
+    return f"""static inline {TARGET} __m512 quick_gelu(__m512 y) {{
+  __m512 t = _mm512_mul_ps(y, _mm512_set1_ps({-1.702 / math.log(2)!r}f));
+  t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
+  __m512i n = _mm512_sub_epi32(_mm512_cvttps_epi32(_mm512_add_ps(t, _mm512_set1_ps(128.5f))), _mm512_set1_epi32(128));
+  __m512 f = _mm512_sub_ps(t, _mm512_cvtepi32_ps(n));
+  __m512 p = {poly};
+  __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23)));
+  return _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}}
+"""
+
+
+def linear_source(name: str, M: int, N: int, K: int, P: int, rows: int, threads: int, bias: bool,
+                  gelu: bool, residual: bool) -> str:
+    """C for out (M, N) float32 = quick_gelu?(x @ W.T + bias) + residual, from x as (M, K/2) bfloat16 pairs
+    (convert_source) and W as to_pairs stored it (panels of P outputs)."""
+    pairs, vectors, n_panels = -(-K // 2), P // LANES, N // P
+    args = ["float* restrict out", "const unsigned int* restrict x", "const unsigned int* restrict w"]
+    args += ["const float* restrict bias"] if bias else []
+    args += ["const float* restrict res"] if residual else []
+    args += ["int core_id"] if threads > 1 else []
+    acc = [(r, v) for r in range(rows) for v in range(vectors)]
+    declare = "\n".join(f"    __m512 a{r}_{v} = _mm512_setzero_ps();" for r, v in acc)
+    row_ptrs = "\n".join(f"    const unsigned int* x{r} = x + (long)(m + {r} < {M} ? m + {r} : {M - 1}) * {pairs};"
+                         for r in range(rows))
+    weights = "\n".join(f"      __m512bh w{v} = (__m512bh)_mm512_loadu_si512(wk + {v * LANES});"
+                        for v in range(vectors))
+    products = "\n".join(
+        f"      {{ __m512bh b = (__m512bh)_mm512_set1_epi32((int)x{r}[k]);\n" +
+        "\n".join(f"        a{r}_{v} = _mm512_dpbf16_ps(a{r}_{v}, b, w{v});" for v in range(vectors)) + " }"
+        for r in range(rows))
+    stores = []
+    for r in range(rows):
+        body = []
+        for v in range(vectors):
+            body.append(f"      {{ const int col = panel * {P} + {v * LANES};\n"
+                        f"        __m512 y = a{r}_{v};")
+            if bias:
+                body.append("        y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));")
+            if gelu:
+                body.append("        y = quick_gelu(y);")
+            if residual:
+                body.append(f"        y = _mm512_add_ps(y, _mm512_loadu_ps(res + (long)(m + {r}) * {N} + col));")
+            body.append(f"        _mm512_storeu_ps(out + (long)(m + {r}) * {N} + col, y); }}")
+        stores.append(f"    if (m + {r} < {M}) {{\n" + "\n".join(body) + "\n    }")
+    return f"""#include <immintrin.h>
+{_quick_gelu_c() if gelu else ""}
+{TARGET}
+void {name}({", ".join(args)}) {{
+  {_split(n_panels, threads, "panel")}
+  for (int panel = panel_start; panel < panel_stop; panel++) {{
+  const unsigned int* wp = w + (long)panel * {pairs * P};
+  for (int m = 0; m < {M}; m += {rows}) {{
+{declare}
+{row_ptrs}
+    for (int k = 0; k < {pairs}; k++) {{
+      const unsigned int* wk = wp + (long)k * {P};
+{weights}
+{products}
+    }}
+{chr(10).join(stores)}
+  }}
+  }}
+}}
+"""
+
+
+def to_pairs_of(x: Tensor, machine: Machine) -> Tensor:
+    """float32 x (M, K) as (M, K/2) bfloat16 pairs, int32 (convert_source), split by rows between threads."""
+    M, K = x.shape
+    threads = machine.threads_for(M * K, 1 / CONVERT_COST)
+    threads = min(threads, M)
+    name = f"tcbf16_convert_{M}_{K}" + (f"_t{threads}" if threads > 1 else "")
+    pairs = -(-K // 2)
+    return source.run_c(name, convert_source(name, M, K, threads), M * pairs, [x.reshape(-1)], threads=threads,
+                        dtype=dtypes.int32).reshape(M, pairs)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual: Tensor | None,
+           machine: Machine) -> Tensor:
+    """quick_gelu?(x @ W.T + bias) + residual in float32 for float32 x (any leading dimensions) and W stored
+    by to_pairs, with bfloat16 products summed in float32."""
+    *lead, K = x.shape
+    n_panels, pairs, P = weight.shape
+    if -(-K // 2) != pairs:
+        raise ValueError(f"bf16.linear: input has {K} features, weight expects {2 * pairs} (in pairs)")
+    M, N = math.prod(lead), n_panels * P
+    if residual is not None and residual.shape != (*lead, N):
+        raise ValueError(f"bf16.linear: residual has shape {residual.shape}, the output {(*lead, N)}")
+    rows = min(machine.tile_rows, M)
+    threads = min(machine.threads_for(M * N * K), n_panels)
+    name = (f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}" + ("_bias" if bias is not None else "") +
+            ("_gelu" if gelu else "") + ("_res" if residual is not None else "") + (f"_t{threads}" if threads > 1 else ""))
+    code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None)
+    inputs = [to_pairs_of(x.reshape(M, K), machine).reshape(-1), weight.reshape(-1)]
+    inputs += [bias] if bias is not None else []
+    inputs += [residual.reshape(-1)] if residual is not None else []
+    return source.run_c(name, code, M * N, inputs, threads=threads, flops=2 * M * N * K).reshape(*lead, N)
