@@ -65,7 +65,10 @@ def check_device(args: argparse.Namespace):
         raise BackendError(option + registry.summary(args.device)) from None
     try:
         backend.check_dtype(args.dtype)
-    except BackendError:
+    except BackendError as e:
+        from ..kernels import LINEAR_DTYPES
+        if args.dtype in LINEAR_DTYPES:     # its reason (a missing CPU flag, another backend) says what to do
+            raise BackendError(f"--dtype {args.dtype}: {e}") from None
         runs = ", ".join(backend.usable_dtypes)
         raise BackendError(f"--dtype {args.dtype}: backend {backend.name} does not run it here; it runs {runs}. "
                            "Pass --dtype one of those, or another --device") from None

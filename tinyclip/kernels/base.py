@@ -52,7 +52,7 @@ class KernelSet:
     def linear_dtype_problem(self, name: str) -> str | None:
         """Why this set cannot compute linear layers in `name` (one of LINEAR_DTYPES) here, in one
         sentence, or None where it can. The plain set runs none of them."""
-        return (f"{name} linear layers run only in tinyclip's CPU kernels (backend cpu, on an x86-64 CPU with "
+        return (f"{name} linear layers run only in tinyclip's CPU kernels (the cpu backend, on an x86-64 CPU with "
                 f"avx512_bf16); this backend computes with tinygrad's own kernels")
 
     def with_linear_dtype(self, name: str) -> "KernelSet":
