@@ -54,14 +54,17 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_kernel_matches_numpy_on_bfloat16_inputs():
-    """Odd inputs (a zero-padded pair), one-vector and two-vector panels, rows past the last tile, the
+    """vdpbf16ps and, where the CPU has it, AMX. Odd inputs (a zero-padded pair), one-vector and two-vector panels, rows past the last tile, the
     epilogue (bias, quick_gelu, residual), and panels split between two threads."""
     if not (bf16.FLAG in cpu_info.flags() and source.compiles_c("CPU")):
         pytest.skip(f"this CPU has no {bf16.FLAG} (or no clang)")
     rng = np.random.default_rng(0)
     machine = Machine(isas.BY_NAME["avx512"], 48 << 10, 2 << 20, threads=2, tile_rows=4, rows_outer=False,
                       handoff_us=1e-6, macs_per_us=1.0)
-    for M, K, N, gelu, with_res in ((7, 27, 48, True, True), (13, 64, 64, False, False), (5, 33, 16, True, False)):
+    cases = [(7, 27, 48, True, True, False), (13, 64, 64, False, False, False), (5, 33, 16, True, False, False)]
+    if bf16.amx():     # the AMX tiles too (inputs a multiple of 32, panels of 32; rows past a block of 32)
+        cases += [(13, 64, 64, False, False, True), (40, 96, 64, True, True, True)]
+    for M, K, N, gelu, with_res, amx in cases:
         x = rng.standard_normal((M, K), dtype=np.float32)
         w = rng.standard_normal((N, K), dtype=np.float32) / np.sqrt(K)
         b = rng.standard_normal(N, dtype=np.float32)
@@ -69,7 +72,7 @@ def test_kernel_matches_numpy_on_bfloat16_inputs():
         pairs = bf16.to_pairs(Tensor(w, device="CPU").realize())
         np.testing.assert_array_equal(bf16.from_pairs(pairs)[:, :K], bf16.from_bf16_bits(bf16.to_bf16_bits(w)))
         out = bf16.linear(Tensor(x, device="CPU").realize(), pairs, Tensor(b, device="CPU").realize(), gelu,
-                          Tensor(res, device="CPU").realize() if with_res else None, machine).numpy()
+                          Tensor(res, device="CPU").realize() if with_res else None, machine, use_amx=amx).numpy()
         xq, wq = (bf16.from_bf16_bits(bf16.to_bf16_bits(a)).astype(np.float64) for a in (x, w))
         want = xq @ wq.T + b
         if gelu:

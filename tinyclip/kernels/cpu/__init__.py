@@ -50,8 +50,8 @@ class CPUKernels(KernelSet):
         self.isa, self.device, self.cache_folder, self.c_source = isa, device, cache_folder, c_source
 
     def key(self) -> dict:
-        return {"name": self.name, "active": self.active, "conv": CONV, "linear_dtype": self.linear_dtype,
-                **self.machine.key()}
+        linear = {"linear_dtype": self.linear_dtype, "bf16_kernel": bf16.kind()} if self.linear_dtype == "bfloat16" else {}
+        return {"name": self.name, "active": self.active, "conv": CONV, **linear, **self.machine.key()}
 
     def describe(self) -> str:
         linear = f"; linear layers in {self.linear_dtype}" if self.linear_dtype else ""
@@ -103,6 +103,7 @@ class CPUKernels(KernelSet):
     def prepare_linear(self, weight: Tensor) -> Tensor:
         if self.linear_dtype == "bfloat16" and weight.dtype == dtypes.float32 and bf16.fits(weight.shape[0]):
             self.machine   # measured now, at load time, never inside a JIT capture
+            bf16.amx()     # AMX asked for now, before any kernel (a graph from the cache too) runs its tiles
             return bf16.to_pairs(weight)
         width = matmul.panel_width(weight.shape[0], self.isa.lanes)
         if weight.dtype != dtypes.float32 or width is None or not self.active:

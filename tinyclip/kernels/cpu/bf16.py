@@ -26,11 +26,17 @@ mantissa), which README's tolerances bound.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
+import platform
+import sys
 
 import numpy as np
 from tinygrad import Tensor
 
+from ... import cpu_info
 from ..._tinygrad import buffers, source
 from ..._tinygrad.kernel import dtypes
 from .machine import Machine
@@ -38,6 +44,10 @@ from .machine import Machine
 FLAG = "avx512_bf16"      # the /proc/cpuinfo flag these kernels need
 LANES = 16                # float32 lanes of a 512-bit vector: the outputs one vdpbf16ps accumulates
 TARGET = '__attribute__((target("avx512bf16,avx512f,avx512vl,avx512bw,avx512dq")))'
+AMX_TARGET = '__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512vl,avx512bw,avx512dq")))'
+AMX_ENV = "TINYCLIP_BF16_AMX"   # 0: the vdpbf16ps kernel even where AMX is there (to measure it)
+AMX_ROWS = 32                   # rows of a block of AMX accumulators (2 tiles of 16)
+AMX_DEPTH = 32                  # inputs one tile step reduces (16 pairs)
 # An activation rounded to bfloat16 costs about as long as this many of the matmul's multiply-adds on one
 # core (a load, a convert and a store per 32 values, where the matmul does 32 multiply-adds an instruction).
 CONVERT_COST = 2
@@ -96,17 +106,19 @@ def _split(total: int, threads: int, part: str) -> str:
             f"  const int {part}_stop = {part}_start + {share} < {total} ? {part}_start + {share} : {total};")
 
 
-def convert_source(name: str, rows: int, features: int, threads: int) -> str:
-    """C for rows x features float32 values into rows x ceil(features/2) bfloat16 pairs (uint32), a row's
-    odd last value paired with zero."""
+def convert_source(name: str, rows: int, features: int, threads: int, padded_rows: int | None = None) -> str:
+    """C for rows x features float32 values into padded_rows (default rows) x ceil(features/2) bfloat16
+    pairs (uint32), a row's odd last value paired with zero; rows past the last repeat it (AMX tiles read
+    whole blocks of rows)."""
     pairs = -(-features // 2)
+    padded_rows = padded_rows or rows
     core = ", int core_id" if threads > 1 else ""
     return f"""#include <immintrin.h>
 {TARGET}
 void {name}(unsigned int* restrict out, const float* restrict x{core}) {{
-  {_split(rows, threads, "row")}
+  {_split(padded_rows, threads, "row")}
   for (int m = row_start; m < row_stop; m++) {{
-    const float* src = x + (long)m * {features};
+    const float* src = x + (long)(m < {rows} ? m : {rows - 1}) * {features};
     unsigned short* dst = (unsigned short*)(out + (long)m * {pairs});
     for (int j = 0; j < {features}; j += 32) {{
       int left = {features} - j;
@@ -196,21 +208,102 @@ void {name}({", ".join(args)}) {{
 """
 
 
-def to_pairs_of(x: Tensor, machine: Machine) -> Tensor:
-    """float32 x (M, K) as (M, K/2) bfloat16 pairs, int32 (convert_source), split by rows between threads."""
+def to_pairs_of(x: Tensor, machine: Machine, padded_rows: int | None = None) -> Tensor:
+    """float32 x (M, K) as (padded_rows or M, K/2) bfloat16 pairs, int32 (convert_source), split by rows
+    between threads."""
     M, K = x.shape
-    threads = machine.threads_for(M * K, 1 / CONVERT_COST)
-    threads = min(threads, M)
-    name = f"tcbf16_convert_{M}_{K}" + (f"_t{threads}" if threads > 1 else "")
+    Mp = padded_rows or M
+    threads = min(machine.threads_for(Mp * K, 1 / CONVERT_COST), Mp)
+    name = f"tcbf16_convert_{M}_{K}" + (f"_to{Mp}" if Mp != M else "") + (f"_t{threads}" if threads > 1 else "")
     pairs = -(-K // 2)
-    return source.run_c(name, convert_source(name, M, K, threads), M * pairs, [x.reshape(-1)], threads=threads,
-                        dtype=dtypes.int32).reshape(M, pairs)
+    return source.run_c(name, convert_source(name, M, K, threads, Mp), Mp * pairs, [x.reshape(-1)], threads=threads,
+                        dtype=dtypes.int32).reshape(Mp, pairs)
+
+
+def _epilogue(tile: str, rows: int, N: int, bias: bool, gelu: bool, residual: bool) -> str:
+    """C storing the 16 x 16 float32 block `tile` (a local array) at out[m + r][col + c] for r < rows left."""
+    lines = [f"    for (int r = 0; r < 16 && m + r < {rows}; r++) {{",
+             f"      __m512 y = _mm512_load_ps({tile} + r * 16);"]
+    if bias:
+        lines.append("      y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));")
+    if gelu:
+        lines.append("      y = quick_gelu(y);")
+    if residual:
+        lines.append(f"      y = _mm512_add_ps(y, _mm512_loadu_ps(res + (long)(m + r) * {N} + col));")
+    lines += [f"      _mm512_storeu_ps(out + (long)(m + r) * {N} + col, y);", "    }"]
+    return "\n".join(lines)
+
+
+def amx_source(name: str, M: int, N: int, K: int, P: int, threads: int, bias: bool, gelu: bool, residual: bool) -> str:
+    """C for the same product as linear_source on AMX tiles (TDPBF16PS): blocks of 32 rows x one panel (32
+    outputs: 2 x 2 tiles of 16 x 16 float32 accumulators), the reduction 32 inputs a step; x as
+    (M rounded up to 32, K/2) pairs, K a multiple of 32, P 32. The accumulators go through a local block
+    to the same epilogue as the vector kernel's."""
+    pairs, n_panels, Mp = K // 2, N // P, -(-M // AMX_ROWS) * AMX_ROWS
+    args = ["float* restrict out", "const unsigned int* restrict x", "const unsigned int* restrict w"]
+    args += ["const float* restrict bias"] if bias else []
+    args += ["const float* restrict res"] if residual else []
+    args += ["int core_id"] if threads > 1 else []
+    blocks = "\n".join(f"    {{ const int col = panel * {P} + {c * 16}, m = m0 + {r * 16};\n"
+                        f"{_epilogue(f'acc[{2 * r + c}]', M, N, bias, gelu, residual)}\n    }}"
+                        for r in range(2) for c in range(2))
+    return f"""#include <immintrin.h>
+{_quick_gelu_c() if gelu else ""}
+typedef struct {{ unsigned char palette, start_row, reserved[14]; unsigned short colsb[16]; unsigned char rows[16]; }} tile_config;
+{AMX_TARGET}
+void {name}({", ".join(args)}) {{
+  {_split(n_panels, threads, "panel")}
+  tile_config config = {{0}};
+  config.palette = 1;
+  for (int t = 0; t < 8; t++) {{ config.rows[t] = 16; config.colsb[t] = 64; }}
+  _tile_loadconfig(&config);
+  float acc[4][256] __attribute__((aligned(64)));
+  for (int panel = panel_start; panel < panel_stop; panel++) {{
+    const unsigned int* wp = w + (long)panel * {pairs * P};
+    for (int m0 = 0; m0 < {Mp}; m0 += 32) {{
+      _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+      for (int k = 0; k < {pairs}; k += 16) {{
+        _tile_loadd(4, x + (long)m0 * {pairs} + k, {pairs * 4});
+        _tile_loadd(5, x + (long)(m0 + 16) * {pairs} + k, {pairs * 4});
+        _tile_loadd(6, wp + (long)k * {P}, {P * 4});
+        _tile_loadd(7, wp + (long)k * {P} + 16, {P * 4});
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+      }}
+      _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+{blocks}
+    }}
+  }}
+  _tile_release();
+}}
+"""
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether this process may use AMX tiles for bfloat16 (the CPU's amx_bf16 and amx_tile, Linux's permission
+    asked once: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), without which the first tile
+    instruction is an illegal one), unless TINYCLIP_BF16_AMX=0."""
+    if os.environ.get(AMX_ENV, "1") == "0" or not {"amx_bf16", "amx_tile"} <= cpu_info.flags():
+        return False
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(ctypes.c_long(158), ctypes.c_long(0x1023), ctypes.c_long(18)) == 0   # SYS_arch_prctl
+    except (OSError, AttributeError):
+        return False
+
+
+def kind() -> str:
+    """Which bfloat16 kernel runs here, for the graph cache key: "amx" or "avx512_bf16"."""
+    return "amx" if amx() else FLAG
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual: Tensor | None,
-           machine: Machine) -> Tensor:
+           machine: Machine, use_amx: bool | None = None) -> Tensor:
     """quick_gelu?(x @ W.T + bias) + residual in float32 for float32 x (any leading dimensions) and W stored
-    by to_pairs, with bfloat16 products summed in float32."""
+    by to_pairs, with bfloat16 products summed in float32: on AMX tiles where amx() (or use_amx) says so and
+    the shape takes them (inputs a multiple of 32, panels of 32), else with vdpbf16ps."""
     *lead, K = x.shape
     n_panels, pairs, P = weight.shape
     if -(-K // 2) != pairs:
@@ -218,12 +311,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual:
     M, N = math.prod(lead), n_panels * P
     if residual is not None and residual.shape != (*lead, N):
         raise ValueError(f"bf16.linear: residual has shape {residual.shape}, the output {(*lead, N)}")
-    rows = min(machine.tile_rows, M)
     threads = min(machine.threads_for(M * N * K), n_panels)
-    name = (f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}" + ("_bias" if bias is not None else "") +
-            ("_gelu" if gelu else "") + ("_res" if residual is not None else "") + (f"_t{threads}" if threads > 1 else ""))
-    code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None)
-    inputs = [to_pairs_of(x.reshape(M, K), machine).reshape(-1), weight.reshape(-1)]
+    epilogue = ("_bias" if bias is not None else "") + ("_gelu" if gelu else "") + \
+        ("_res" if residual is not None else "") + (f"_t{threads}" if threads > 1 else "")
+    if (use_amx if use_amx is not None else amx()) and K % AMX_DEPTH == 0 and P == 2 * LANES:
+        name = f"tcbf16amx_linear_{M}_{N}_{K}" + epilogue
+        code = amx_source(name, M, N, K, P, threads, bias is not None, gelu, residual is not None)
+        pairs_in = to_pairs_of(x.reshape(M, K), machine, -(-M // AMX_ROWS) * AMX_ROWS)
+    else:
+        rows = min(machine.tile_rows, M)
+        name = f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}" + epilogue
+        code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None)
+        pairs_in = to_pairs_of(x.reshape(M, K), machine)
+    inputs = [pairs_in.reshape(-1), weight.reshape(-1)]
     inputs += [bias] if bias is not None else []
     inputs += [residual.reshape(-1)] if residual is not None else []
     return source.run_c(name, code, M * N, inputs, threads=threads, flops=2 * M * N * K).reshape(*lead, N)
