@@ -184,7 +184,7 @@ def low_precision(folder, args, tinyclip, torch, transformers) -> int:
             cosine = float(np.min((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
             print(f"{name:<18} tinyclip {args.dtype} {32 / t_low:7.2f}/s   tinyclip float32 {32 / t_exact:7.2f}/s   "
                   f"torch {args.dtype} {32 / t_ref:7.2f}/s   {args.dtype}/float32 {t_exact / t_low:5.2f}x   "
-                  f"tinyclip/torch {t_ref / t_low:5.2f}x   lowest cosine to float32 {cosine:.5f}", flush=True)
+                  f"tinyclip/torch {t_ref / t_low:5.2f}x   lowest cosine to float32 {cosine:.6f}", flush=True)
         for model in (low, exact):
             hot_matmul(model, torch, args.repeats, torch_dtype=getattr(torch, args.dtype))
     return 0
