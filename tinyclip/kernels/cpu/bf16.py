@@ -37,6 +37,7 @@ import numpy as np
 from tinygrad import Tensor
 
 from ... import cpu_info
+from ...errors import BackendError
 from ..._tinygrad import buffers, source
 from ..._tinygrad.kernel import dtypes
 from .machine import Machine
@@ -306,6 +307,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual:
     the shape takes them (inputs a multiple of 32, panels of 32), else with vdpbf16ps."""
     *lead, K = x.shape
     n_panels, pairs, P = weight.shape
+    if not source.compiles_c(x.device):     # CPUKernels.linear_dtype_problem refuses this before a model loads
+        raise BackendError(f"bfloat16's kernels are C source, which device {x.device}'s compiler does not take")
     if -(-K // 2) != pairs:
         raise ValueError(f"bf16.linear: input has {K} features, weight expects {2 * pairs} (in pairs)")
     M, N = math.prod(lead), n_panels * P
