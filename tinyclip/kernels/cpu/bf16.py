@@ -1,4 +1,4 @@
-"""bfloat16 linear layers on the CPU: `vdpbf16ps` (AVX512_BF16) on weights stored as bfloat16 pairs.
+"""bfloat16 linear layers on the CPU: AMX tiles or `vdpbf16ps` (AVX512_BF16) on weights stored as bfloat16 pairs.
 
 The rest of the model stays float32 (layer norms, attention and its softmax, the embeddings' sums);
 only the linear layers' products take bfloat16 inputs, summed in float32:
@@ -17,6 +17,12 @@ only the linear layers' products take bfloat16 inputs, summed in float32:
   reduction runs; panels outside, rows inside; panels are split between threads by core_id, the
   conversion's rows likewise (Machine.threads_for).
 - Bias, quick_gelu and the residual are applied in the tile's epilogue, in float32.
+- Where the CPU has AMX (amx_bf16, amx_tile: Sapphire Rapids and later) and Linux grants the tile state
+  (amx()), layers whose inputs are a multiple of 32 run on tiles instead (amx_source): TDPBF16PS takes
+  the same pair layout, a tile row of weights being 16 pairs of 16 outputs, and multiplies 16 x 32 inputs
+  by 32 x 16 weights into 16 x 16 float32 accumulators, blocks of 32 rows by a panel of 32 outputs at a
+  time. On a Sapphire Rapids core a loop of independent vdpbf16ps measured about half the multiply-adds
+  a cycle of float32 FMAs, so without AMX bfloat16 gained there only where float32 waits on memory.
 
 The kernels are C source (tinyclip/_tinygrad/source.py), compiled by the CPU device's clang with a
 function-level target, so they build whatever -march tinygrad passes; they run only where the CPU has
