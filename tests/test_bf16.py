@@ -63,8 +63,13 @@ def test_kernel_matches_numpy_on_bfloat16_inputs():
                       handoff_us=1e-6, macs_per_us=1.0)
     cases = [(7, 27, 48, True, True, False), (13, 64, 64, False, False, False), (5, 33, 16, True, False, False)]
     if bf16.amx():     # the AMX tiles too (inputs a multiple of 32, panels of 32; rows past a block of 32)
-        cases += [(13, 64, 64, False, False, True), (40, 96, 64, True, True, True)]
+        cases += [(13, 64, 64, False, False, True), (40, 96, 64, True, True, True), (33, 64, 160, True, True, True)]
+    # an L2 of 16 KiB holds groups of 2 panels of 64 inputs (8 KiB each), so (33, 64, 160)'s 5 panels, split 3 + 2
+    # between the threads, make groups that end inside a thread's share
+    small_l2 = Machine(isas.BY_NAME["avx512"], 48 << 10, 16 << 10, threads=2, tile_rows=4, rows_outer=False,
+                       handoff_us=1e-6, macs_per_us=1.0)
     for M, K, N, gelu, with_res, amx in cases:
+        shaped_by = small_l2 if N == 160 else machine
         x = rng.standard_normal((M, K), dtype=np.float32)
         w = rng.standard_normal((N, K), dtype=np.float32) / np.sqrt(K)
         b = rng.standard_normal(N, dtype=np.float32)
@@ -72,7 +77,7 @@ def test_kernel_matches_numpy_on_bfloat16_inputs():
         pairs = bf16.to_pairs(Tensor(w, device="CPU").realize())
         np.testing.assert_array_equal(bf16.from_pairs(pairs)[:, :K], bf16.from_bf16_bits(bf16.to_bf16_bits(w)))
         out = bf16.linear(Tensor(x, device="CPU").realize(), pairs, Tensor(b, device="CPU").realize(), gelu,
-                          Tensor(res, device="CPU").realize() if with_res else None, machine, use_amx=amx).numpy()
+                          Tensor(res, device="CPU").realize() if with_res else None, shaped_by, use_amx=amx).numpy()
         xq, wq = (bf16.from_bf16_bits(bf16.to_bf16_bits(a)).astype(np.float64) for a in (x, w))
         want = xq @ wq.T + b
         if gelu:

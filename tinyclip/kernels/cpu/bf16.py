@@ -55,6 +55,7 @@ AMX_TARGET = '__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512
 AMX_ENV = "TINYCLIP_BF16_AMX"   # 0: the vdpbf16ps kernel even where AMX is there (to measure it)
 AMX_ROWS = 32                   # rows of a block of AMX accumulators (2 tiles of 16)
 AMX_DEPTH = 32                  # inputs one tile step reduces (16 pairs)
+L2_SHARE = 2                    # a group of AMX panels fills at most 1/L2_SHARE of L2
 # An activation rounded to bfloat16 costs about as long as this many of the matmul's multiply-adds on one
 # core (a load, a convert and a store per 32 values, where the matmul does 32 multiply-adds an instruction).
 CONVERT_COST = 2
@@ -241,11 +242,13 @@ def _epilogue(tile: str, rows: int, N: int, bias: bool, gelu: bool, residual: bo
     return "\n".join(lines)
 
 
-def amx_source(name: str, M: int, N: int, K: int, P: int, threads: int, bias: bool, gelu: bool, residual: bool) -> str:
+def amx_source(name: str, M: int, N: int, K: int, P: int, threads: int, bias: bool, gelu: bool, residual: bool,
+               block: int = 1) -> str:
     """C for the same product as linear_source on AMX tiles (TDPBF16PS): blocks of 32 rows x one panel (32
     outputs: 2 x 2 tiles of 16 x 16 float32 accumulators), the reduction 32 inputs a step; x as
-    (M rounded up to 32, K/2) pairs, K a multiple of 32, P 32. The accumulators go through a local block
-    to the same epilogue as the vector kernel's."""
+    (M rounded up to 32, K/2) pairs, K a multiple of 32, P 32. Panels go in groups of `block` (sized to
+    stay in L2) while every row block passes: the input is read once per group, not once per panel. The
+    accumulators go through a local block to the same epilogue as the vector kernel's."""
     pairs, n_panels, Mp = K // 2, N // P, -(-M // AMX_ROWS) * AMX_ROWS
     args = ["float* restrict out", "const unsigned int* restrict x", "const unsigned int* restrict w"]
     args += ["const float* restrict bias"] if bias else []
@@ -265,9 +268,10 @@ void {name}({", ".join(args)}) {{
   for (int t = 0; t < 8; t++) {{ config.rows[t] = 16; config.colsb[t] = 64; }}
   _tile_loadconfig(&config);
   float acc[4][256] __attribute__((aligned(64)));
-  for (int panel = panel_start; panel < panel_stop; panel++) {{
-    const unsigned int* wp = w + (long)panel * {pairs * P};
-    for (int m0 = 0; m0 < {Mp}; m0 += 32) {{
+  for (int group = panel_start; group < panel_stop; group += {block}) {{
+  for (int m0 = 0; m0 < {Mp}; m0 += 32) {{
+    for (int panel = group; panel < group + {block} && panel < panel_stop; panel++) {{
+      const unsigned int* wp = w + (long)panel * {pairs * P};
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
       for (int k = 0; k < {pairs}; k += 16) {{
         _tile_loadd(4, x + (long)m0 * {pairs} + k, {pairs * 4});
@@ -279,6 +283,7 @@ void {name}({", ".join(args)}) {{
       _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
 {blocks}
     }}
+  }}
   }}
   _tile_release();
 }}
@@ -324,8 +329,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual:
     epilogue = ("_bias" if bias is not None else "") + ("_gelu" if gelu else "") + \
         ("_res" if residual is not None else "") + (f"_t{threads}" if threads > 1 else "")
     if (use_amx if use_amx is not None else amx()) and K % AMX_DEPTH == 0 and P == 2 * LANES:
-        name = f"tcbf16amx_linear_{M}_{N}_{K}" + epilogue
-        code = amx_source(name, M, N, K, P, threads, bias is not None, gelu, residual is not None)
+        block = max(1, machine.l2 // L2_SHARE // (pairs * P * 4))     # panels a group keeps in L2
+        name = f"tcbf16amx_linear_{M}_{N}_{K}_g{block}" + epilogue
+        code = amx_source(name, M, N, K, P, threads, bias is not None, gelu, residual is not None, block)
         pairs_in = to_pairs_of(x.reshape(M, K), machine, -(-M // AMX_ROWS) * AMX_ROWS)
     else:
         rows = min(machine.tile_rows, M)
