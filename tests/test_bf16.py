@@ -64,6 +64,7 @@ def test_kernel_matches_numpy_on_bfloat16_inputs():
     cases = [(7, 27, 48, True, True, False), (13, 64, 64, False, False, False), (5, 33, 16, True, False, False)]
     if bf16.amx():     # the AMX tiles too (inputs a multiple of 32, panels of 32; rows past a block of 32)
         cases += [(13, 64, 64, False, False, True), (40, 96, 64, True, True, True), (33, 64, 160, True, True, True)]
+    cases += [(33, 64, 160, True, True, False)]
     # an L2 of 16 KiB holds groups of 2 panels of 64 inputs (8 KiB each), so (33, 64, 160)'s 5 panels, split 3 + 2
     # between the threads, make groups that end inside a thread's share
     small_l2 = Machine(isas.BY_NAME["avx512"], 48 << 10, 16 << 10, threads=2, tile_rows=4, rows_outer=False,

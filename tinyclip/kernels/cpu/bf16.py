@@ -14,8 +14,10 @@ only the linear layers' products take bfloat16 inputs, summed in float32:
   bfloat16 pairs by a conversion kernel of their own (`vcvtne2ps2bf16`, 32 values an instruction), once
   per layer: converting inside the matmul would redo it for every panel.
 - The register tile is `machine.tile_rows` rows by the panel's vectors of accumulators while the
-  reduction runs; panels outside, rows inside; panels are split between threads by core_id, the
-  conversion's rows likewise (Machine.threads_for).
+  reduction runs. Panels are split between threads by core_id (the conversion's rows likewise,
+  Machine.threads_for); a thread takes its panels in groups that fit half of L2, and every row tile
+  passes a whole group before the next (the tile's inputs stay in L1 across the group's panels, and
+  the input is read once per group, not once per panel).
 - Bias, quick_gelu and the residual are applied in the tile's epilogue, in float32.
 - Where the CPU has AMX (amx_bf16, amx_tile: Sapphire Rapids and later) and Linux grants the tile state
   (amx()), layers whose inputs are a multiple of 32 run on tiles instead (amx_source): TDPBF16PS takes
@@ -55,7 +57,7 @@ AMX_TARGET = '__attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512
 AMX_ENV = "TINYCLIP_BF16_AMX"   # 0: the vdpbf16ps kernel even where AMX is there (to measure it)
 AMX_ROWS = 32                   # rows of a block of AMX accumulators (2 tiles of 16)
 AMX_DEPTH = 32                  # inputs one tile step reduces (16 pairs)
-L2_SHARE = 2                    # a group of AMX panels fills at most 1/L2_SHARE of L2
+L2_SHARE = 2                    # a group of panels fills at most 1/L2_SHARE of L2
 # An activation rounded to bfloat16 costs about as long as this many of the matmul's multiply-adds on one
 # core (a load, a convert and a store per 32 values, where the matmul does 32 multiply-adds an instruction).
 CONVERT_COST = 2
@@ -162,7 +164,7 @@ def _quick_gelu_c() -> str:
 
 
 def linear_source(name: str, M: int, N: int, K: int, P: int, rows: int, threads: int, bias: bool,
-                  gelu: bool, residual: bool) -> str:
+                  gelu: bool, residual: bool, block: int = 1) -> str:
     """C for out (M, N) float32 = quick_gelu?(x @ W.T + bias) + residual, from x as (M, K/2) bfloat16 pairs
     (convert_source) and W as to_pairs stored it (panels of P outputs)."""
     pairs, vectors, n_panels = -(-K // 2), P // LANES, N // P
@@ -199,9 +201,10 @@ def linear_source(name: str, M: int, N: int, K: int, P: int, rows: int, threads:
 {TARGET}
 void {name}({", ".join(args)}) {{
   {_split(n_panels, threads, "panel")}
-  for (int panel = panel_start; panel < panel_stop; panel++) {{
-  const unsigned int* wp = w + (long)panel * {pairs * P};
+  for (int group = panel_start; group < panel_stop; group += {block}) {{
   for (int m = 0; m < {M}; m += {rows}) {{
+  for (int panel = group; panel < group + {block} && panel < panel_stop; panel++) {{
+    const unsigned int* wp = w + (long)panel * {pairs * P};
 {declare}
 {row_ptrs}
     for (int k = 0; k < {pairs}; k++) {{
@@ -210,6 +213,7 @@ void {name}({", ".join(args)}) {{
 {products}
     }}
 {chr(10).join(stores)}
+  }}
   }}
   }}
 }}
@@ -328,15 +332,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual:
     threads = min(machine.threads_for(M * N * K), n_panels)
     epilogue = ("_bias" if bias is not None else "") + ("_gelu" if gelu else "") + \
         ("_res" if residual is not None else "") + (f"_t{threads}" if threads > 1 else "")
+    block = max(1, machine.l2 // L2_SHARE // (pairs * P * 4))     # panels a group keeps in L2
     if (use_amx if use_amx is not None else amx()) and K % AMX_DEPTH == 0 and P == 2 * LANES:
-        block = max(1, machine.l2 // L2_SHARE // (pairs * P * 4))     # panels a group keeps in L2
         name = f"tcbf16amx_linear_{M}_{N}_{K}_g{block}" + epilogue
         code = amx_source(name, M, N, K, P, threads, bias is not None, gelu, residual is not None, block)
         pairs_in = to_pairs_of(x.reshape(M, K), machine, -(-M // AMX_ROWS) * AMX_ROWS)
     else:
         rows = min(machine.tile_rows, M)
-        name = f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}" + epilogue
-        code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None)
+        name = f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}_g{block}" + epilogue
+        code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None, block)
         pairs_in = to_pairs_of(x.reshape(M, K), machine)
     inputs = [pairs_in.reshape(-1), weight.reshape(-1)]
     inputs += [bias] if bias is not None else []
