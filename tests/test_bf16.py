@@ -115,6 +115,7 @@ def test_bfloat16_within_tolerance_of_float32_and_transformers(tiny16):
     np.testing.assert_array_equal(np.argsort(-logits, 1), np.argsort(-ref_logits, 1))
 
 
+@pytest.mark.slow      # two command-line runs, each compiling its text graph: 6 to 12 s on a busy 2-core machine
 @runs_here
 def test_bfloat16_quick_gelu_checkpoint_from_the_command_line(tiny_quick, tmp_path):
     """tiny-quick's widths (40, 72) do not fill vectors of 16: those layers keep their float32 kernels, the
