@@ -253,8 +253,8 @@ def test_declared_dtype_that_fails_here_is_an_error(tiny_quick, monkeypatch):
 
 
 def test_unknown_dtype_name_is_an_error(tiny_quick):
-    with pytest.raises(ValueError, match="dtype 'bfloat16' is not supported"):
-        tinyclip.load(tiny_quick.folder, device="cpu", dtype="bfloat16")
+    with pytest.raises(ValueError, match="dtype 'int4' is not supported; use one of float32, float16, bfloat16"):
+        tinyclip.load(tiny_quick.folder, device="cpu", dtype="int4")
 
 
 def test_a_backend_instance_is_used_as_given(tiny_quick):
