@@ -54,8 +54,9 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_kernel_matches_numpy_on_bfloat16_inputs():
-    """vdpbf16ps and, where the CPU has it, AMX. Odd inputs (a zero-padded pair), one-vector and two-vector panels, rows past the last tile, the
-    epilogue (bias, quick_gelu, residual), and panels split between two threads."""
+    """vdpbf16ps and, where the CPU has it, AMX. Odd inputs (a zero-padded pair), one-vector and two-vector
+    panels, rows past the last tile, the epilogue (bias, quick_gelu, residual), and panels split between
+    two threads."""
     if not (bf16.FLAG in cpu_info.flags() and source.compiles_c("CPU")):
         pytest.skip(f"this CPU has no {bf16.FLAG} (or no clang)")
     rng = np.random.default_rng(0)
@@ -159,11 +160,13 @@ def test_refused_by_the_plain_set_and_other_backends():
     with pytest.raises(BackendError, match="only in tinyclip's CPU kernels"):
         TINYGRAD.with_linear_dtype("bfloat16")
     if bf16.FLAG in cpu_info.flags():    # the LLVM renderer (backend cpu-llvm) takes no C source
-        assert "use the cpu backend" in CPUKernels(isas.BY_NAME["avx512"], c_source=False).linear_dtype_problem("bfloat16")
+        llvm = CPUKernels(isas.BY_NAME["avx512"], c_source=False)
+        assert "use the cpu backend" in llvm.linear_dtype_problem("bfloat16")
     for backend in registry.registered():
         if backend.name == "cpu" or not backend.available:
             continue
-        with pytest.raises(BackendError, match=f"backend {backend.name} .* does not run bfloat16: .*the cpu backend") as e:
+        refusal = f"backend {backend.name} .* does not run bfloat16: .*the cpu backend"
+        with pytest.raises(BackendError, match=refusal) as e:
             backend.check_dtype("bfloat16")
         assert "\n" not in str(e.value)
         assert "bfloat16" not in backend.usable_dtypes

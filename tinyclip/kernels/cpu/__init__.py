@@ -50,7 +50,8 @@ class CPUKernels(KernelSet):
         self.isa, self.device, self.cache_folder, self.c_source = isa, device, cache_folder, c_source
 
     def key(self) -> dict:
-        linear = {"linear_dtype": self.linear_dtype, "bf16_kernel": bf16.kind()} if self.linear_dtype == "bfloat16" else {}
+        linear = {} if self.linear_dtype != "bfloat16" else \
+            {"linear_dtype": self.linear_dtype, "bf16_kernel": bf16.kind()}
         return {"name": self.name, "active": self.active, "conv": CONV, **linear, **self.machine.key()}
 
     def describe(self) -> str:
@@ -97,7 +98,8 @@ class CPUKernels(KernelSet):
             return ("bfloat16's kernels are C source, which this backend's compiler (LLVM IR) does not take; "
                     "use the cpu backend (clang)")
         if not self.active:
-            return f"bfloat16 needs tinyclip's CPU runtime, which this tinygrad ({cpu_runtime.tinygrad_version()}) lacks"
+            return (f"bfloat16 needs tinyclip's CPU runtime, which this tinygrad ({cpu_runtime.tinygrad_version()}) "
+                    "lacks")
         return None
 
     def prepare_linear(self, weight: Tensor) -> Tensor:

@@ -263,7 +263,9 @@ def amx_source(name: str, M: int, N: int, K: int, P: int, threads: int, bias: bo
                         for r in range(2) for c in range(2))
     return f"""#include <immintrin.h>
 {_quick_gelu_c() if gelu else ""}
-typedef struct {{ unsigned char palette, start_row, reserved[14]; unsigned short colsb[16]; unsigned char rows[16]; }} tile_config;
+typedef struct {{
+  unsigned char palette, start_row, reserved[14]; unsigned short colsb[16]; unsigned char rows[16];
+}} tile_config;
 {AMX_TARGET}
 void {name}({", ".join(args)}) {{
   {_split(n_panels, threads, "panel")}
@@ -284,7 +286,8 @@ void {name}({", ".join(args)}) {{
         _tile_loadd(7, wp + (long)k * {P} + 16, {P * 4});
         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
       }}
-      _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64); _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
+      _tile_stored(0, acc[0], 64); _tile_stored(1, acc[1], 64);
+      _tile_stored(2, acc[2], 64); _tile_stored(3, acc[3], 64);
 {blocks}
     }}
   }}
