@@ -4,13 +4,21 @@
     python validate.py                                   # openai/clip-vit-base-patch32, all backends
     python validate.py --model path/to/folder --device cpu --device opencl
     python validate.py --images a.jpg b.png --texts "a cat" "a dog" --dtype float16
+    python validate.py --dtype bfloat16                  # the cpu backend's bfloat16 linear layers
 
 For each backend it compares tokens (exact), pixels, image and text
 embeddings and logits with transformers' CLIPTokenizer, CLIPImageProcessor
 and CLIPModel (for an open_clip folder: with open_clip's get_tokenizer,
 create_model_and_transforms and model, run in .venv-openclip), prints one
 row per backend (max abs error, max relative error = max|ours - theirs| /
-max|theirs|, minimum cosine) and exits 1 when any figure is beyond tolerance.
+max|theirs|, minimum cosine, whether each image ranks the texts in the same
+order by logits) and exits 1 when any figure is beyond tolerance.
+
+The tolerances are bounds, not exactness: float32 is exact to float32 rounding; float16 and bfloat16 (the
+linear layers' inputs rounded to 8 bits of mantissa, sums in float32) are held to every embedding's
+cosine with transformers' float32 (>= 0.9999 and >= 0.999) and, for bfloat16, to logits that rank the
+texts the same for every image (its relative error is shown, not bounded). With --dtype bfloat16 the
+default backends are those that run it (the cpu backend on a CPU with avx512_bf16).
 
 When the hub cannot be reached and the model is not cached, it says so and
 validates on a locally built checkpoint of the same architecture with random
@@ -36,8 +44,11 @@ ROOT = pathlib.Path(__file__).resolve().parent
 DEFAULT_IMAGES = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
 DEFAULT_TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut in a white suit", "a cup of coffee",
                  "a rocket launching at night", "a horse", "a man with a camera", "", "A PHOTO of 2 cats & 1 dog!"]
-# Relative tolerances (max |ours - theirs| / max |theirs|) and minimum cosine per dtype.
-TOLERANCE = {"float32": (1e-5, 0.999999), "float16": (1e-2, 0.9999)}
+# Relative tolerances (max |ours - theirs| / max |theirs|; None: shown, not bounded) and minimum cosine per dtype,
+# against transformers in float32. They are tolerances: only float32 is exact (to float32 rounding).
+TOLERANCE = {"float32": (1e-5, 0.999999), "float16": (1e-2, 0.9999), "bfloat16": (None, 0.999)}
+# dtypes held to logits that rank the texts in the same order for every image as transformers' float32 do
+SAME_RANKS = ("bfloat16",)
 # float32 with TF32 matmuls (--tf32): TF32 rounds each matmul input to float16's 10-bit mantissa and
 # adds in float32, so float16's bounds.
 TF32_TOLERANCE = TOLERANCE["float16"]
@@ -56,6 +67,14 @@ def compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float, float]:
     flat_o, flat_t = ours.reshape(len(ours), -1), theirs.reshape(len(theirs), -1)
     cos = float(np.min(np.sum(flat_o * flat_t, 1) / (np.linalg.norm(flat_o, axis=1) * np.linalg.norm(flat_t, axis=1))))
     return diff, rel, cos
+
+
+def swapped(ours: np.ndarray, theirs: np.ndarray) -> tuple[int, float]:
+    """(how many rows (an image's logits over the texts) order some two texts otherwise than `theirs` do, the
+    widest gap in `theirs` between two texts so swapped): (0, 0.0) when every image ranks the texts alike."""
+    flipped = np.sign(ours[:, :, None] - ours[:, None, :]) != np.sign(theirs[:, :, None] - theirs[:, None, :])
+    gaps = np.abs(theirs[:, :, None] - theirs[:, None, :])[flipped]
+    return int(flipped.any(axis=(1, 2)).sum()), float(gaps.max()) if gaps.size else 0.0
 
 
 def resolve_model(name: str) -> tuple[pathlib.Path, str]:
@@ -168,16 +187,21 @@ def _validate(args, images, folder, note) -> int:
         print(f"transformers {transformers.__version__} (torch {torch.__version__}) reference: "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
 
-    devices = args.device or [b.name for b in registry.registered() if b.available]
-    unavailable = [f"{b.name} ({b.unavailable})" for b in registry.registered() if not b.available]
+    runs = [b for b in registry.registered() if b.available and args.dtype in b.usable_dtypes]
+    devices = args.device or [b.name for b in runs]
+    unavailable = [f"{b.name} ({b.unavailable or 'does not run ' + args.dtype + ' here'})"
+                   for b in registry.registered() if b not in runs]
     rel_tol, cos_tol = TF32_TOLERANCE if args.tf32 else TOLERANCE[args.dtype]
     print(f"model: {args.model}{' [' + note + ']' if note else ''}  folder: {folder}")
-    print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}{' (TF32 matmuls)' if args.tf32 else ''}; tolerance: relative <= {rel_tol:g}, "
-          f"cosine >= {cos_tol}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
+    relative = "relative shown" if rel_tol is None else f"relative <= {rel_tol:g}"
+    ranks = ", logits rank the texts the same for every image" if args.dtype in SAME_RANKS else ""
+    print(f"{len(images)} images, {len(args.texts)} texts, dtype {args.dtype}{' (TF32 matmuls)' if args.tf32 else ''}; "
+          f"tolerance: {relative}, cosine >= {cos_tol}{ranks}, pixels <= {PIXEL_ATOL:g} abs, tokens exact")
     if unavailable and not args.device:
         print("not available here: " + "; ".join(unavailable))
     header = f"{'backend':<10} {'device':<9} {'tokens':>8} {'pixels':>9} " + \
-        " ".join(f"{n + ' abs':>11} {n + ' rel':>10} {'cos':>9}" for n in ("image", "text", "logits")) + "  result"
+        " ".join(f"{n + ' abs':>11} {n + ' rel':>10} {'cos':>9}" for n in ("image", "text", "logits")) + \
+        f" {'ranks':>6}  result"
     print(header)
     print("-" * len(header))
     failed = False
@@ -198,8 +222,12 @@ def _validate(args, images, folder, note) -> int:
         cells, ok = [], token_errors == 0 and pixel_err <= PIXEL_ATOL
         for ours, theirs in ((img, ref_img), (txt, ref_txt), (logits, ref_logits)):
             diff, rel, cos = compare(ours, theirs)
-            ok &= rel <= rel_tol and cos >= cos_tol
+            ok &= (rel_tol is None or rel <= rel_tol) and cos >= cos_tol
             cells.append(f"{diff:>11.2e} {rel:>10.2e} {cos:>9.6f}")
+        rows, gap = swapped(logits, ref_logits)
+        ok &= not rows or args.dtype not in SAME_RANKS
+        cells.append(f"{'same':>6}" if not rows else f"differ ({rows} of {len(logits)} images; swapped texts {gap:.1e} "
+                     "apart in the reference)")
         failed |= not ok
         print(f"{model.device:<10} {registry.shown_device(model.backend):<9} {token_errors:>8d} {pixel_err:>9.1e} {' '.join(cells)}  "
               f"{'PASS' if ok else 'FAIL'} ({time.perf_counter() - t0:.0f}s)", flush=True)

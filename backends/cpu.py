@@ -21,7 +21,7 @@ class CPU(Backend):
     device = "CPU"
     aliases = ("CPU:CLANG",)
     priority = 10
-    dtypes = ("float32", "float16")
+    dtypes = ("float32", "float16", "bfloat16")
     description = "tinygrad CPU device, kernels compiled by clang"
     renderer = "CLANG"
 
@@ -40,11 +40,12 @@ class CPU(Backend):
         return name
 
     def kernel_set(self):
-        """tinyclip's tiled CPU kernels for this CPU's instruction set (tinygrad's own where it has none)."""
+        """tinyclip's tiled CPU kernels for this CPU's instruction set (tinygrad's own where it has none); C
+        source kernels (bfloat16's) where the renderer is clang's."""
         isa, _ = self._isa
         if isa is None:
             return super().kernel_set()
-        return CPUKernels(isa, self.device, cache_root() / "cpu")
+        return CPUKernels(isa, self.device, cache_root() / "cpu", c_source=self.renderer == "CLANG")
 
     def context(self):
         # tinygrad 0.14 picks a device's code generator from its DEV setting at compile time, not from the

@@ -4,6 +4,7 @@
     python benchmarks/speed.py                      # random-init ViT-B/32 built locally, cpu backend
     python benchmarks/speed.py --model FOLDER --device cpu-llvm --repeats 5
     python benchmarks/speed.py --isa avx2           # both libraries held to AVX2 (like for like on a wider CPU)
+    python benchmarks/speed.py --dtype bfloat16     # tinyclip bfloat16 against tinyclip float32 and torch bfloat16
 
 Prints median throughputs and the tinyclip/transformers ratio (above 1 means
 tinyclip is faster) for: images at batch 1 and 32, texts at batch 32 on
@@ -19,6 +20,11 @@ and prints its GFLOPS as a share of this machine's FMA peak on the same instruct
 (benchmarks/fma_peak.py). `--isa avx2` runs the whole comparison in a child process whose environment
 holds torch to AVX2 (MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY: read when torch
 is imported) and tinyclip to its AVX2 kernels (TINYCLIP_CPU_ISA=avx2).
+
+`--dtype bfloat16` compares, in one run and in turns, tinyclip with bfloat16 linear layers, tinyclip in
+float32 and transformers' model converted with `model.to(torch.bfloat16)` (images and texts at batch 32),
+prints the throughputs with bfloat16's ratio to each, the embeddings' lowest cosine against tinyclip
+float32, and the hot matmul in both of tinyclip's dtypes.
 """
 from __future__ import annotations
 
@@ -62,17 +68,19 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": hwm / 1024
 """
 
 
-def alternating(fn_a, fn_b, repeats):
-    """Median seconds of fn_a and of fn_b, run in turns (a, b, a, b, ...) after one warm-up each
-    (compile, capture the JIT), so that drift in the machine's speed hits both alike."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
+def alternating(*fns_and_repeats):
+    """alternating(fn_a, fn_b, ..., repeats): the median seconds of each fn, run in turns (a, b, a, b, ...)
+    after one warm-up each (compile, capture the JIT), so that drift in the machine's speed hits all alike."""
+    *fns, repeats = fns_and_repeats
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for fn, taken in zip(fns, times):
             t = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times_a), statistics.median(times_b)
+            taken.append(time.perf_counter() - t)
+    return tuple(statistics.median(taken) for taken in times)
 
 
 def fresh_process(lib, folder, device, env_extra=None):
@@ -94,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only-start", action="store_true", help="only the fresh-process start-up measurements")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: hold both libraries to AVX2 (default: each uses the widest this CPU has)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16: tinyclip bfloat16 against tinyclip float32 and torch bfloat16, batch 32")
     args = ap.parse_args(argv)
     if args.isa == "avx2" and os.environ.get("TINYCLIP_CPU_ISA") != "avx2":
         # torch reads these when it is imported: the comparison runs again in a child with them set.
@@ -116,6 +126,8 @@ def main(argv=None) -> int:
 
     if args.only_start:
         return start_up(folder, args)
+    if args.dtype != "float32":
+        return low_precision(folder, args, tinyclip, torch, transformers)
     ours = tinyclip.load(folder, device=args.device)
     print(f"tinyclip kernels: {ours.model.kernels.describe()}"
           + (f"; {ours.model.kernels.machine}" if hasattr(ours.model.kernels, "machine") else ""))
@@ -148,6 +160,36 @@ def main(argv=None) -> int:
     return 0
 
 
+def low_precision(folder, args, tinyclip, torch, transformers) -> int:
+    """tinyclip in args.dtype against tinyclip float32 and torch in the same dtype, images and texts at batch 32."""
+    low = tinyclip.load(folder, device=args.device, dtype=args.dtype)
+    exact = tinyclip.load(folder, device=args.device)
+    print(f"tinyclip kernels: {low.model.kernels.describe()}; {low.model.kernels.machine}")
+    ref = transformers.CLIPModel.from_pretrained(folder).eval().to(getattr(torch, args.dtype))
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    prompts = [f"a photo of a {LABELS[i % len(LABELS)]}." for i in range(32)]
+    px = rng.standard_normal((32, 3, 224, 224)).astype(np.float32)
+    ids = low.tokenize(prompts)
+    ref_ids = tok(prompts, padding=True, return_tensors="pt")["input_ids"]
+    tpx = torch.from_numpy(px).to(getattr(torch, args.dtype))
+    cases = (("images, batch 32", lambda m: m.encode_image(px, batch_size=32),
+              lambda: ref.get_image_features(pixel_values=tpx)),
+             ("texts, batch 32", lambda m: m.encode_text(ids, batch_size=32),
+              lambda: ref.get_text_features(input_ids=ref_ids)))
+    with torch.no_grad():
+        for name, ours, theirs in cases:
+            t_low, t_exact, t_ref = alternating(lambda: ours(low), lambda: ours(exact), theirs, args.repeats)
+            a, b = ours(low), ours(exact)
+            cosine = float(np.min((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+            print(f"{name:<18} tinyclip {args.dtype} {32 / t_low:7.2f}/s   tinyclip float32 {32 / t_exact:7.2f}/s   "
+                  f"torch {args.dtype} {32 / t_ref:7.2f}/s   {args.dtype}/float32 {t_exact / t_low:5.2f}x   "
+                  f"tinyclip/torch {t_ref / t_low:5.2f}x   lowest cosine to float32 {cosine:.6f}", flush=True)
+        for model in (low, exact):
+            hot_matmul(model, torch, args.repeats, torch_dtype=getattr(torch, args.dtype))
+    return 0
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -156,9 +198,9 @@ def cpu_model() -> str:
         return "unknown CPU"
 
 
-def hot_matmul(ours, torch, repeats) -> None:
-    """fc1's shape in tinyclip's kernel set (JIT-replayed: the kernel's time, not scheduling) and in torch,
-    GFLOPS and share of the FMA peak on the instruction set each runs."""
+def hot_matmul(ours, torch, repeats, torch_dtype=None) -> None:
+    """fc1's shape in tinyclip's kernel set (JIT-replayed: the kernel's time, not scheduling) and in torch
+    (in torch_dtype, default float32), GFLOPS and share of the float32 FMA peak on the instruction set each runs."""
     from tinygrad import Tensor
     from tinyclip import _tinygrad
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -171,13 +213,14 @@ def hot_matmul(ours, torch, repeats) -> None:
         weight = kernels.prepare_linear(Tensor(w, device=device).realize())
         bias, inp = Tensor(b, device=device).realize(), Tensor(x, device=device).realize()
         run = _tinygrad.new_jit(lambda t: kernels.linear(t, weight, bias).realize())
-        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+        tx, tw, tb = (torch.from_numpy(a).to(torch_dtype or torch.float32) for a in (x, w, b))
         t_ours, t_ref = alternating(lambda: run(inp), lambda: torch.nn.functional.linear(tx, tw, tb), max(repeats, 5))
     isa = getattr(getattr(kernels, "isa", None), "name", "avx2")
     peak = fma_peak.peak_gflops("avx2" if os.environ.get("TINYCLIP_CPU_ISA") == "avx2" else isa, os.cpu_count())
     flops = 2 * M * N * K
-    print(f"hot matmul {M}x{K} @ {K}x{N}: tinyclip {flops / t_ours / 1e9:.0f} GFLOPS "
-          f"({flops / t_ours / 1e9 / peak:.0%} of the {peak:.0f} GFLOPS FMA peak), transformers/torch "
+    print(f"hot matmul {M}x{K} @ {K}x{N}: tinyclip {ours.dtype} {flops / t_ours / 1e9:.0f} GFLOPS "
+          f"({flops / t_ours / 1e9 / peak:.0%} of the {peak:.0f} GFLOPS float32 FMA peak), torch "
+          f"{str(torch_dtype or torch.float32).replace('torch.', '')} "
           f"{flops / t_ref / 1e9:.0f} GFLOPS ({flops / t_ref / 1e9 / peak:.0%})", flush=True)
 
 

@@ -275,8 +275,8 @@ def test_a_long_label_warns_in_the_library_too(tiny_quick):
 # ---- bare ValueErrors are TinyClipErrors -----------------------------------------------------------
 
 def test_unknown_dtype_and_zero_batch_size_are_usage_errors(tiny_quick):
-    with pytest.raises(UsageError, match="dtype 'bfloat16' is not supported"):
-        tinyclip.load(tiny_quick.folder, device=DEVICE, dtype="bfloat16")
+    with pytest.raises(UsageError, match="dtype 'float8' is not supported"):
+        tinyclip.load(tiny_quick.folder, device=DEVICE, dtype="float8")
     model = tinyclip.load(tiny_quick.folder, device=DEVICE)
     with pytest.raises(UsageError, match="batch_size must be a positive integer, got 0"):
         model.encode_text(["a cat"], batch_size=0)

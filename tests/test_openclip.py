@@ -68,6 +68,13 @@ RESNET = {
 }
 RESNET_ARCHITECTURES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64"]
 F16_RTOL = 1e-2            # validate.py's float16 tolerance
+BF16_COSINE = 0.999        # validate.py's bfloat16 tolerance (every embedding's cosine)
+
+
+def bf16_runs() -> bool:
+    from tinyclip import registry
+    cpu = registry.select("cpu")
+    return cpu.available and "bfloat16" in cpu.usable_dtypes
 TEXTS = ["a photo of a cat", "A DOG &amp; friends", "<start_of_text>hello<end_of_text> world",
          "a long caption " * 12, "emoji 🏽 and ΣΑΣ"]
 # Ids given directly: the end token repeated, or missing (argmax and eos pooling then differ).
@@ -338,6 +345,20 @@ def test_resnet_in_float16_stays_within_its_tolerance(built_resnet, images):
     b = built_resnet["oc-rn50-widths"]
     model = tinyclip.load(b.folder, device="cpu", dtype="float16")
     assert relative_error(model.encode_image(b.oracle["pixels"]), b.oracle["image_embeds"]) <= F16_RTOL
+
+
+@pytest.mark.slow      # ~14 s: the ResNet's image graph compiled
+@pytest.mark.skipif(not bf16_runs(), reason="this CPU runs no bfloat16 kernels")
+def test_resnet_in_bfloat16_stays_within_its_tolerance(built_resnet):
+    """Its convolutions (im2col onto the linear kernel: a 27-input stem, 3x3 and 1x1 layers) and attention pool
+    in bfloat16, the pool's output projection in float32: every embedding's cosine with open_clip's float32."""
+    b = built_resnet["oc-rn50-widths"]
+    model = tinyclip.load(b.folder, device="cpu", dtype="bfloat16")
+    assert model.model.visual.conv1.weight.dtype.name == "int"     # the stem runs on bfloat16 pairs
+    img = model.encode_image(b.oracle["pixels"])
+    want = b.oracle["image_embeds"]
+    cosine = (img * want).sum(1) / np.linalg.norm(img, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= BF16_COSINE and not np.allclose(img, want, rtol=1e-6, atol=0)
 
 
 def test_a_resnet_runs_at_its_own_size_only(built_resnet):

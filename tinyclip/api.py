@@ -18,6 +18,7 @@ from tinygrad import Tensor, dtypes
 from . import _tinygrad, checkpoints, hub, identity, registry, tasks, trace
 from .config import requested_image_size
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
+from .kernels import LINEAR_DTYPES
 from .model import CLIPModel
 from .preprocess import ImageProcessor, PixelScaling, as_batch, check_image_size
 from .runner import Runner
@@ -41,7 +42,9 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     device : a backend name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"), a raw tinygrad
         device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), a registry.Backend, or None for the
         best available.
-    dtype : "float32" (the default on every backend) or "float16".
+    dtype : "float32" (the default on every backend), "float16", or "bfloat16": the linear layers' products
+        in bfloat16, summed in float32, the rest of the model in float32 (the cpu backend on a CPU with
+        AVX512_BF16; faster, not exact: README gives its tolerances).
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
     graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
         tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
@@ -63,17 +66,22 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
             chosen = registry.select(device)
             said.append(f"{chosen.name}, {chosen.device}")
     try:
-        dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+        name = chosen.check_dtype(dtype)
     except TinyClipError:
         raise
     except ValueError as e:    # a dtype name tinyclip does not know
         raise UsageError(str(e)) from None
+    kernels = chosen.kernel_set()
+    if name in LINEAR_DTYPES:   # only the linear layers compute in it; the model's tensors stay float32
+        kernels, dt = kernels.with_linear_dtype(name), dtypes.float32
+    else:
+        dt = _tinygrad.dtype_named(name)
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     checkpoint = checkpoints.open(folder)     # its format's config, weights, tokenizer and processor
     config = checkpoint.config
     size = config.vision_config.image_size if image_size is None else \
         requested_image_size(config.vision_config, image_size)
-    model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
+    model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=kernels)
     towers = Towers(checkpoint, model, dt, chosen)
     with trace.phase("weights checked (each tower read on its first use)"):
         towers.load_shared()
@@ -137,6 +145,9 @@ class CLIP:
 
     @property
     def dtype(self) -> str:
+        """"float32", "float16", or the linear layers' dtype ("bfloat16") where they compute in another."""
+        if self._model.kernels.linear_dtype:
+            return self._model.kernels.linear_dtype
         return "float16" if self._model.logit_scale.dtype == dtypes.float16 else "float32"
 
     @functools.cached_property

@@ -13,7 +13,8 @@ The hot operations (linear layers, attention, layer norm) go through the
 model's kernel set (tinyclip.kernels), which the backend chooses: the model
 itself never asks which device it is on. LayerNorm and softmax always compute
 in float32, whatever the weights' dtype, as OpenAI's and open_clip's float16
-inference does.
+inference does. A kernel set with a linear dtype (bfloat16) computes the linear
+layers in it, except the final projections, which stay in the model's dtype.
 """
 from __future__ import annotations
 
@@ -260,7 +261,7 @@ class AttentionPool2d:
     def __init__(self, grid: int, width: int, heads: int, out: int, dtype: DType, device: str, kernels: KernelSet):
         self.positional_embedding = _param((grid * grid + 1, width), dtype, device)
         self.q_proj, self.k_proj, self.v_proj = (Linear(width, width, True, dtype, device, kernels) for _ in range(3))
-        self.c_proj = Linear(width, out, True, dtype, device, kernels)
+        self.c_proj = Linear(width, out, True, dtype, device, kernels.without_linear_dtype())   # the embedding: exact
         self.num_heads, self.kernels = heads, kernels
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -317,9 +318,9 @@ class CLIPModel:
         else:
             self.vision_model = CLIPVisionTransformer(config.vision_config, dtype, device, kernels)
             self.visual_projection = Linear(config.vision_config.hidden_size, config.projection_dim, False, dtype,
-                                            device, kernels)
+                                            device, kernels.without_linear_dtype())
         self.text_projection = Linear(config.text_config.hidden_size, config.projection_dim, False, dtype, device,
-                                      kernels)
+                                      kernels.without_linear_dtype())
         self.logit_scale = _param((), dtype, device)
 
     def resize_images(self, image_size: int) -> None:

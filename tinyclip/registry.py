@@ -40,7 +40,9 @@ class Backend:
     priority       the default choice is the available backend with the highest priority;
                    accelerators rank above CPUs
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
-                   checks them here. default_dtype is used when none is asked for
+                   checks them here. default_dtype is used when none is asked for. A linear dtype
+                   (kernels.LINEAR_DTYPES: "bfloat16") runs where the kernel set says it can
+                   (KernelSet.linear_dtype_problem)
     description    one line for `tinyclip backends`
     tf32           whether load(allow_tf32=True) changes anything here: tinygrad then runs float32
                    matmuls on TF32 tensor cores (NVIDIA's CUDA and NV devices only)
@@ -130,8 +132,10 @@ class Backend:
         if not self.available:
             return ()
         from . import _tinygrad
+        from .kernels import LINEAR_DTYPES
         return tuple(d for d in self.dtypes
-                     if d == "float32" or (d == "float16" and _tinygrad.supports_half(self.device, self.context())))
+                     if d == "float32" or (d == "float16" and _tinygrad.supports_half(self.device, self.context()))
+                     or (d in LINEAR_DTYPES and self.kernel_set().linear_dtype_problem(d) is None))
 
     def check_dtype(self, dtype: str | None) -> str:
         """The dtype name to load with: `dtype`, or default_dtype for None.
@@ -140,7 +144,16 @@ class Backend:
         backend does not run it here.
         """
         from . import _tinygrad
-        dt = _tinygrad.dtype_named(dtype or self.default_dtype)
+        from .kernels import LINEAR_DTYPES
+        if dtype in LINEAR_DTYPES:     # the linear layers only; the kernel set says where it runs, in one line
+            if why := self.kernel_set().linear_dtype_problem(dtype):
+                raise BackendError(f"backend {self.name} ({self.device}) does not run {dtype}: {why}")
+            return dtype
+        try:
+            dt = _tinygrad.dtype_named(dtype or self.default_dtype)
+        except ValueError:
+            raise ValueError(f"dtype {dtype!r} is not supported; use one of float32, float16, "
+                             f"{', '.join(LINEAR_DTYPES)}") from None
         name = next(k for k, v in _tinygrad.DTYPES.items() if v == dt)
         # float32 runs wherever the backend does (its probe ran a float32 kernel): no test kernel for it, and
         # none for the other dtypes, which a float32 load does not need (float16's cost a first schedule: 0.3 s)

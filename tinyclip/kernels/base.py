@@ -1,9 +1,17 @@
 """The kernel-set interface, and its plain tinygrad implementation that every device runs."""
 from __future__ import annotations
 
+import copy
+
 from tinygrad import Tensor
 
+from ..errors import BackendError
 from .activations import activation
+
+# dtypes that only the linear layers compute in (load(dtype=...)): the model around them stays float32 (layer
+# norms, softmax and attention, embeddings, the final normalisation), and the kernel set that can run the
+# dtype converts each linear weight once at load (prepare_linear) and computes the layer with it (linear).
+LINEAR_DTYPES = ("bfloat16",)
 
 
 # Compiling a text graph costs about as much work as encoding this many tokens (batch rows x positions):
@@ -23,10 +31,11 @@ class KernelSet:
     """
 
     name = "tinygrad"
+    linear_dtype: str | None = None    # one of LINEAR_DTYPES, or None: linear layers compute in the model's dtype
 
     def key(self) -> dict:
         """What distinguishes this set's graphs from another's: its name and its parameters."""
-        return {"name": self.name}
+        return {"name": self.name, **({"linear_dtype": self.linear_dtype} if self.linear_dtype else {})}
 
     def describe(self) -> str:
         """One line for `tinyclip backends`."""
@@ -39,6 +48,32 @@ class KernelSet:
         return TEXT_COMPILE_TOKENS, IMAGE_COMPILE_IMAGES
 
     # ---- linear layers ----------------------------------------------------------------------------
+
+    def linear_dtype_problem(self, name: str) -> str | None:
+        """Why this set cannot compute linear layers in `name` (one of LINEAR_DTYPES) here, in one
+        sentence, or None where it can. The plain set runs none of them."""
+        return (f"{name} linear layers run only in tinyclip's CPU kernels (the cpu backend, on an x86-64 CPU with "
+                f"avx512_bf16); this backend computes with tinygrad's own kernels")
+
+    def with_linear_dtype(self, name: str) -> "KernelSet":
+        """A copy of this set whose linear layers compute in `name` (one of LINEAR_DTYPES), from weights
+        prepare_linear converts at load; a one-line BackendError where this set cannot."""
+        if name not in LINEAR_DTYPES:
+            raise ValueError(f"{name!r} is not one of {', '.join(LINEAR_DTYPES)}")
+        if why := self.linear_dtype_problem(name):
+            raise BackendError(why)
+        chosen = copy.copy(self)
+        chosen.linear_dtype = name
+        return chosen
+
+    def without_linear_dtype(self) -> "KernelSet":
+        """This set with its linear layers in the model's own dtype: for the final projections, which stay
+        float32 whatever the linear dtype (their outputs are the embeddings)."""
+        if self.linear_dtype is None:
+            return self
+        exact = copy.copy(self)
+        exact.linear_dtype = None
+        return exact
 
     def tune_machine(self) -> str | None:
         """Measure what this set's kernels are shaped by on this machine and keep it (`tinyclip tune`); a

@@ -9,6 +9,9 @@ TINYCLIP_CPU_ISA) and make a CPUKernels for it. Everything they cannot take (flo
 widths the tiles do not divide, an activation other than quick_gelu after a linear layer, a CPU without
 AVX2, a tinygrad version the runtime patches were not written for) runs in the plain tinygrad set:
 the same numbers to float32 rounding, slower.
+
+With a linear dtype (load(dtype="bfloat16")), the linear layers run bf16.py's kernels instead, on a CPU
+with AVX512_BF16; the rest of the model stays as above.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ import os
 
 from tinygrad import Tensor, dtypes
 
+from ... import cpu_info
 from ..._tinygrad import cpu_runtime, source
 from ..activations import activation
 from ..base import KernelSet
-from . import attention, conv, exp, matmul, norm, tuning
+from . import attention, bf16, conv, exp, matmul, norm, tuning
 from .isa import ISA
 from .machine import Machine
 
@@ -37,18 +41,23 @@ C_COMPILE_TOKENS, C_COMPILE_IMAGES = 6_000, 60
 
 class CPUKernels(KernelSet):
     """The CPU set for one instruction set. `cache_folder` keeps what tuning.py measures; None measures
-    it again in each process."""
+    it again in each process. `c_source`: whether the device compiles C (clang; not the LLVM renderer),
+    which the bfloat16 kernels are written in."""
 
     name = "cpu"
 
-    def __init__(self, isa: ISA, device: str = "CPU", cache_folder=None):
-        self.isa, self.device, self.cache_folder = isa, device, cache_folder
+    def __init__(self, isa: ISA, device: str = "CPU", cache_folder=None, c_source: bool = True):
+        self.isa, self.device, self.cache_folder, self.c_source = isa, device, cache_folder, c_source
 
     def key(self) -> dict:
-        return {"name": self.name, "active": self.active, "conv": CONV, **self.machine.key()}
+        linear = {} if self.linear_dtype != "bfloat16" else \
+            {"linear_dtype": self.linear_dtype, "bf16_kernel": bf16.kind()}
+        return {"name": self.name, "active": self.active, "conv": CONV, **linear, **self.machine.key()}
 
     def describe(self) -> str:
-        return f"tinyclip's tiled CPU kernels, {self.isa.name} ({self.isa.lanes} float32 lanes; float16 on tinygrad's)"
+        linear = f"; linear layers in {self.linear_dtype}" if self.linear_dtype else ""
+        return (f"tinyclip's tiled CPU kernels, {self.isa.name} ({self.isa.lanes} float32 lanes; float16 on "
+                f"tinygrad's{linear})")
 
     def compile_costs(self) -> tuple[float, float]:
         """Where the kernels are C source (a device that compiles C with clang), a ViT-B/32 graph compiles
@@ -76,7 +85,28 @@ class CPUKernels(KernelSet):
 
     # ---- linear -------------------------------------------------------------------------------------
 
+    def linear_dtype_problem(self, name: str) -> str | None:
+        if name != "bfloat16":
+            return super().linear_dtype_problem(name)
+        if self.isa.lanes < bf16.LANES:      # a narrower instruction set forced on this CPU (TINYCLIP_CPU_ISA)
+            return (f"bfloat16 needs {bf16.FLAG} (AVX-512), which the {self.isa.name} kernels leave out "
+                    f"(TINYCLIP_CPU_ISA={self.isa.name}); unset TINYCLIP_CPU_ISA, or use float32")
+        if bf16.FLAG not in cpu_info.flags():
+            return (f"bfloat16 needs the CPU flag {bf16.FLAG} (vdpbf16ps: Intel Cooper Lake, Sapphire Rapids and "
+                    "later, AMD Zen 4 and later), which this CPU lacks; use float32")
+        if not self.c_source:
+            return ("bfloat16's kernels are C source, which this backend's compiler (LLVM IR) does not take; "
+                    "use the cpu backend (clang)")
+        if not self.active:
+            return (f"bfloat16 needs tinyclip's CPU runtime, which this tinygrad ({cpu_runtime.tinygrad_version()}) "
+                    "lacks")
+        return None
+
     def prepare_linear(self, weight: Tensor) -> Tensor:
+        if self.linear_dtype == "bfloat16" and weight.dtype == dtypes.float32 and bf16.fits(weight.shape[0]):
+            self.machine   # measured now, at load time, never inside a JIT capture
+            bf16.amx()     # AMX asked for now, before any kernel (a graph from the cache too) runs its tiles
+            return bf16.to_pairs(weight)
         width = matmul.panel_width(weight.shape[0], self.isa.lanes)
         if weight.dtype != dtypes.float32 or width is None or not self.active:
             return weight
@@ -84,9 +114,16 @@ class CPUKernels(KernelSet):
         return matmul.to_panels(weight, width)
 
     def dense_weight(self, weight: Tensor) -> Tensor:
+        if weight.dtype == dtypes.int32:     # bfloat16 pairs: the rounded weight (an odd input count padded by one)
+            return Tensor(bf16.from_pairs(weight), device=weight.device)
         return matmul.from_panels(weight) if weight.ndim == 3 else weight
 
     def linear(self, x, weight, bias, act=None, residual=None):
+        if weight.dtype == dtypes.int32:     # bfloat16 pairs (prepare_linear)
+            if act in (None, "quick_gelu"):
+                return bf16.linear(x, weight, bias, act is not None, residual, self.machine)
+            y = activation(act)(bf16.linear(x, weight, bias, False, None, self.machine))
+            return y if residual is None else y + residual
         if weight.ndim != 3:    # not prepared as panels (float16, or a width no panel divides)
             return super().linear(x, weight, bias, act, residual)
         if act in (None, "quick_gelu"):   # all of it in the matmul kernel
