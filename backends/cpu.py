@@ -13,6 +13,7 @@ from tinyclip import _tinygrad
 from tinyclip.errors import BackendError
 from tinyclip.graph_cache import cache_root
 from tinyclip.kernels.cpu import CPUKernels, isa as isas
+from tinyclip.kernels.cpu import int8_set
 from tinyclip.registry import Backend
 
 
@@ -21,7 +22,7 @@ class CPU(Backend):
     device = "CPU"
     aliases = ("CPU:CLANG",)
     priority = 10
-    dtypes = ("float32", "float16")
+    dtypes = ("float32", "float16", "int8")
     description = "tinygrad CPU device, kernels compiled by clang"
     renderer = "CLANG"
 
@@ -45,6 +46,24 @@ class CPU(Backend):
         if isa is None:
             return super().kernel_set()
         return CPUKernels(isa, self.device, cache_root() / "cpu")
+
+    def dtype_problem(self, dtype: str) -> str | None:
+        """int8 (linear layers in VNNI int8 kernels): why not on this CPU, naming the missing flag."""
+        if dtype != "int8":
+            return super().dtype_problem(dtype)
+        try:
+            isa, _ = self._isa
+        except BackendError as e:
+            return str(e)
+        with self.context():      # the renderer (and so whether C compiles) comes from the backend's DEV
+            return int8_set.problem(isa, self.device)
+
+    def linear_kernel_set(self, dtype: str):
+        if dtype != "int8" or (why := self.dtype_problem(dtype)):
+            raise BackendError(f"backend {self.name} does not run {dtype} here: "
+                               f"{why if dtype == 'int8' else 'no kernels for it'}")
+        isa, _ = self._isa
+        return int8_set.Int8Kernels(isa, self.device, cache_root() / "cpu")
 
     def context(self):
         # tinygrad 0.14 picks a device's code generator from its DEV setting at compile time, not from the

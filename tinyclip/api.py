@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, checkpoints, hub, identity, registry, tasks, trace
+from . import _tinygrad, cachedir, checkpoints, hub, identity, registry, tasks, trace
 from .config import requested_image_size
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .model import CLIPModel
@@ -41,7 +41,9 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     device : a backend name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"), a raw tinygrad
         device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), a registry.Backend, or None for the
         best available.
-    dtype : "float32" (the default on every backend) or "float16".
+    dtype : "float32" (the default on every backend), "float16", or "int8" (the cpu backend on a CPU with
+        VNNI: the linear layers' weights quantised per output channel at load and their inputs per row,
+        int32 sums; everything else float32; README: its tolerances).
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
     graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
         tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
@@ -63,18 +65,20 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
             chosen = registry.select(device)
             said.append(f"{chosen.name}, {chosen.device}")
     try:
-        dt = _tinygrad.dtype_named(chosen.check_dtype(dtype))
+        name = chosen.check_dtype(dtype)
+        dt = _tinygrad.dtype_named(name)    # the model's tensors (float32 for a dtype only the linear layers take)
     except TinyClipError:
         raise
     except ValueError as e:    # a dtype name tinyclip does not know
         raise UsageError(str(e)) from None
+    kernels = chosen.linear_kernel_set(name) if name in _tinygrad.LINEAR_DTYPES else chosen.kernel_set()
     folder = hub.locate(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     checkpoint = checkpoints.open(folder)     # its format's config, weights, tokenizer and processor
     config = checkpoint.config
     size = config.vision_config.image_size if image_size is None else \
         requested_image_size(config.vision_config, image_size)
-    model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=chosen.kernel_set())
-    towers = Towers(checkpoint, model, dt, chosen)
+    model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=kernels)
+    towers = Towers(checkpoint, model, dt, chosen, keep=cachedir.enabled(graph_cache))
     with trace.phase("weights checked (each tower read on its first use)"):
         towers.load_shared()
     if size != config.vision_config.image_size:    # the position embeddings are interpolated from the weights
@@ -137,6 +141,8 @@ class CLIP:
 
     @property
     def dtype(self) -> str:
+        if self._model.kernels.linear_dtype is not None:
+            return self._model.kernels.linear_dtype
         return "float16" if self._model.logit_scale.dtype == dtypes.float16 else "float32"
 
     @functools.cached_property

@@ -40,7 +40,8 @@ class Backend:
     priority       the default choice is the available backend with the highest priority;
                    accelerators rank above CPUs
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
-                   checks them here. default_dtype is used when none is asked for
+                   checks them here. default_dtype is used when none is asked for. A dtype only the
+                   linear layers compute in ("int8") comes with `dtype_problem` and `linear_kernel_set`
     description    one line for `tinyclip backends`
     tf32           whether load(allow_tf32=True) changes anything here: tinygrad then runs float32
                    matmuls on TF32 tensor cores (NVIDIA's CUDA and NV devices only)
@@ -76,6 +77,11 @@ class Backend:
         unless the backend brings its own (the cpu backends: tinyclip's tiled CPU kernels)."""
         from .kernels import TINYGRAD
         return TINYGRAD
+
+    def linear_kernel_set(self, dtype: str):
+        """The kernel set for a dtype only the linear layers compute in ("int8", declared in `dtypes`;
+        load() asks after check_dtype). Backends declaring one override this."""
+        raise BackendError(f"backend {self.name} ({self.device}) has no {dtype} kernels")
 
     def probe_key(self) -> str | None:
         """What probe()'s answer depends on besides tinyclip's and tinygrad's versions (driver and library
@@ -131,7 +137,15 @@ class Backend:
             return ()
         from . import _tinygrad
         return tuple(d for d in self.dtypes
-                     if d == "float32" or (d == "float16" and _tinygrad.supports_half(self.device, self.context())))
+                     if d == "float32" or (d == "float16" and _tinygrad.supports_half(self.device, self.context()))
+                     or (d in _tinygrad.LINEAR_DTYPES and self.dtype_problem(d) is None))
+
+    def dtype_problem(self, dtype: str) -> str | None:
+        """Why a declared dtype that only the linear layers compute in ("int8") cannot run here (one
+        sentence naming what is missing), or None; None for the others (usable_dtypes tries a kernel in
+        them). Backends declaring such a dtype override this."""
+        from . import _tinygrad
+        return f"backend {self.name} has no {dtype} kernels" if dtype in _tinygrad.LINEAR_DTYPES else None
 
     def check_dtype(self, dtype: str | None) -> str:
         """The dtype name to load with: `dtype`, or default_dtype for None.
@@ -141,11 +155,16 @@ class Backend:
         """
         from . import _tinygrad
         dt = _tinygrad.dtype_named(dtype or self.default_dtype)
-        name = next(k for k, v in _tinygrad.DTYPES.items() if v == dt)
+        name = dtype if dtype in _tinygrad.LINEAR_DTYPES else next(k for k, v in _tinygrad.DTYPES.items() if v == dt)
         # float32 runs wherever the backend does (its probe ran a float32 kernel): no test kernel for it, and
-        # none for the other dtypes, which a float32 load does not need (float16's cost a first schedule: 0.3 s)
-        if not (name == "float32" and name in self.dtypes and self.available) and name not in self.usable_dtypes:
+        # none for the other dtypes, which a float32 load does not need (float16's cost a first schedule: 0.3 s);
+        # a dtype only the linear layers take is the backend's to judge (dtype_problem), with no test kernel either
+        runs = name in self.dtypes and self.available and \
+            (name == "float32" or (name in _tinygrad.LINEAR_DTYPES and self.dtype_problem(name) is None))
+        if not runs and name not in self.usable_dtypes:
             declared = "" if name not in self.dtypes else f" here (a {name} test kernel failed)"
+            if name in self.dtypes and (why := self.dtype_problem(name)):
+                declared = f" here: {why}"
             raise BackendError(f"backend {self.name} ({self.device}) does not run {name}{declared}; it runs "
                                f"{', '.join(self.usable_dtypes) or 'nothing here'}. Pass dtype= one of those, "
                                f"or another device (see `tinyclip backends`).")

@@ -20,6 +20,8 @@ from .cpu_runtime import TESTED_TINYGRAD, tinygrad_version
 from ..trust import guard_kernel_cache, read_trusted  # noqa: F401  (re-exported: it runs before tinygrad reads its cache)
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16}
+# Dtypes only the linear layers compute in (the kernel set's, weights quantised at load): the model's tensors stay float32.
+LINEAR_DTYPES = ("int8",)
 
 
 def dtype_named(name) -> DType:
@@ -29,7 +31,9 @@ def dtype_named(name) -> DType:
         return dtypes.float32
     if name in ("fp16", "half", "float16"):
         return dtypes.float16
-    raise ValueError(f"dtype {name!r} is not supported; use 'float32' or 'float16'")
+    if name in LINEAR_DTYPES:
+        return dtypes.float32
+    raise ValueError(f"dtype {name!r} is not supported; use 'float32', 'float16' or 'int8'")
 
 
 def device_families() -> set[str]:

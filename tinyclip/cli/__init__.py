@@ -38,7 +38,7 @@ def add_model_options(p: argparse.ArgumentParser, batch_help: str | None = None)
                    help="Hugging Face cache to find hub models in (default: huggingface_hub's, ~/.cache/huggingface)")
     p.add_argument("--device", default=None, help="backend name, 'gpu' (the best available accelerator) or a "
                    "tinygrad device (default: best available; see `tinyclip backends`)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16"], help="default: the backend's default")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "int8"], help="default: the backend's default")
     p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda and nv backends): "
                    "faster, not exact float32 (README: its tolerance); a warning elsewhere")
     p.add_argument("--image-size", type=int, default=None, metavar="N",
@@ -65,7 +65,9 @@ def check_device(args: argparse.Namespace):
         backend.check_dtype(args.dtype)
     except BackendError:
         runs = ", ".join(backend.usable_dtypes)
-        raise BackendError(f"--dtype {args.dtype}: backend {backend.name} does not run it here; it runs {runs}. "
+        why = backend.dtype_problem(args.dtype) if args.dtype in backend.dtypes else None
+        why = f" ({why})" if why else ""
+        raise BackendError(f"--dtype {args.dtype}: backend {backend.name} does not run it here{why}; it runs {runs}. "
                            "Pass --dtype one of those, or another --device") from None
     return backend
 

@@ -1,6 +1,8 @@
 """The kernel-set interface, and its plain tinygrad implementation that every device runs."""
 from __future__ import annotations
 
+import contextlib
+
 from tinygrad import Tensor
 
 from .activations import activation
@@ -23,6 +25,7 @@ class KernelSet:
     """
 
     name = "tinygrad"
+    linear_dtype: str | None = None     # a dtype only the linear layers compute in ("int8"); None: the model's
 
     def key(self) -> dict:
         """What distinguishes this set's graphs from another's: its name and its parameters."""
@@ -49,6 +52,13 @@ class KernelSet:
         """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
         called once after loading. The plain set keeps it as it is."""
         return weight
+
+    def preparing(self, source) -> contextlib.AbstractContextManager:
+        """A context around model.prepare(), for a set that keeps what prepare_linear makes on disk (the
+        int8 set's quantised weights): `source` is a callable giving what identifies the weights prepared
+        (the checkpoint's fingerprint and the tower; towers.py), called only by such a set, or None to keep
+        nothing. The plain set keeps nothing."""
+        return contextlib.nullcontext()
 
     def dense_weight(self, weight: Tensor) -> Tensor:
         """The inverse of prepare_linear: the weight as (out, in)."""

@@ -5,8 +5,8 @@ What is quantised and how (symmetric, no zero points):
   in [-127, 127]. Stored with the kernel's layout (`quantise`): panels of P output channels,
   groups of 4 along the reduction, (N/P, K/4, P, 4) int8 (a last, narrower panel where P does not
   divide N, zero-padded to whole vectors; K zero-padded to a multiple of 4), then the float32
-  scales, then corr_n = 128 * sum_k q[n, k] as int32, all in one uint8 tensor of shape
-  (N, row_bytes) (row_bytes = the bytes over N, rounded up: the shape carries N).
+  scales, then corr_n = 128 * sum_k q[n, k] as int32, then K as an int32, all in one uint8 tensor
+  of shape (N, row_bytes) (row_bytes = those bytes over N, rounded up: the shape carries N).
 - Activations, per row, inside the graph (`quantise_rows`, a kernel of its own): scale_m =
   max_k |x[m, k]| / 127, q = rint(x * (127 / max)) + 128 as uint8 (K padded with 128, a zero), then
   the M float32 scales.
@@ -124,16 +124,27 @@ def quantise(weight: np.ndarray, path: Path) -> np.ndarray:
     body = q[:full * P].reshape(full, P, kp // GROUP, GROUP).transpose(0, 2, 1, 3)      # (N/P, K/4, P, 4)
     tail = q[full * P:].reshape(np_ - full * P, kp // GROUP, GROUP).transpose(1, 0, 2)  # (K/4, Tp, 4)
     data = b"".join([np.ascontiguousarray(body).tobytes(), np.ascontiguousarray(tail).tobytes(),
-                     scales.tobytes(), corr.astype("<i4").tobytes()])
+                     scales.tobytes(), corr.astype("<i4").tobytes(), np.array([k], "<i4").tobytes()])
     row = -(-len(data) // n)
     out = np.zeros(n * row, np.uint8)
     out[:len(data)] = np.frombuffer(data, np.uint8)
     return out.reshape(n, row)
 
 
-def unpack(packed: np.ndarray, k: int, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def inputs_of(packed: np.ndarray, path: Path) -> int:
+    """K, as `quantise` recorded it after the corrections."""
+    np_ = padded_outputs(packed.shape[0], path)
+    flat = packed.reshape(-1)
+    for kp in range(GROUP, flat.size // np_ + 1, GROUP):     # the one K/4 whose layout fills this shape
+        at = np_ * kp + 8 * np_
+        if stored_shape(packed.shape[0], kp, path) == packed.shape:
+            return int(flat[at:at + 4].view("<i4")[0])
+    raise ValueError(f"a quantised weight of shape {packed.shape} does not have {path.name}'s layout")
+
+
+def unpack(packed: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(q (N, K) int8, scales (N,) float32) of a weight `quantise` made."""
-    n = packed.shape[0]
+    n, k = packed.shape[0], inputs_of(packed, path)
     kp, np_ = padded_inputs(k), padded_outputs(n, path)
     flat = packed.reshape(-1)
     P, full = path.panel, n // path.panel
@@ -144,15 +155,15 @@ def unpack(packed: np.ndarray, k: int, path: Path) -> tuple[np.ndarray, np.ndarr
     return q, scales.astype(np.float32)
 
 
-def dequantise(packed: np.ndarray, k: int, path: Path) -> np.ndarray:
+def dequantise(packed: np.ndarray, path: Path) -> np.ndarray:
     """The float32 (N, K) weight the int8 one stands for: q * scale."""
-    q, scales = unpack(packed, k, path)
+    q, scales = unpack(packed, path)
     return q.astype(np.float32) * scales[:, None]
 
 
 def stored_shape(n: int, k: int, path: Path) -> tuple[int, int]:
     np_ = padded_outputs(n, path)
-    return n, -(-(np_ * padded_inputs(k) + 8 * np_) // n)
+    return n, -(-(np_ * padded_inputs(k) + 8 * np_ + 4) // n)
 
 
 # ---- the kernels (C source) -----------------------------------------------------------------------
