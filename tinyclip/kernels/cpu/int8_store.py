@@ -66,8 +66,7 @@ class Store:
         """Store `weights`, replacing the file atomically; the file, or None where it could not be written
         (with a warning)."""
         try:
-            for d in (self.folder.parent, self.folder):
-                d.mkdir(exist_ok=True, mode=0o700)
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             arrays = {f"w{i}": w for i, w in enumerate(weights)}
             write_atomic(self.path, lambda f: np.savez(f, key=np.array(self.key), **arrays))
             return self.path
