@@ -28,6 +28,8 @@ TEXTS = ["a photo of a cat", "a photo of a dog", "an astronaut", "", "a cup of c
 
 ISA, _ = isas.choose("native")
 PATH = int8.choose(ISA) if ISA is not None else "no x86-64 instruction set"
+# Every path this CPU can run (AVX-512's and AVX2's on a CPU with both VNNI flags): the kernels of each.
+RUNNABLE = [p for p in int8.PATHS if set(p.needs) <= cpu_info.flags()] if source.compiles_c("CPU") else []
 runs_here = pytest.mark.skipif(isinstance(PATH, str) or not source.compiles_c("CPU"),
                                reason=f"int8 does not run on this CPU: {PATH}")
 as_root = pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
@@ -36,13 +38,13 @@ as_root = pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
 
 # ---- the kernels, against numpy doing the same integer arithmetic ---------------------------------------
 
-def reference(x, w, bias, residual, act=None):
+def reference(x, w, bias, residual, act=None, path=PATH):
     """What the kernels compute, in numpy: rows quantised per row, weights per channel (int8.quantise's arrays,
     unpacked), exact integer sums, one float32 rescale in the kernel's order."""
     top = np.abs(x).max(1)
     inv = np.divide(np.float32(127), top, out=np.zeros_like(top), where=top > 0)
     qx = np.clip(np.rint(x * inv[:, None]), -127, 127).astype(np.int64)
-    qw, sw = int8.unpack(int8.quantise(w, PATH), PATH)
+    qw, sw = int8.unpack(int8.quantise(w, path), path)
     acc = qx @ qw.astype(np.int64).T
     y = acc.astype(np.float32) * (sw[None, :] * (top / np.float32(127))[:, None])
     if bias is not None:
@@ -60,22 +62,23 @@ def machine():
     return tuning.machine(ISA, "CPU", None)
 
 
-def _run(x, w, bias, residual, act, machine):
-    packed = _tinygrad.from_numpy(int8.quantise(w, PATH), "CPU")
+def _run(x, w, bias, residual, act, machine, path=PATH):
+    packed = _tinygrad.from_numpy(int8.quantise(w, path), "CPU")
     t = lambda a: None if a is None else Tensor(a, device="CPU")   # noqa: E731
-    return int8.linear(t(x), packed, t(bias), act, t(residual), PATH, machine).numpy()
+    return int8.linear(t(x), packed, t(bias), act, t(residual), path, machine).numpy()
 
 
 @runs_here
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
 @pytest.mark.parametrize("m, n, k", [(37, 70, 45), (6, 64, 64), (64, 17, 30), (130, 200, 96)])
-def test_the_kernel_equals_a_numpy_reference_of_the_same_quantisation(machine, m, n, k):
+def test_the_kernel_equals_a_numpy_reference_of_the_same_quantisation(machine, m, n, k, path):
     """Odd rows (a last row tile past M), outputs no panel divides (a narrower last panel), K not a multiple of 4."""
     rng = np.random.default_rng(m)
     x, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32)
     x[3] = 0.0      # a row of zeros: scale 0, no division by zero
     bias, res = rng.standard_normal(n, dtype=np.float32), rng.standard_normal((m, n), dtype=np.float32)
-    np.testing.assert_array_equal(_run(x, w, bias, res, None, machine), reference(x, w, bias, res))
-    np.testing.assert_array_equal(_run(x, w, None, None, None, machine), reference(x, w, None, None))
+    np.testing.assert_array_equal(_run(x, w, bias, res, None, machine, path), reference(x, w, bias, res, path=path))
+    np.testing.assert_array_equal(_run(x, w, None, None, None, machine, path), reference(x, w, None, None, path=path))
 
 
 @runs_here
