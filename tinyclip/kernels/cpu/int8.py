@@ -329,7 +329,7 @@ def linear(x, packed, bias, act: str | None, residual, path: Path, machine):
     kp = padded_inputs(k)
     qthreads = machine.threads_for(m * k, efficiency=1 / 8)    # a few operations a value, not a multiply-add
     qname = f"i8_rows_{m}_{k}_t{qthreads}"
-    xq = source.run_c(qname, quantise_rows_source(qname, m, k, qthreads), m * kp + 4 * m, [x.reshape(-1).contiguous()],
+    xq = source.run_c(qname, quantise_rows_source(qname, m, k, qthreads), m * kp + 4 * m, [x.reshape(-1)],
                       threads=qthreads, dtype=dtypes.uint8)
     fused = act in ACTS_IN_KERNEL or act is None
     late_residual = residual is not None and not fused
@@ -337,7 +337,7 @@ def linear(x, packed, bias, act: str | None, residual, path: Path, machine):
     name = (f"i8_linear_{m}_{n}_{k}_{path.name}_{path.rows}x{path.vectors}_t{threads}" + ("_bias" if bias is not None else "")
             + (f"_{act}" if fused and act else "") + ("_res" if residual is not None and not late_residual else ""))
     inputs = [xq, packed.reshape(-1)] + ([bias] if bias is not None else []) + \
-        ([residual.reshape(-1).contiguous()] if residual is not None and not late_residual else [])
+        ([residual.reshape(-1)] if residual is not None and not late_residual else [])
     src = linear_source(name, m, n, k, path, threads, bias is not None, act if fused else None,
                         residual is not None and not late_residual)
     y = source.run_c(name, src, m * n, inputs, threads=threads, flops=2 * m * n * k).reshape(*lead, n)
