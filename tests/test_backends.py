@@ -247,7 +247,7 @@ def test_declared_dtype_that_fails_here_is_an_error(tiny_quick, monkeypatch):
     from tinyclip import _tinygrad
     monkeypatch.setattr(_tinygrad, "supports_half", lambda device, context=None: False)
     fresh = type(by_name("cpu"))()     # the registered instance has its dtypes checked already
-    assert fresh.usable_dtypes == ("float32",)
+    assert "float32" in fresh.usable_dtypes and "float16" not in fresh.usable_dtypes
     with pytest.raises(BackendError, match=r"does not run float16 here \(a float16 test kernel failed\)"):
         tinyclip.load(tiny_quick.folder, device=fresh, dtype="float16")
 
