@@ -55,7 +55,8 @@ class CPU(Backend):
             isa, _ = self._isa
         except BackendError as e:
             return str(e)
-        with self.context():      # the renderer (and so whether C compiles) comes from the backend's DEV
+        # the renderer (and so whether C compiles) comes from the backend's DEV, a process-wide setting
+        with _tinygrad.LOCK, self.context():
             return int8_set.problem(isa, self.device)
 
     def linear_kernel_set(self, dtype: str):
