@@ -21,7 +21,7 @@ class CPU(Backend):
     device = "CPU"
     aliases = ("CPU:CLANG",)
     priority = 10
-    dtypes = ("float32", "float16", "bfloat16")
+    dtypes = ("float32", "float16", "bfloat16", "int8")
     description = "tinygrad CPU device, kernels compiled by clang"
     renderer = "CLANG"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where an encoder's time goes: tinygrad's per-kernel times (DEBUG=2), grouped.
 
-    python benchmarks/kernel_profile.py [--model FOLDER] [--batch 1] [--device cpu] [--text LENGTH]
+    python benchmarks/kernel_profile.py [--model FOLDER] [--batch 1] [--device cpu] [--text LENGTH] [--dtype int8]
 
 Runs one warm forward pass of the vision tower (or, with --text, of the text
 tower on a batch of LENGTH tokens) under DEBUG=2, parses
@@ -31,6 +31,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--text", type=int, metavar="LENGTH", help="profile the text tower at this many positions")
+    ap.add_argument("--dtype", default=None, help="as tinyclip.load's (float32, float16, int8)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     import tinyclip
@@ -40,7 +41,7 @@ def main(argv=None):
     folder = pathlib.Path(args.model) if args.model else pathlib.Path(tempfile.gettempdir()) / "tinyclip-bench-vit-b-32"
     if not (folder / "config.json").exists():
         build_checkpoint(folder, clip_config(**ARCHITECTURES["openai/clip-vit-base-patch32"]))
-    m = tinyclip.load(folder, device=args.device)
+    m = tinyclip.load(folder, device=args.device, dtype=args.dtype)
     s = m.config.vision_config.image_size
     px = np.random.default_rng(0).standard_normal((args.batch, 3, s, s)).astype(np.float32)
     ids = np.random.default_rng(0).integers(1, 1000, (args.batch, args.text or 1)).astype(np.int32)

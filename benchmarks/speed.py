@@ -5,6 +5,7 @@
     python benchmarks/speed.py --model FOLDER --device cpu-llvm --repeats 5
     python benchmarks/speed.py --isa avx2           # both libraries held to AVX2 (like for like on a wider CPU)
     python benchmarks/speed.py --dtype bfloat16     # tinyclip bfloat16 against tinyclip float32 and torch bfloat16
+    python benchmarks/speed.py --dtype int8         # tinyclip int8 vs tinyclip float32 vs torch's dynamic int8
 
 Prints median throughputs and the tinyclip/transformers ratio (above 1 means
 tinyclip is faster) for: images at batch 1 and 32, texts at batch 32 on
@@ -25,6 +26,13 @@ is imported) and tinyclip to its AVX2 kernels (TINYCLIP_CPU_ISA=avx2).
 float32 and transformers' model converted with `model.to(torch.bfloat16)` (images and texts at batch 32),
 prints the throughputs with bfloat16's ratio to each, the embeddings' lowest cosine against tinyclip
 float32, and the hot matmul in both of tinyclip's dtypes.
+
+`--dtype int8` compares, in one run, tinyclip int8 (load(dtype="int8")), tinyclip float32 and transformers
+with torch's dynamic int8 quantisation of its Linear layers (torch.ao.quantization.quantize_dynamic, qint8
+weights, activations quantised per batch at run time) at batch 32, images and texts, and prints int8's
+exactness against transformers in float32: the minimum cosine of the image and text embeddings, and the
+share of images whose zero-shot top-1 among INT8_LABELS (CIFAR-100's 100 classes, "a photo of a {}.") is
+float32's. The images are views (crops, flips) of the photographs in tests/data/images.
 """
 from __future__ import annotations
 
@@ -46,6 +54,17 @@ LABELS = ["cat", "dog", "car", "airplane", "horse", "ship", "truck", "bird", "fr
 
 AVX2_TORCH = {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 HOT_MATMUL = (1600, 768, 3072)    # ViT-B/32's fc1 at batch 32: rows, inputs, outputs
+INT8_LABELS = (   # CIFAR-100's classes: 100 labels for the int8 top-1 figure
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish",
+    "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain", "mouse", "mushroom", "oak tree", "orange",
+    "orchid", "otter", "palm tree", "pear", "pickup truck", "pine tree", "plain", "plate", "poppy", "porcupine",
+    "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk",
+    "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank",
+    "telephone", "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow tree", "wolf", "woman", "worm")
 
 CHILD = r"""
 import json, sys, time
@@ -102,8 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only-start", action="store_true", help="only the fresh-process start-up measurements")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: hold both libraries to AVX2 (default: each uses the widest this CPU has)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="bfloat16: tinyclip bfloat16 against tinyclip float32 and torch bfloat16, batch 32")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
+                    help="bfloat16: tinyclip bfloat16 against tinyclip float32 and torch bfloat16, batch 32; int8: tinyclip "
+                    "int8 against tinyclip float32 and torch's quantize_dynamic, and int8's exactness")
     args = ap.parse_args(argv)
     if args.isa == "avx2" and os.environ.get("TINYCLIP_CPU_ISA") != "avx2":
         # torch reads these when it is imported: the comparison runs again in a child with them set.
@@ -126,6 +146,8 @@ def main(argv=None) -> int:
 
     if args.only_start:
         return start_up(folder, args)
+    if args.dtype == "int8":
+        return int8_comparison(folder, args)
     if args.dtype != "float32":
         return low_precision(folder, args, tinyclip, torch, transformers)
     ours = tinyclip.load(folder, device=args.device)
@@ -188,6 +210,87 @@ def low_precision(folder, args, tinyclip, torch, transformers) -> int:
         for model in (low, exact):
             hot_matmul(model, torch, args.repeats, torch_dtype=getattr(torch, args.dtype))
     return 0
+
+
+def int8_comparison(folder, args) -> int:
+    """tinyclip int8, tinyclip float32 and torch's dynamic int8 at batch 32, then int8's exactness."""
+    import copy
+
+    import torch
+    import transformers
+    from PIL import Image, ImageOps
+
+    import tinyclip
+    f32 = tinyclip.load(folder, device=args.device)
+    i8 = tinyclip.load(folder, device=args.device, dtype="int8")
+    print(f"tinyclip kernels: {i8.model.kernels.describe()}")
+    ref = transformers.CLIPModel.from_pretrained(folder).eval()
+    tq = torch.ao.quantization.quantize_dynamic(copy.deepcopy(ref), {torch.nn.Linear}, dtype=torch.qint8)
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    rng = np.random.default_rng(0)
+    size = f32.config.vision_config.image_size
+    px = rng.standard_normal((32, 3, size, size)).astype(np.float32)
+    prompts = [f"a photo of a {INT8_LABELS[i]}." for i in range(32)]
+    ids, ref_ids = f32.tokenize(prompts), tok(prompts, padding=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for name, units, runs in (
+                ("images, batch 32", 32, (lambda: i8.encode_image(px), lambda: f32.encode_image(px),
+                                          lambda: tq.get_image_features(pixel_values=torch.from_numpy(px)))),
+                ("texts, batch 32", 32, (lambda: i8.encode_text(ids), lambda: f32.encode_text(ids),
+                                         lambda: tq.get_text_features(input_ids=ref_ids)))):
+            t_i8, t_f32, t_tq = round_robin(runs, args.repeats)
+            print(f"{name:<18} tinyclip int8 {units / t_i8:7.2f}/s   tinyclip float32 {units / t_f32:7.2f}/s   "
+                  f"torch quantize_dynamic {units / t_tq:7.2f}/s   int8/float32 {t_f32 / t_i8:4.2f}x (target >= 2.5)   "
+                  f"int8/torch int8 {t_tq / t_i8:4.2f}x", flush=True)
+
+        photos = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
+        views = []
+        for p in photos:      # each photograph whole and as crops of it, each also mirrored
+            im = Image.open(p).convert("RGB")
+            w, h = im.size
+            for box in ((0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h), (w // 8, h // 8, w * 7 // 8, h * 7 // 8)):
+                crop = im.crop(box)
+                views += [crop, ImageOps.mirror(crop)]
+        pixels = f32.preprocess(views)
+        label_ids = f32.tokenize([f"a photo of a {label}." for label in INT8_LABELS])
+        want_img = _features(ref.get_image_features(pixel_values=torch.from_numpy(pixels)))
+        want_txt = _features(ref.get_text_features(input_ids=torch.from_numpy(label_ids.astype(np.int64))))
+        torch_img = _features(tq.get_image_features(pixel_values=torch.from_numpy(pixels)))
+        torch_txt = _features(tq.get_text_features(input_ids=torch.from_numpy(label_ids.astype(np.int64))))
+    top1 = lambda img, txt: (_unit(img) @ _unit(txt).T).argmax(1)    # noqa: E731
+    want = top1(want_img, want_txt)
+    print(f"int8 exactness against transformers float32 on {len(views)} views (crops, mirrored) of the "
+          f"{len(photos)} photographs in tests/data/images, {len(INT8_LABELS)} labels (CIFAR-100):")
+    for name, img, txt in (("tinyclip int8", i8.encode_image(pixels), i8.encode_text(label_ids)),
+                           ("torch quantize_dynamic", torch_img, torch_txt)):
+        print(f"  {name:<23} cosine min: images {_cos(img, want_img).min():.5f}, texts {_cos(txt, want_txt).min():.5f} "
+              f"(tolerance >= 0.995); top-1 unchanged {np.mean(top1(img, txt) == want):.1%} (tolerance >= 99%)")
+    return 0
+
+
+def round_robin(fns, repeats):
+    """Median seconds of each of fns, run in turns after one warm-up each (see alternating)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _features(out):
+    return (out.pooler_output if hasattr(out, "pooler_output") else out).detach().float().numpy()
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _cos(a, b):
+    return (_unit(a) * _unit(b)).sum(-1)
 
 
 def cpu_model() -> str:

@@ -87,7 +87,7 @@ def test_every_backend_declares_what_the_interface_asks():
     for b in registry.registered():
         assert b.name and b.device and b.description, b
         assert b.default_dtype in b.dtypes, b
-        assert set(b.dtypes) <= {"float32", "float16", "bfloat16"}, b
+        assert set(b.dtypes) <= {"float32", "float16", "bfloat16", "int8"}, b
         assert b.available or b.unavailable.strip(), f"{b.name} is unavailable without a reason"
 
 

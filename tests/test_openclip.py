@@ -14,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from tinygrad import dtypes
 from tinygrad.nn.state import get_state_dict
 
 import tinyclip
@@ -359,6 +360,25 @@ def test_resnet_in_bfloat16_stays_within_its_tolerance(built_resnet):
     want = b.oracle["image_embeds"]
     cosine = (img * want).sum(1) / np.linalg.norm(img, axis=1) / np.linalg.norm(want, axis=1)
     assert cosine.min() >= BF16_COSINE and not np.allclose(img, want, rtol=1e-6, atol=0)
+
+
+def test_resnet_in_int8_quantises_the_linear_layers_only(built_resnet):
+    """int8: the attention pool's linear layers in int8 but its output projection (the embedding), the
+    convolutions float32; within int8's tolerance."""
+    from tinyclip.model import Conv2d, Linear, walk
+    from tests.test_int8 import COS_TOL, PATH
+    if isinstance(PATH, str):
+        pytest.skip(f"int8 does not run on this CPU: {PATH}")
+    b = built_resnet["oc-rn50-widths"]
+    model = tinyclip.load(b.folder, device="cpu", dtype="int8")
+    layers = list(walk(model.model))
+    pool = model.model.visual.attnpool
+    assert all(m.weight.dtype == dtypes.uint8 for m in layers if isinstance(m, Linear) and m is not pool.c_proj)
+    assert pool.c_proj.weight.dtype == dtypes.float32
+    assert all(m.weight.dtype == dtypes.float32 for m in layers if isinstance(m, Conv2d))
+    ours, theirs = model.encode_image(b.oracle["pixels"]), b.oracle["image_embeds"]
+    cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
+    assert cos.min() >= COS_TOL
 
 
 def test_a_resnet_runs_at_its_own_size_only(built_resnet):

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from tinygrad import Tensor, dtypes
 
-from . import _tinygrad, checkpoints, hub, identity, registry, tasks, trace
+from . import _tinygrad, cachedir, checkpoints, hub, identity, registry, tasks, trace
 from .config import requested_image_size
 from .errors import ImageError, TinyClipError, TokenizerError, UsageError
 from .kernels import LINEAR_DTYPES
@@ -42,9 +42,10 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     device : a backend name ("cpu", "cpu-llvm", "opencl", "cuda", "metal"), a raw tinygrad
         device string ("CPU", "CPU:LLVM", "CL", "CUDA", "METAL"), a registry.Backend, or None for the
         best available.
-    dtype : "float32" (the default on every backend), "float16", or "bfloat16": the linear layers' products
-        in bfloat16, summed in float32, the rest of the model in float32 (the cpu backend on a CPU with
-        AVX512_BF16; faster, not exact: README gives its tolerances).
+    dtype : "float32" (the default on every backend), "float16", "bfloat16" or "int8". bfloat16 and int8 compute
+        the linear layers only in that dtype, everything else in float32 (the cpu backend; faster, not exact:
+        README gives their tolerances): bfloat16 products summed in float32 (a CPU with AVX512_BF16), int8
+        weights quantised per output channel at load and inputs per row, int32 sums (a CPU with VNNI).
     revision, cache_dir, local_files_only : passed to huggingface_hub for hub ids.
     graph_cache : keep compiled encoder graphs on disk (~/.cache/tinyclip/graphs; see
         tinyclip.graph_cache) so later processes skip compiling; TINYCLIP_GRAPH_CACHE=0 also turns it off.
@@ -82,7 +83,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     size = config.vision_config.image_size if image_size is None else \
         requested_image_size(config.vision_config, image_size)
     model = CLIPModel(config, dtype=dt, device=chosen.device, kernels=kernels)
-    towers = Towers(checkpoint, model, dt, chosen)
+    towers = Towers(checkpoint, model, dt, chosen, keep=cachedir.enabled(graph_cache))
     with trace.phase("weights checked (each tower read on its first use)"):
         towers.load_shared()
     if size != config.vision_config.image_size:    # the position embeddings are interpolated from the weights
@@ -145,7 +146,7 @@ class CLIP:
 
     @property
     def dtype(self) -> str:
-        """"float32", "float16", or the linear layers' dtype ("bfloat16") where they compute in another."""
+        """"float32", "float16", or the linear layers' dtype ("bfloat16", "int8") where they compute in another."""
         if self._model.kernels.linear_dtype:
             return self._model.kernels.linear_dtype
         return "float16" if self._model.logit_scale.dtype == dtypes.float16 else "float32"

@@ -41,7 +41,7 @@ class Backend:
                    accelerators rank above CPUs
     dtypes         dtype names the backend can run where its device works; `usable_dtypes`
                    checks them here. default_dtype is used when none is asked for. A linear dtype
-                   (kernels.LINEAR_DTYPES: "bfloat16") runs where the kernel set says it can
+                   (kernels.LINEAR_DTYPES: "bfloat16", "int8") runs where the kernel set says it can
                    (KernelSet.linear_dtype_problem)
     description    one line for `tinyclip backends`
     tf32           whether load(allow_tf32=True) changes anything here: tinygrad then runs float32

@@ -45,7 +45,7 @@ from .errors import TinyClipError
 MANIFEST = "manifest.json"
 FORMAT = 2                       # manifest["format"]: 2 = paths as bytes and page checksums
 READABLE_FORMATS = (1, 2)        # 1: paths as UTF-8 strings, no checksums
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16", "int8")
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 TMP_PREFIX = ".tmp-"             # a shard or manifest being written; never read, removed by the next run
 DAMAGED_PREFIX = ".damaged-"     # a shard that failed its checksums, kept for inspection and never read

@@ -38,9 +38,10 @@ def add_model_options(p: argparse.ArgumentParser, batch_help: str | None = None)
                    help="Hugging Face cache to find hub models in (default: huggingface_hub's, ~/.cache/huggingface)")
     p.add_argument("--device", default=None, help="backend name, 'gpu' (the best available accelerator) or a "
                    "tinygrad device (default: best available; see `tinyclip backends`)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: the backend's default (float32). bfloat16: the linear layers in bfloat16, summed in "
-                   "float32 (the cpu backend on a CPU with avx512_bf16; faster, within README's tolerances)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "int8"],
+                   help="default: the backend's default (float32). bfloat16 / int8: the linear layers in that dtype, "
+                   "the rest float32 (the cpu backend on a CPU with avx512_bf16 / VNNI; faster, within README's "
+                   "tolerances)")
     p.add_argument("--tf32", action="store_true", help="float32 matmuls on TF32 tensor cores (cuda and nv backends): "
                    "faster, not exact float32 (README: its tolerance); a warning elsewhere")
     p.add_argument("--image-size", type=int, default=None, metavar="N",

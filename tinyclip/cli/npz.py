@@ -7,7 +7,7 @@ Format 3 (the `format` array) holds:
                     it (so the folder and its .npz can move together), absolute elsewhere; or texts
     root            the .npz's folder when it was written, absolute (image files only; for reference)
     model_identity  JSON of tinyclip.identity: hub_id, revision, folder, fingerprint
-    dtype           the dtype the model ran in ("float32", "float16", "bfloat16")
+    dtype           the dtype the model ran in ("float32", "float16", "bfloat16", "int8")
     normalized      whether the rows are unit length
     projection_dim  D
 

@@ -1,6 +1,7 @@
 """The kernel-set interface, and its plain tinygrad implementation that every device runs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 from tinygrad import Tensor
@@ -11,7 +12,7 @@ from .activations import activation
 # dtypes that only the linear layers compute in (load(dtype=...)): the model around them stays float32 (layer
 # norms, softmax and attention, embeddings, the final normalisation), and the kernel set that can run the
 # dtype converts each linear weight once at load (prepare_linear) and computes the layer with it (linear).
-LINEAR_DTYPES = ("bfloat16",)
+LINEAR_DTYPES = ("bfloat16", "int8")
 
 
 # Compiling a text graph costs about as much work as encoding this many tokens (batch rows x positions):
@@ -52,8 +53,9 @@ class KernelSet:
     def linear_dtype_problem(self, name: str) -> str | None:
         """Why this set cannot compute linear layers in `name` (one of LINEAR_DTYPES) here, in one
         sentence, or None where it can. The plain set runs none of them."""
+        needs = "avx512_bf16" if name == "bfloat16" else "VNNI (avx512_vnni or avx_vnni)"
         return (f"{name} linear layers run only in tinyclip's CPU kernels (the cpu backend, on an x86-64 CPU with "
-                f"avx512_bf16); this backend computes with tinygrad's own kernels")
+                f"{needs}); this backend computes with tinygrad's own kernels")
 
     def with_linear_dtype(self, name: str) -> "KernelSet":
         """A copy of this set whose linear layers compute in `name` (one of LINEAR_DTYPES), from weights
@@ -84,6 +86,13 @@ class KernelSet:
         """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
         called once after loading. The plain set keeps it as it is."""
         return weight
+
+    def preparing(self, source) -> contextlib.AbstractContextManager:
+        """A context around model.prepare(), for a set that keeps what prepare_linear makes on disk (the
+        int8 set's quantised weights): `source` is a callable giving what identifies the weights prepared
+        (the checkpoint's fingerprint and the tower; towers.py), called only by such a set, or None to keep
+        nothing. The plain set keeps nothing."""
+        return contextlib.nullcontext()
 
     def dense_weight(self, weight: Tensor) -> Tensor:
         """The inverse of prepare_linear: the weight as (out, in)."""

@@ -11,7 +11,8 @@ AVX2, a tinygrad version the runtime patches were not written for) runs in the p
 the same numbers to float32 rounding, slower.
 
 With a linear dtype (load(dtype="bfloat16")), the linear layers run bf16.py's kernels instead, on a CPU
-with AVX512_BF16; the rest of the model stays as above.
+with AVX512_BF16; with int8, int8_set.py's set runs them in int8.py's VNNI kernels. The rest of the model
+stays as above.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tinygrad import Tensor, dtypes
 
 from ... import cpu_info
 from ..._tinygrad import cpu_runtime, source
+from ...errors import BackendError
 from ..activations import activation
 from ..base import KernelSet
 from . import attention, bf16, conv, exp, matmul, norm, tuning
@@ -86,6 +88,9 @@ class CPUKernels(KernelSet):
     # ---- linear -------------------------------------------------------------------------------------
 
     def linear_dtype_problem(self, name: str) -> str | None:
+        if name == "int8":
+            from . import int8_set
+            return int8_set.problem(self.isa, self.c_source)
         if name != "bfloat16":
             return super().linear_dtype_problem(name)
         if self.isa.lanes < bf16.LANES:      # a narrower instruction set forced on this CPU (TINYCLIP_CPU_ISA)
@@ -101,6 +106,15 @@ class CPUKernels(KernelSet):
             return (f"bfloat16 needs tinyclip's CPU runtime, which this tinygrad ({cpu_runtime.tinygrad_version()}) "
                     "lacks")
         return None
+
+    def with_linear_dtype(self, name: str) -> KernelSet:
+        """As KernelSet's; int8's linear layers are a set of their own (int8_set.Int8Kernels)."""
+        if name != "int8":
+            return super().with_linear_dtype(name)
+        from . import int8_set
+        if why := self.linear_dtype_problem(name):
+            raise BackendError(why)
+        return int8_set.Int8Kernels(self.isa, self.device, self.cache_folder, c_source=self.c_source)
 
     def prepare_linear(self, weight: Tensor) -> Tensor:
         if self.linear_dtype == "bfloat16" and weight.dtype == dtypes.float32 and bf16.fits(weight.shape[0]):
