@@ -51,6 +51,28 @@ def f32(x: float) -> str:
     return f"{float(x)!r}f" if math.isfinite(x) else ("__builtin_inff()" if x > 0 else "-__builtin_inff()")
 
 
+def _tile_sums(rows: int, V: int, M: int, tiles: int, K: int, left: str, row_stride: int, k_stride: int,
+               weights_at, indent: str) -> list[str]:
+    """C lines that sum a tile into accumulators c{r}_{v} (`rows` rows x V vectors, vector types `vf`/`vfu`):
+    tile row r is row t * rows + r of `left` (rows past M read row M - 1), starting row_stride floats apart;
+    step k multiplies its element k * k_stride by the V vectors at weights_at(v) (a C pointer expression in k)."""
+    lines = []
+    for r in range(rows):
+        row = f"t * {rows} + {r}"
+        at = f"({row} < {M} ? {row} : {M - 1})" if tiles * rows != M else row
+        lines.append(f"{indent}const float* restrict a{r} = {left} + (long)({at}) * {row_stride};\n")
+    lines.append(f"{indent}vf " + ", ".join(f"c{r}_{v} = 0" for r in range(rows) for v in range(V)) + ";\n")
+    lines.append(f"{indent}for (int k = 0; k < {K}; k++) {{\n")
+    for v in range(V):
+        lines.append(f"{indent}  const vf w{v} = *(const vfu*)({weights_at(v)});\n")
+    step = "k" if k_stride == 1 else f"(long)k * {k_stride}"
+    for r in range(rows):
+        lines.append(f"{indent}  {{ const float x = a{r}[{step}]; " + " ".join(f"c{r}_{v} += x * w{v};" for v in range(V))
+                     + " }\n")
+    lines.append(f"{indent}}}\n")
+    return lines
+
+
 def linear(name: str, M: int, N: int, K: int, P: int, lanes: int, rows: int, rows_outer: bool, threads: int,
            bias: bool, residual: bool) -> str:
     """out = A @ W.T (+ bias) (+ residual) for A (M, K) and W stored as panels (N/P, K, P): matmul.panel_linear.
@@ -70,17 +92,7 @@ def linear(name: str, M: int, N: int, K: int, P: int, lanes: int, rows: int, row
         loops.reverse()
     body.append(f"  {loops[0]}\n  {loops[1]} {{\n")
     body.append(f"    const float* restrict b = B + (long)p * {K * P};\n")
-    for r in range(rows):
-        row = f"t * {rows} + {r}"
-        at = f"({row} < {M} ? {row} : {M - 1})" if tiles * rows != M else row
-        body.append(f"    const float* restrict a{r} = A + (long)({at}) * {K};\n")
-    body.append("    vf " + ", ".join(f"{c} = 0" for line in acc for c in line) + ";\n")
-    body.append(f"    for (int k = 0; k < {K}; k++) {{\n")
-    for v in range(V):
-        body.append(f"      const vf w{v} = *(const vfu*)(b + k * {P} + {v * lanes});\n")
-    for r in range(rows):
-        body.append(f"      {{ const float x = a{r}[k]; " + " ".join(f"{acc[r][v]} += x * w{v};" for v in range(V)) + " }\n")
-    body.append("    }\n")
+    body += _tile_sums(rows, V, M, tiles, K, "A", K, 1, lambda v: f"b + k * {P} + {v * lanes}", "    ")
     for r in range(rows):
         row = f"t * {rows} + {r}"
         stores = []
@@ -155,18 +167,7 @@ def head_product(name: str, dims: tuple[int, ...], rows: int, lanes: int, thread
             f"    float* restrict o = out + {oc} + (long)b * {ob} + (long)h * {oh};\n",
             f"    for (int t = 0; t < {tiles}; t++)\n",
             f"    for (int n = 0; n < {N}; n += {width}) {{\n"]
-    for r in range(rows):
-        row = f"t * {rows} + {r}"
-        at = f"({row} < {M} ? {row} : {M - 1})" if tiles * rows != M else row
-        body.append(f"      const float* restrict a{r} = l + (long)({at}) * {li};\n")
-    body.append("      vf " + ", ".join(f"{c} = 0" for line in acc for c in line) + ";\n")
-    body.append(f"      for (int k = 0; k < {K}; k++) {{\n")
-    for v in range(V):
-        body.append(f"        const vf w{v} = *(const vfu*)(rt + (long)k * {rk} + n + {v * vl});\n")
-    for r in range(rows):
-        body.append(f"        {{ const float x = a{r}[(long)k * {lk}]; " +
-                    " ".join(f"{acc[r][v]} += x * w{v};" for v in range(V)) + " }\n")
-    body.append("      }\n")
+    body += _tile_sums(rows, V, M, tiles, K, "l", li, lk, lambda v: f"rt + (long)k * {rk} + n + {v * vl}", "      ")
     for r in range(rows):
         row = f"t * {rows} + {r}"
         stores = " ".join(f"*(vfu*)(o + (long)({row}) * {oi} + n + {v * vl}) = " +
