@@ -363,8 +363,8 @@ def test_resnet_in_bfloat16_stays_within_its_tolerance(built_resnet):
 
 
 def test_resnet_in_int8_quantises_the_linear_layers_only(built_resnet):
-    """int8: the attention pool's linear layers in int8 but its output projection (the embedding), the
-    convolutions float32; within int8's tolerance."""
+    """int8: the linear layers in int8 but the two final projections (the embeddings: the attention pool's
+    c_proj and text_projection), the convolutions float32; within int8's tolerance."""
     from tinyclip.model import Conv2d, Linear, walk
     from tests.test_int8 import COS_TOL, PATH
     if isinstance(PATH, str):
@@ -372,9 +372,9 @@ def test_resnet_in_int8_quantises_the_linear_layers_only(built_resnet):
     b = built_resnet["oc-rn50-widths"]
     model = tinyclip.load(b.folder, device="cpu", dtype="int8")
     layers = list(walk(model.model))
-    pool = model.model.visual.attnpool
-    assert all(m.weight.dtype == dtypes.uint8 for m in layers if isinstance(m, Linear) and m is not pool.c_proj)
-    assert pool.c_proj.weight.dtype == dtypes.float32
+    projections = (model.model.visual.attnpool.c_proj, model.model.text_projection)
+    assert all(m.weight.dtype == dtypes.uint8 for m in layers if isinstance(m, Linear) and m not in projections)
+    assert all(m.weight.dtype == dtypes.float32 for m in projections)
     assert all(m.weight.dtype == dtypes.float32 for m in layers if isinstance(m, Conv2d))
     ours, theirs = model.encode_image(b.oracle["pixels"]), b.oracle["image_embeds"]
     cos = (ours * theirs).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(theirs, axis=-1))
