@@ -314,10 +314,21 @@ __attribute__((target("{path.target}"))) void {name}({", ".join(args)}{core}) {{
 """
 
 
-def linear(x, packed, bias, act: str | None, residual, path: Path, machine):
+def quantised_rows(x, machine):
+    """x's rows (float32, any leading dimensions) quantised for linear(): one kernel; a uint8 tensor."""
+    *lead, k = x.shape
+    m, kp = math.prod(lead), padded_inputs(k)
+    qthreads = machine.threads_for(m * k, efficiency=1 / 8)    # a few operations a value, not a multiply-add
+    qname = f"i8_rows_{m}_{k}_t{qthreads}"
+    return source.run_c(qname, quantise_rows_source(qname, m, k, qthreads), m * kp + 4 * m, [x.reshape(-1)],
+                        threads=qthreads, dtype=dtypes.uint8)
+
+
+def linear(x, packed, bias, act: str | None, residual, path: Path, machine, xq=None):
     """act(x @ W.T + bias) + residual for W quantised by `quantise` (the uint8 tensor `packed`), x float32 with
-    any leading dimensions: the rows quantised by one kernel, the int8 matmul in another. An activation the
-    kernel does not compute (ACTS_IN_KERNEL) runs after it in tinygrad, then the residual."""
+    any leading dimensions: the rows quantised by one kernel (or `xq`, quantised_rows(x) already made: q, k
+    and v share theirs), the int8 matmul in another. An activation the kernel does not compute
+    (ACTS_IN_KERNEL) runs after it in tinygrad, then the residual."""
     from ..activations import activation
     *lead, k = x.shape
     n = packed.shape[0]
@@ -326,11 +337,8 @@ def linear(x, packed, bias, act: str | None, residual, path: Path, machine):
     m = math.prod(lead)
     if residual is not None and residual.shape != (*lead, n):
         raise ValueError(f"int8 linear: residual has shape {residual.shape}, the output {(*lead, n)}")
-    kp = padded_inputs(k)
-    qthreads = machine.threads_for(m * k, efficiency=1 / 8)    # a few operations a value, not a multiply-add
-    qname = f"i8_rows_{m}_{k}_t{qthreads}"
-    xq = source.run_c(qname, quantise_rows_source(qname, m, k, qthreads), m * kp + 4 * m, [x.reshape(-1)],
-                      threads=qthreads, dtype=dtypes.uint8)
+    if xq is None:
+        xq = quantised_rows(x, machine)
     fused = act in ACTS_IN_KERNEL or act is None
     late_residual = residual is not None and not fused
     threads = max(1, min(machine.threads_for(m * n * k, efficiency=SPEEDUP), -(-n // path.panel)))
