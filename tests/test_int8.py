@@ -295,3 +295,16 @@ def test_no_store_without_the_caches(tiny_quick, tmp_path, monkeypatch):
     monkeypatch.setenv("TINYCLIP_CACHE_DIR", str(tmp_path))
     tinyclip.load(tiny_quick.folder, device=DEVICE, dtype="int8", graph_cache=False).encode_text(TEXTS[:2])
     assert _store_files(tmp_path) == []
+
+
+@runs_here
+def test_one_tower_after_the_other_keeps_the_state_dict_the_checkpoints(tiny_quick):
+    """The int8 set keeps the last input's quantised rows between q, k and v, but never as a tensor: a
+    tower read after the other has run (towers.py) still finds exactly the checkpoint's keys."""
+    from tinygrad.nn.state import get_state_dict
+    model = tinyclip.load(tiny_quick.folder, device="cpu", dtype="int8")
+    keys = set(get_state_dict(model.runner.model))
+    model.encode_text(["a cat"])
+    assert set(get_state_dict(model.runner.model)) == keys
+    model.model        # reads the image tower after the text tower ran
+    assert set(get_state_dict(model.runner.model)) == keys
