@@ -188,13 +188,8 @@ def linear_source(name: str, M: int, N: int, K: int, P: int, rows: int, threads:
         for v in range(vectors):
             body.append(f"      {{ const int col = panel * {P} + {v * LANES};\n"
                         f"        __m512 y = a{r}_{v};")
-            if bias:
-                body.append("        y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));")
-            if gelu:
-                body.append("        y = quick_gelu(y);")
-            if residual:
-                body.append(f"        y = _mm512_add_ps(y, _mm512_loadu_ps(res + (long)(m + {r}) * {N} + col));")
-            body.append(f"        _mm512_storeu_ps(out + (long)(m + {r}) * {N} + col, y); }}")
+            body += _finish("        ", f"(m + {r})", N, bias, gelu, residual)
+            body[-1] += " }"
         stores.append(f"    if (m + {r} < {M}) {{\n" + "\n".join(body) + "\n    }")
     return f"""#include <immintrin.h>
 {_quick_gelu_c() if gelu else ""}
@@ -236,14 +231,17 @@ def _epilogue(tile: str, rows: int, N: int, bias: bool, gelu: bool, residual: bo
     """C storing the 16 x 16 float32 block `tile` (a local array) at out[m + r][col + c] for r < rows left."""
     lines = [f"    for (int r = 0; r < 16 && m + r < {rows}; r++) {{",
              f"      __m512 y = _mm512_load_ps({tile} + r * 16);"]
-    if bias:
-        lines.append("      y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));")
-    if gelu:
-        lines.append("      y = quick_gelu(y);")
-    if residual:
-        lines.append(f"      y = _mm512_add_ps(y, _mm512_loadu_ps(res + (long)(m + r) * {N} + col));")
-    lines += [f"      _mm512_storeu_ps(out + (long)(m + r) * {N} + col, y);", "    }"]
+    lines += _finish("      ", "(m + r)", N, bias, gelu, residual) + ["    }"]
     return "\n".join(lines)
+
+
+def _finish(indent: str, row: str, N: int, bias: bool, gelu: bool, residual: bool) -> list[str]:
+    """C lines that add the bias to the vector `y` of outputs col..col+15 of `row`, apply quick_gelu, add the
+    residual, and store it."""
+    lines = [f"{indent}y = _mm512_add_ps(y, _mm512_loadu_ps(bias + col));"] if bias else []
+    lines += [f"{indent}y = quick_gelu(y);"] if gelu else []
+    lines += [f"{indent}y = _mm512_add_ps(y, _mm512_loadu_ps(res + (long){row} * {N} + col));"] if residual else []
+    return lines + [f"{indent}_mm512_storeu_ps(out + (long){row} * {N} + col, y);"]
 
 
 def amx_source(name: str, M: int, N: int, K: int, P: int, threads: int, bias: bool, gelu: bool, residual: bool,
