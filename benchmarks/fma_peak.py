@@ -20,6 +20,7 @@ import time
 
 SOURCE = r"""
 typedef float vec __attribute__((ext_vector_type(LANES)));
+__attribute__((min_vector_width(LANES * 32)))   /* whole vectors where clang's tuning prefers 256 bits (Intel) */
 float fma_loop(long iterations, float seed) {
   vec a[ACCUMULATORS], b = seed, c = seed * 0.5f;
   for (int i = 0; i < ACCUMULATORS; i++) a[i] = seed + i;
