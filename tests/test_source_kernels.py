@@ -76,3 +76,32 @@ def test_a_captures_c_programs_are_compiled_together(monkeypatch):
     batched = [args for args in runs if any(str(part).endswith(".c") for part in args)]
     assert batched and sum(sum(str(p).endswith(".c") for p in args) for args in batched) == 6
     assert len(batched) <= 2   # one run per core (a 2-core machine: two)
+
+
+def test_queued_c_programs_start_compiling_before_tinygrad_schedules(monkeypatch):
+    """run_c queues its source; start_compiles (source.realize calls it) starts clang on them at once,
+    and the realize that follows compiles nothing more."""
+    import subprocess
+    runs = []
+    real = subprocess.Popen
+    source.start_compiles()     # whatever an earlier test left queued
+
+    class Counting(real):
+        def __init__(self, args, **kw):
+            runs.append(args)
+            super().__init__(args, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", Counting)
+
+    def c_runs():
+        return sum(sum(str(p).endswith(".c") for p in args) for args in runs)
+
+    a = np.arange(16, dtype=np.float32)
+    kernels = [ADD.replace("tcc_test_add", f"tcc_early_add{i}").replace("2.0f", f"{i + 11}.0f") for i in range(3)]
+    x, y = Tensor(a, device="CPU").realize(), Tensor(a * 0 + 1, device="CPU").realize()
+    out = Tensor.stack(*[source.run_c(f"tcc_early_add{i}", k, 16, [x, y], threads=2) for i, k in enumerate(kernels)])
+    assert c_runs() == 0
+    source.start_compiles()
+    assert c_runs() == 3
+    np.testing.assert_array_equal(source.realize(out).numpy(), np.stack([a + i + 11 for i in range(3)]))
+    assert c_runs() == 3

@@ -19,12 +19,11 @@ layers in it, except the final projections, which stay in the model's dtype.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 
-from . import _tinygrad, interpolate, pooling
+from . import _tinygrad, interpolate
 from .config import RESNET_STRIDE, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, ResNetVisionConfig
 from .kernels import TINYGRAD, KernelSet, activation
 
@@ -80,11 +79,10 @@ class LayerNorm:
 
 
 class Embedding:
+    """A table of rows (num, dim), looked up by the kernel set (embed_tokens) or read whole."""
+
     def __init__(self, num: int, dim: int, dtype: DType, device: str):
         self.weight = _param((num, dim), dtype, device)
-
-    def __call__(self, idx: Tensor) -> Tensor:
-        return _tinygrad.gather_rows(self.weight, idx)
 
 
 class CLIPAttention:
@@ -94,9 +92,10 @@ class CLIPAttention:
             Linear(hidden, hidden, True, dtype, device, kernels) for _ in range(4))
         self.kernels = kernels
 
-    def __call__(self, x: Tensor, mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
-        """Self-attention over x, plus `residual` when given (added by out_proj)."""
-        out = self.kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask)
+    def __call__(self, x: Tensor, causal: bool, residual: Tensor | None = None) -> Tensor:
+        """Self-attention over x (`causal`: each position over itself and those before), plus `residual`
+        when given (added by out_proj)."""
+        out = self.kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, causal)
         return self.out_proj(out, residual=residual)                                    # (B, T, C)
 
 
@@ -118,8 +117,8 @@ class CLIPEncoderLayer:
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype, device, kernels)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, device, kernels)
 
-    def __call__(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        x = self.self_attn(self.layer_norm1(x), mask, residual=x)      # x + attention(norm(x))
+    def __call__(self, x: Tensor, causal: bool) -> Tensor:
+        x = self.self_attn(self.layer_norm1(x), causal, residual=x)    # x + attention(norm(x))
         return self.mlp(self.layer_norm2(x), residual=x)               # x + mlp(norm(x))
 
 
@@ -127,38 +126,35 @@ class CLIPEncoder:
     def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig, dtype: DType, device: str, kernels: KernelSet):
         self.layers = [CLIPEncoderLayer(cfg, dtype, device, kernels) for _ in range(cfg.num_hidden_layers)]
 
-    def __call__(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, causal: bool = False) -> Tensor:
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, causal)
         return x
 
 
 class CLIPTextEmbeddings:
-    def __init__(self, cfg: CLIPTextConfig, dtype: DType, device: str):
+    def __init__(self, cfg: CLIPTextConfig, dtype: DType, device: str, kernels: KernelSet):
         self.token_embedding = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.position_embedding = Embedding(cfg.max_position_embeddings, cfg.hidden_size, dtype, device)
+        self.kernels = kernels
 
     def __call__(self, input_ids: Tensor) -> Tensor:
-        T = input_ids.shape[-1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:T]
+        return self.kernels.embed_tokens(input_ids, self.token_embedding.weight, self.position_embedding.weight)
 
 
 class CLIPTextTransformer:
     def __init__(self, cfg: CLIPTextConfig, dtype: DType, device: str, kernels: KernelSet):
         self.config = cfg
-        self.embeddings = CLIPTextEmbeddings(cfg, dtype, device)
+        self.embeddings = CLIPTextEmbeddings(cfg, dtype, device, kernels)
         self.encoder = CLIPEncoder(cfg, dtype, device, kernels)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, device, kernels)
+        self.kernels = kernels
 
     def __call__(self, input_ids: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, hidden) pooled states, before the projection."""
-        B, T = input_ids.shape
-        x = self.embeddings(input_ids)                                                # (B, T, hidden)
-        causal = Tensor.ones(T, T, device=x.device, dtype=dtypes.bool).triu(1)
-        mask = causal.where(-math.inf, 0.0).cast(x.dtype).reshape(1, 1, T, T)
-        x = self.final_layer_norm(self.encoder(x, mask))
-        pool = pooling.one_hot(input_ids, self.config.eos_token_id)                   # (B, T)
-        return (x * pool.unsqueeze(-1).cast(x.dtype)).sum(1)                          # (B, hidden)
+        """(B, T) token ids -> (B, hidden) pooled states, before the projection. The final norm runs on the
+        pooled rows only: it is per row, so that is the same numbers as pooling the normed states."""
+        x = self.encoder(self.embeddings(input_ids), causal=True)                     # (B, T, hidden)
+        return self.final_layer_norm(self.kernels.pool_text(x, input_ids, self.config.eos_token_id))
 
 
 class CLIPVisionEmbeddings:
@@ -168,12 +164,12 @@ class CLIPVisionEmbeddings:
         self.class_embedding = _param((cfg.hidden_size,), dtype, device)
         self.patch_embedding = Conv2dPatch(cfg.num_channels, cfg.hidden_size, cfg.patch_size, dtype, device, kernels)
         self.position_embedding = Embedding(n_pos, cfg.hidden_size, dtype, device)
+        self.kernels = kernels
 
     def __call__(self, pixel_values: Tensor) -> Tensor:
-        B = pixel_values.shape[0]
         patches = self.patch_embedding(pixel_values)                                  # (B, g*g, hidden)
-        cls = self.class_embedding.reshape(1, 1, -1).expand(B, 1, -1)
-        return cls.cat(patches, dim=1) + self.position_embedding.weight               # (B, g*g+1, hidden)
+        return self.kernels.class_and_positions(patches, self.class_embedding,
+                                                self.position_embedding.weight)      # (B, g*g+1, hidden)
 
 
 class Conv2dPatch:
@@ -186,11 +182,7 @@ class Conv2dPatch:
         self.patch, self.kernels = patch, kernels
 
     def __call__(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        p = self.patch
-        g_h, g_w = H // p, W // p
-        x = x.reshape(B, C, g_h, p, g_w, p).permute(0, 2, 4, 1, 3, 5)                 # (B, gh, gw, C, p, p)
-        x = x.reshape(B, g_h * g_w, C * p * p)
+        x = self.kernels.patches(x, self.patch)                                       # (B, gh*gw, C*p*p)
         weight = self.weight.reshape(self.weight.shape[0], -1) if self.weight.ndim == 4 else self.weight   # not prepared
         return self.kernels.linear(x, weight, None)                                   # (B, gh*gw, hidden)
 
@@ -206,11 +198,12 @@ class CLIPVisionTransformer:
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, device, kernels)   # sic: HF's key
         self.encoder = CLIPEncoder(cfg, dtype, device, kernels)
         self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype, device, kernels)
+        self.kernels = kernels
 
     def __call__(self, pixel_values: Tensor) -> Tensor:
         """(B, C, S, S) pixels -> (B, hidden) pooled class-token states, before the projection."""
         x = self.pre_layrnorm(self.embeddings(pixel_values.cast(self.embeddings.class_embedding.dtype)))
-        return self.post_layernorm(self.encoder(x)[:, 0])
+        return self.post_layernorm(self.kernels.class_token(self.encoder(x)))
 
 
 class Conv2d:
@@ -269,7 +262,7 @@ class AttentionPool2d:
         x = x.reshape(B, C, H * W).permute(0, 2, 1)                                     # (B, HW, C)
         mean = x.float().mean(1, keepdim=True).cast(x.dtype)                             # (B, 1, C)
         x = mean.cat(x, dim=1) + self.positional_embedding                               # (B, HW+1, C)
-        out = self.kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, None)
+        out = self.kernels.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads)
         return self.c_proj(out[:, 0])                                                    # (B, out)
 
 

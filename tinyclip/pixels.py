@@ -26,12 +26,17 @@ def pixel_values(crops: Tensor, scaling: PixelScaling) -> Tensor:
     steps of `scaling` (preprocess.PixelScaling), in float32 as the processors compute them."""
     x = crops.cast(dtypes.float32)
     if scaling.scale is not None:
-        x = x * float(np.float32(scaling.scale))
+        x = x * float32(scaling.scale)
     if scaling.mean is not None:
         x = x - _constant(scaling.mean, crops.device)
     if scaling.std is not None:
         x = x / _constant(scaling.std, crops.device)
     return x.permute(0, 3, 1, 2)                                                      # (N, C, H, W)
+
+
+def float32(value: float | None) -> float | None:
+    """`value` rounded to float32 (as the processors' rescale factor is), None kept."""
+    return None if value is None else float(np.float32(value))
 
 
 def _constant(values: tuple[float, ...], device: str) -> Tensor:

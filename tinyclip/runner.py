@@ -40,7 +40,6 @@ import numpy as np
 
 from . import _tinygrad, graph_cache, pooling, progress, trace
 from .batch_plan import Planner
-from .pixels import pixel_values
 from .preprocess import PixelScaling
 
 # Lengths a text batch runs at (and the context length): steps of 2 positions up to 20, where prompts
@@ -99,7 +98,7 @@ class Runner:
         if len(key) == 2:
             return self.model.get_image_features
         scaling = self._scalings[key[2]]
-        return lambda crops: self.model.get_image_features(pixel_values(crops, scaling))
+        return lambda crops: self.model.get_image_features(self.model.kernels.pixel_values(crops, scaling))
 
     def _input_shape(self, key: tuple) -> tuple[tuple[int, ...], np.dtype]:
         """(shape, dtype) of the input of the graph for `key`."""
@@ -147,7 +146,7 @@ class Runner:
         """Capture a JIT for `key` on this call (under BEAM=beam when given), keep it and save it.
         Returns (the output, the graph file written or None)."""
         encoder = self._encoder(key)
-        jit = _tinygrad.new_jit(lambda inp: encoder(inp).float().realize())
+        jit = _tinygrad.new_jit(lambda inp: _tinygrad.realize(encoder(inp).float()))   # C compiling early
         start = time.perf_counter()
         with trace.phase(f"graph {progress.graph_name(key)}: compiled and run"):
             if beam is None:

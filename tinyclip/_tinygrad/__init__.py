@@ -26,6 +26,7 @@ from .buffers import (NUMPY_DTYPES, Staging, as_float32, empty, from_numpy, gath
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
                      opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize, tf32_context)
 from .compile_pool import forked_compiles
+from .source import realize
 from .opencl import quiet_builds as quiet_opencl_builds
 from .jit import beam_context, beam_progress, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
@@ -33,4 +34,4 @@ __all__ = ["LOCK", "NUMPY_DTYPES", "Staging", "as_float32", "empty", "from_numpy
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
            "supports_half", "synchronize", "tf32_context", "beam_context", "beam_progress", "beam_setting", "captured_graph", "jit_error",
-           "jit_from_captured", "new_jit", "forked_compiles", "quiet_opencl_builds"]
+           "jit_from_captured", "new_jit", "forked_compiles", "quiet_opencl_builds", "realize"]

@@ -60,8 +60,10 @@ def tinygrad_version() -> str:
 # Only the width of the vectors changes, not the arithmetic: each output is the same sum in the same
 # order. tinygrad compiles in spawned worker processes, which start from a fresh import: the pool's
 # initializer (tinygrad.engine.worker._init_worker, looked up when the pool is made) is replaced by
-# one that installs the pass there too. A pool made before install() compiles 4-lane kernels:
-# slower, same results.
+# one that installs the pass there too. A pool made before that is ended: its workers lack the pass, and
+# when one of them is replaced (after 16 kernels) the pool pickles its initializer by name, which names
+# the replacement by then: the pickling fails in the pool's worker-handler thread, no worker replaces it
+# and the compile waits forever. The next compile makes a new pool.
 WIDE_NAME = re.compile(r"^tc(\d+)_")   # tinyclip's kernels are named tc<lanes>_...: the widest vector to make
 
 
@@ -90,6 +92,7 @@ def use_wide_vectors() -> None:
         global _tinygrad_init_worker
         _tinygrad_init_worker = worker._init_worker
         worker._init_worker = _init_compile_worker
+        worker.terminate_worker_pool()     # one made with tinygrad's initializer (see above)
 
 
 _tinygrad_init_worker = None

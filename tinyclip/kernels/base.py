@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
-from tinygrad import Tensor
+from tinygrad import Tensor, dtypes
 
+from .. import _tinygrad, pixels, pooling
 from ..errors import BackendError
 from .activations import activation
 
@@ -21,6 +23,12 @@ LINEAR_DTYPES = ("bfloat16", "int8")
 TEXT_COMPILE_TOKENS = 20_000
 # The same for an image graph, in images: 10-15 s to compile ViT-B/32's image tower, 25-40 ms an image.
 IMAGE_COMPILE_IMAGES = 300
+
+
+def causal_mask(T: int, dtype, device: str) -> Tensor:
+    """(1, 1, T, T): 0 on and below the diagonal, -inf above: each position sees itself and those before."""
+    causal = Tensor.ones(T, T, device=device, dtype=dtypes.bool).triu(1)
+    return causal.where(-math.inf, 0.0).cast(dtype).reshape(1, 1, T, T)
 
 
 class KernelSet:
@@ -122,13 +130,15 @@ class KernelSet:
 
     # ---- attention --------------------------------------------------------------------------------
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v per head, for (B, T, C) projections; (B, T, C)."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool = False) -> Tensor:
+        """softmax(q k^T / sqrt(d) [+ causal mask]) v per head, for (B, T, C) projections; (B, T, C).
+        `causal`: position i attends to positions 0..i only (the text tower)."""
         B, T, C = q.shape
         d = C // heads
         q, k, v = (t.reshape(B, T, heads, d).transpose(1, 2) for t in (q, k, v))      # (B, nh, T, hs)
         scores = (q * d ** -0.5) @ k.transpose(-2, -1)                                   # (B, nh, T, T)
-        attn = self.softmax(scores, mask).cast(v.dtype).contiguous()   # once, not per output column
+        attn = self.softmax(scores, causal_mask(T, q.dtype, q.device) if causal else None)
+        attn = attn.cast(v.dtype).contiguous()   # once, not per output column
         return (attn @ v).transpose(1, 2).reshape(B, T, C)                              # (B, T, C)
 
     def softmax(self, scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -136,6 +146,39 @@ class KernelSet:
         if mask is not None:
             scores = scores + mask
         return scores.float().softmax(-1)
+
+    # ---- moving values into place: embeddings, patches, pooling --------------------------------------
+
+    def embed_tokens(self, ids: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        """The text embeddings: tokens[ids] + positions[:T] for (B, T) ids; (B, T, C)."""
+        return _tinygrad.gather_rows(tokens, ids) + positions[:ids.shape[-1]]
+
+    def pool_text(self, x: Tensor, ids: Tensor, eos_token_id: int) -> Tensor:
+        """x[b, the position row b pools from] (pooling.py's rule) for (B, T, C) states; (B, C)."""
+        pool = pooling.one_hot(ids, eos_token_id)                                      # (B, T)
+        return (x * pool.unsqueeze(-1).cast(x.dtype)).sum(1)
+
+    def class_token(self, x: Tensor) -> Tensor:
+        """x[:, 0] for (B, T, C) states: a ViT's class token; (B, C)."""
+        return x[:, 0]
+
+    def pixel_values(self, crops: Tensor, scaling) -> Tensor:
+        """(N, H, W, C) uint8 crops -> (N, C, H, W) float32 pixel values: the float steps of `scaling`
+        (preprocess.PixelScaling), pixels.py."""
+        return pixels.pixel_values(crops, scaling)
+
+    def patches(self, x: Tensor, patch: int) -> Tensor:
+        """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p): the non-overlapping p x p patches, each (C, p, p) in
+        order (H and W multiples of p): a patch convolution as a matmul's rows."""
+        B, C, H, W = x.shape
+        g_h, g_w = H // patch, W // patch
+        x = x.reshape(B, C, g_h, patch, g_w, patch).permute(0, 2, 4, 1, 3, 5)          # (B, gh, gw, C, p, p)
+        return x.reshape(B, g_h * g_w, C * patch * patch)
+
+    def class_and_positions(self, patches: Tensor, cls: Tensor, positions: Tensor) -> Tensor:
+        """[cls, patches[b]] + positions for (B, G, C) patch embeddings: a ViT's tokens; (B, 1 + G, C)."""
+        B = patches.shape[0]
+        return cls.reshape(1, 1, -1).expand(B, 1, -1).cat(patches, dim=1) + positions
 
     # ---- layer norm -------------------------------------------------------------------------------
 

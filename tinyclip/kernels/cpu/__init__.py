@@ -21,12 +21,12 @@ import os
 
 from tinygrad import Tensor, dtypes
 
-from ... import cpu_info
+from ... import cpu_info, pixels, pooling
 from ..._tinygrad import cpu_runtime, source
 from ...errors import BackendError
 from ..activations import activation
 from ..base import KernelSet
-from . import attention, bf16, conv, exp, matmul, norm, tuning
+from . import attention, bf16, conv, exp, layout, matmul, norm, tuning
 from .isa import ISA
 from .machine import Machine
 
@@ -161,13 +161,45 @@ class CPUKernels(KernelSet):
 
     # ---- attention and layer norm ----------------------------------------------------------------------
 
-    def attention(self, q, k, v, heads, mask):
+    def attention(self, q, k, v, heads, causal=False):
         if q.dtype != dtypes.float32 or not self.active:
-            return super().attention(q, k, v, heads, mask)
-        return attention.attention(q, k, v, heads, mask, self.machine)
+            return super().attention(q, k, v, heads, causal)
+        return attention.attention(q, k, v, heads, causal, self.machine)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.dtype != dtypes.float32 or weight.dtype != dtypes.float32 or not norm.fits(x.shape[-1]) or not self.active:
             return super().layer_norm(x, weight, bias, eps)
         return norm.layer_norm(x, weight, bias, eps, self.machine)
 
+    # ---- moving values into place (layout.py: C source, where the device compiles it) ---------------------
+
+    def _moves(self, *tensors: Tensor) -> bool:
+        return self.active and tensors[0].dtype in (dtypes.float32, dtypes.uint8) and layout.runs_here(*tensors)
+
+    def embed_tokens(self, ids, tokens, positions):
+        if not self._moves(tokens, positions):
+            return super().embed_tokens(ids, tokens, positions)
+        return layout.embed_tokens(ids, tokens, positions)
+
+    def pool_text(self, x, ids, eos_token_id):
+        if not self._moves(x):
+            return super().pool_text(x, ids, eos_token_id)
+        return layout.pool_rows(x, ids, eos_token_id, largest=eos_token_id == pooling.LEGACY_EOS)
+
+    def class_token(self, x):
+        return layout.pool_rows(x) if self._moves(x) else super().class_token(x)
+
+    def pixel_values(self, crops, scaling):
+        if not self._moves(crops):
+            return super().pixel_values(crops, scaling)
+        return layout.pixel_values(crops, pixels.float32(scaling.scale), scaling.mean, scaling.std)
+
+    def patches(self, x, patch):
+        if not self._moves(x) or x.shape[2] % patch or x.shape[3] % patch:
+            return super().patches(x, patch)
+        return layout.patches(x, patch)
+
+    def class_and_positions(self, patches, cls, positions):
+        if not self._moves(patches, cls, positions):
+            return super().class_and_positions(patches, cls, positions)
+        return layout.class_and_positions(patches, cls, positions)

@@ -8,7 +8,8 @@ from tinygrad import Tensor
 from ..._tinygrad import source
 from ..._tinygrad.cpu_runtime import wide_name
 from ..._tinygrad.kernel import UPCAST_LIMIT, AxisType, KernelInfo, Ops, Opt, OptOps, UOp, dtypes, run
-from . import csource, exp
+from ..base import causal_mask
+from . import csource, exp, layout
 from .machine import Machine
 
 # Speeds against the matmul kernel's, on one core (ratios measured on AVX2; they scale with the machine):
@@ -18,8 +19,8 @@ PRODUCT_EFFICIENCY = 0.25
 SCORE_COST = 80
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None, machine: Machine) -> Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v per head, for (B, T, C) float32 projections; (B, T, C).
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool, machine: Machine) -> Tensor:
+    """softmax(q k^T / sqrt(d) [+ causal mask]) v per head, for (B, T, C) float32 projections; (B, T, C).
 
     tinygrad's default kernels run these two products at 3-7 GFLOPS, about 15% of ViT-B/32's
     time. Here both are register-tiled like the matmul, one batch and head per tile:
@@ -36,13 +37,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None, 
     lanes = machine.isa.lanes
     width = lanes if 0 < T % (2 * lanes) <= lanes else 2 * lanes    # key columns per tile: one vector or two
     Tp = -(-T // width) * width
-    kt = k.reshape(B, T, heads, d).permute(0, 2, 3, 1).pad(((0, 0), (0, 0), (0, 0), (0, Tp - T))).contiguous()
+    if source.compiles_c(k.device):
+        kt = layout.heads_transposed(k, heads, Tp)
+    else:
+        kt = k.reshape(B, T, heads, d).permute(0, 2, 3, 1).pad(((0, 0), (0, 0), (0, 0), (0, Tp - T))).contiguous()
     scores = _head_product(
         f"scores_{B}_{heads}_{T}_{d}", q, kt, (B, heads, T, Tp, width, d), B * heads * T * Tp, machine,
         left_at=lambda b, h, i, c: b * (T * C) + i * C + h * d + c,
         right_at=lambda b, h, j, c: (b * heads + h) * (d * Tp) + c * Tp + j,
         out_at=lambda b, h, i, j: (b * heads + h) * (T * Tp) + i * Tp + j, scale=d ** -0.5)
-    attn = softmax_rows(scores, B * heads * T, T, Tp, mask, machine)                # (B, heads, T, T)
+    attn = softmax_rows(scores, B * heads * T, T, Tp, causal, machine)              # (B, heads, T, T)
     value_width = next(w for w in (2 * lanes, lanes, 8, 4, 2, 1) if d % w == 0)
     out = _head_product(
         f"values_{B}_{heads}_{T}_{d}", attn, v, (B, heads, T, d, value_width, T), B * T * C, machine,
@@ -52,20 +56,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None, 
     return out.reshape(B, T, C)
 
 
-def softmax_rows(scores: Tensor, R: int, T: int, Tp: int, mask: Tensor | None, machine: Machine) -> Tensor:
-    """softmax(scores + mask) over the first T of each row of Tp scores (R rows, R a multiple of T)
-    in one kernel: x - max, exp, / sum, as tinygrad's Tensor.softmax, but exp by the branch-free
+def softmax_rows(scores: Tensor, R: int, T: int, Tp: int, causal: bool, machine: Machine) -> Tensor:
+    """softmax(scores [+ causal mask]) over the first T of each row of Tp scores (R rows, R a multiple of
+    T) in one kernel: x - max, exp, / sum, as tinygrad's Tensor.softmax, but exp by the branch-free
     exp.exp2 (tinygrad's exp2 is some 30 operations with selects: 6 ns a score here against 2), and
-    tinygrad's default takes two kernels that add one value at a time. `mask` is additive, (T, T)
-    after leading ones (row r uses mask row r % T). Rows are tiled by 4 and split between threads.
-    Output (R, T)."""
-    if mask is not None and (mask.shape[-2:] != (T, T) or math.prod(mask.shape[:-2]) != 1):
-        raise ValueError(f"attention: the mask must be ({T}, {T}) after leading ones, got {mask.shape}")
-    inputs = [scores.reshape(-1)] + ([mask.reshape(-1).cast(dtypes.float32)] if mask is not None else [])
+    tinygrad's default takes two kernels that add one value at a time. `causal`: row r sees the first
+    r % T + 1 scores (the others weigh 0). Rows are tiled by 4 and split between threads. Output (R, T)."""
     threads = machine.threads_for(R * T * SCORE_COST)
+    if source.compiles_c(scores.device):     # causal: the C kernel skips the hidden scores, no mask to read
+        name = wide_name(machine.isa.lanes, f"softmax_{R}_{T}" + ("_causal" if causal else ""))
+        return source.run_c(name, csource.softmax(name, R, T, Tp, threads, causal), R * T,
+                            [scores.reshape(-1)], threads)
+    mask = causal_mask(T, dtypes.float32, scores.device) if causal else None
+    inputs = [scores.reshape(-1)] + ([mask.reshape(-1)] if mask is not None else [])
     name = wide_name(machine.isa.lanes, f"softmax_{R}_{T}")
-    if source.compiles_c(scores.device):
-        return source.run_c(name, csource.softmax(name, R, T, Tp, mask is not None, threads), R * T, inputs, threads)
     rows = 4 if (R // T) % 4 == 0 else 1   # tinygrad splits the row loop into (R/T, T) for the mask
 
     def kernel(out: UOp, S: UOp, *masks: UOp) -> UOp:

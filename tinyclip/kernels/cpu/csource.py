@@ -24,16 +24,17 @@ LN2 = math.log(2)
 
 def _header(lanes: int) -> str:
     return (f"typedef float vf __attribute__((ext_vector_type({lanes})));\n"
-            f"typedef float vfu __attribute__((ext_vector_type({lanes}), aligned(4)));\n"
-            f"typedef int vi __attribute__((ext_vector_type({lanes})));\n")
+            f"typedef float vfu __attribute__((ext_vector_type({lanes}), aligned(4)));\n")
 
 
 def _signature(name: str, buffers: list[str], threads: int, lanes: int = 1) -> str:
     """The function's first line. clang's tuning for Intel's AVX-512 CPUs (-march=native: skylake-avx512 to
     sapphirerapids) prefers 256-bit vectors and splits a 16-lane vector type into two 256-bit halves: a tile of
     8 x 2 vectors became 32 accumulators that spilled to the stack (fc1 at 150 GFLOPS on the Xeon where torch
-    ran 305). min_vector_width makes the kernel's own vectors (lanes x 32 bits) legal, so they stay whole."""
-    args = ["float* restrict out"] + [f"const float* restrict {b}" for b in buffers]
+    ran 305). min_vector_width makes the kernel's own vectors (lanes x 32 bits) legal, so they stay whole.
+    A buffer is a name (float) or "C-type name" (e.g. "int ids"); each is const and restrict."""
+    typed = [b.rsplit(" ", 1) if " " in b else ("float", b) for b in buffers]
+    args = ["float* restrict out"] + [f"const {kind}* restrict {b}" for kind, b in typed]
     width = f"__attribute__((min_vector_width({32 * lanes}))) " if lanes > 1 else ""
     return f"{width}void {name}({', '.join(args + (['int core_id'] if threads > 1 else []))})"
 
@@ -157,9 +158,7 @@ def head_product(name: str, dims: tuple[int, ...], rows: int, lanes: int, thread
     if rn != 1 or on != 1:
         raise ValueError(f"{name}: columns must be contiguous in the right operand and the output")
     acc = [[f"c{r}_{v}" for v in range(V)] for r in range(rows)]
-    body = [f"typedef float vf __attribute__((ext_vector_type({vl})));\n",
-            f"typedef float vfu __attribute__((ext_vector_type({vl}), aligned(4)));\n",
-            _signature(name, ["L", "R"], threads, vl), " {\n", _share(B * H, threads, "s"),
+    body = [_header(vl), _signature(name, ["L", "R"], threads, vl), " {\n", _share(B * H, threads, "s"),
             "  for (int bh = s0; bh < s1; bh++) {\n",
             f"    const int b = bh / {H}, h = bh % {H};\n",
             f"    const float* restrict l = L + {lc} + (long)b * {lb} + (long)h * {lh};\n",
@@ -178,25 +177,30 @@ def head_product(name: str, dims: tuple[int, ...], rows: int, lanes: int, thread
     return "".join(body)
 
 
-def softmax(name: str, R: int, T: int, Tp: int, masked: bool, threads: int) -> str:
-    """out (R, T) = softmax over the first T of each row of Tp scores, plus mask row r % T where masked:
-    attention.softmax_rows (max, then exp(score - max) by exp.exp2, 0 below 2**-126, then times 1/sum).
-    Rows are split between threads."""
-    score = f"S[(long)r * {Tp} + j]" + (f" + M[(r % {T}) * {T} + j]" if masked else "")
+def softmax(name: str, R: int, T: int, Tp: int, threads: int, causal: bool = False) -> str:
+    """out (R, T) = softmax over the first T of each row of Tp scores: attention.softmax_rows (max, then
+    exp(score - max) by exp.exp2, 0 below 2**-126, then times 1/sum).
+    `causal`: row r sees scores 0..r % T only, the others weigh exactly 0, as under an additive mask of
+    -inf above the diagonal (the same max, the same sum: the zeros add nothing). Rows are split between
+    threads."""
+    score = f"S[(long)r * {Tp} + j]"
     pre, power = _exp2("u")
+    seen = f"r % {T} + 1" if causal else str(T)      # the scores a row sees: 0 .. seen - 1
     return "".join([
-        _signature(name, ["S"] + (["M"] if masked else []), threads), " {\n", _share(R, threads, "s"),
+        _signature(name, ["S"], threads), " {\n", _share(R, threads, "s"),
         "  for (int r = s0; r < s1; r++) {\n",
+        f"    const int seen = {seen};\n",
         "    float top = -__builtin_inff();\n",
-        f"    for (int j = 0; j < {T}; j++) {{ const float x = {score}; top = x > top ? x : top; }}\n",
+        f"    for (int j = 0; j < seen; j++) {{ const float x = {score}; top = x > top ? x : top; }}\n",
         "    float total = 0.0f;\n",
         f"    float* restrict o = out + (long)r * {T};\n",
-        f"    for (int j = 0; j < {T}; j++) {{\n",
+        "    for (int j = 0; j < seen; j++) {\n",
         f"      const float t = ({score} - top) * {f32(1 / LN2)};\n",
         "      const float u = t < -126.0f ? -126.0f : t;\n",
         f"      {pre}\n",
         f"      o[j] = {power} * (t > -126.0f ? 1.0f : 0.0f);\n",
         "    }\n",
+        f"    for (int j = seen; j < {T}; j++) o[j] = 0.0f;\n",
         f"    for (int j = 0; j < {T}; j++) total += o[j];\n",
         "    const float inv = 1.0f / total;\n",
         f"    for (int j = 0; j < {T}; j++) o[j] = o[j] * inv;\n",
@@ -224,4 +228,103 @@ def layer_norm(name: str, R: int, C: int, lane_sums: int, eps: float, threads: i
         f"    const float rstd = 1.0f / __builtin_sqrtf(var + {f32(eps)});\n",
         f"    float* restrict o = out + (long)r * {C};\n",
         f"    for (int c = 0; c < {C}; c++) o[c] = (xr[c] - mean) * rstd * W[c] + Bias[c];\n",
+        "  }\n}\n"])
+
+
+# ---- moving values into place (layout.py): copies and single adds, exact -----------------------------------
+
+def embed_tokens(name: str, R: int, T: int, V: int, C: int) -> str:
+    """out (R, C) = tokens[ids[r]] + positions[r % T] for R = batch x T ids, tables (V, C) and (>= T, C): the
+    text embeddings. An id outside the table gathers zeros, as tinygrad's indexing does (out = positions)."""
+    return "".join([
+        _signature(name, ["int ids", "tokens", "positions"], 1), " {\n",
+        f"  for (int r = 0; r < {R}; r++) {{\n",
+        "    const unsigned id = (unsigned)ids[r];\n",
+        f"    const float* restrict p = positions + (long)(r % {T}) * {C};\n",
+        f"    float* restrict o = out + (long)r * {C};\n",
+        f"    if (id < {V}u) {{ const float* restrict e = tokens + (long)id * {C}; "
+        f"for (int c = 0; c < {C}; c++) o[c] = e[c] + p[c]; }}\n",
+        f"    else for (int c = 0; c < {C}; c++) o[c] = p[c];\n",
+        "  }\n}\n"])
+
+
+def pool_rows(name: str, B: int, T: int, C: int, rule: str, eos: int = 0) -> str:
+    """out (B, C) = x[b, position b] for x (B, T, C): the position each row pools from. rule "first": 0 (a
+    ViT's class token); "eos": the first id equal to `eos`, else 0; "largest": the first of the largest id
+    (pooling.py's rule, for token ids (B, T) int32 given after x)."""
+    if rule == "first":
+        find = "    const int at = 0;\n"
+    else:
+        hit = f"i[j] == {eos}" if rule == "eos" else "i[j] == top"
+        find = (f"    const int* restrict i = ids + (long)b * {T};\n"
+                + ("    int top = i[0];\n"
+                   f"    for (int j = 1; j < {T}; j++) top = i[j] > top ? i[j] : top;\n" if rule == "largest" else "")
+                + f"    int at = 0;\n    for (int j = {T - 1}; j >= 0; j--) if ({hit}) at = j;\n")
+    return "".join([
+        _signature(name, ["X"] + ([] if rule == "first" else ["int ids"]), 1), " {\n",
+        f"  for (int b = 0; b < {B}; b++) {{\n", find,
+        f"    const float* restrict x = X + ((long)b * {T} + at) * {C};\n",
+        f"    for (int c = 0; c < {C}; c++) out[(long)b * {C} + c] = x[c];\n",
+        "  }\n}\n"])
+
+
+def heads_transposed(name: str, B: int, T: int, H: int, d: int, Tp: int) -> str:
+    """out (B, H, d, Tp) = k (B, T, H*d) with positions last, zero past T: attention's keys, laid out so
+    that a tile reads consecutive positions as vectors."""
+    return "".join([
+        _signature(name, ["K"], 1), " {\n",
+        f"  for (int bh = 0; bh < {B * H}; bh++) {{\n",
+        f"    const int b = bh / {H}, h = bh % {H};\n",
+        f"    for (int c = 0; c < {d}; c++) {{\n",
+        f"      float* restrict o = out + ((long)bh * {d} + c) * {Tp};\n",
+        f"      const float* restrict k = K + (long)b * {T * H * d} + h * {d} + c;\n",
+        f"      for (int j = 0; j < {T}; j++) o[j] = k[(long)j * {H * d}];\n",
+        f"      for (int j = {T}; j < {Tp}; j++) o[j] = 0.0f;\n",
+        "    }\n  }\n}\n"])
+
+
+def pixel_values(name: str, N: int, H: int, W: int, C: int, scale: float | None, mean, std) -> str:
+    """out (N, C, H, W) float32 = (x * scale - mean[c]) / std[c] for uint8 crops x (N, H, W, C), each step
+    skipped where None, in float32 (preprocess.PixelScaling's steps; pixels.py)."""
+    value = "(float)x[c]"
+    if scale is not None:
+        value = f"({value} * {f32(scale)})"
+    if mean is not None:
+        value = f"({value} - m[c])"
+    if std is not None:
+        value = f"({value} / s[c])"
+    table = "".join(f"  static const float {n}[{C}] = {{{', '.join(f32(v) for v in vals)}}};\n"
+                    for n, vals in (("m", mean), ("s", std)) if vals is not None)
+    return "".join([
+        _signature(name, ["unsigned char X"], 1), " {\n", table,
+        f"  for (long p = 0; p < {N * H * W}; p++) {{\n",
+        f"    const unsigned char* restrict x = X + p * {C};\n",
+        f"    const long n = p / {H * W}, yx = p % {H * W};\n",
+        f"    for (int c = 0; c < {C}; c++) out[(n * {C} + c) * {H * W} + yx] = {value};\n",
+        "  }\n}\n"])
+
+
+def patches(name: str, B: int, C: int, H: int, W: int, p: int) -> str:
+    """out (B, (H/p)*(W/p), C*p*p) = the non-overlapping p x p patches of x (B, C, H, W), each as (C, p, p)
+    in order: a patch convolution's input as a matmul's rows."""
+    gh, gw = H // p, W // p
+    return "".join([
+        _signature(name, ["X"], 1), " {\n",
+        f"  for (int b = 0; b < {B}; b++)\n  for (int g = 0; g < {gh * gw}; g++)\n  for (int c = 0; c < {C}; c++)\n",
+        f"  for (int y = 0; y < {p}; y++) {{\n",
+        f"    const float* restrict x = X + (((long)b * {C} + c) * {H} + (g / {gw}) * {p} + y) * {W} + (g % {gw}) * {p};\n",
+        f"    float* restrict o = out + (((long)b * {gh * gw} + g) * {C} + c) * {p * p} + y * {p};\n",
+        f"    for (int x_ = 0; x_ < {p}; x_++) o[x_] = x[x_];\n",
+        "  }\n}\n"])
+
+
+def class_and_positions(name: str, B: int, G: int, C: int) -> str:
+    """out (B, 1 + G, C) = [cls, patches[b]] + positions (1 + G, C): a ViT's tokens before its first norm."""
+    return "".join([
+        _signature(name, ["P", "cls", "positions"], 1), " {\n",
+        f"  for (int b = 0; b < {B}; b++) {{\n",
+        f"    float* restrict o = out + (long)b * {(G + 1) * C};\n",
+        f"    for (int c = 0; c < {C}; c++) o[c] = cls[c] + positions[c];\n",
+        f"    const float* restrict x = P + (long)b * {G * C};\n",
+        f"    for (long i = 0; i < {G * C}; i++) o[{C} + i] = x[i] + positions[{C} + i];\n",
         "  }\n}\n"])
