@@ -41,9 +41,11 @@ def test_a_capture_compiles_in_forked_workers_and_gets_the_plain_numbers(tiny_qu
     done = subprocess.run([sys.executable, "-c", CHILD, str(tiny_quick.folder), str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    # one pool per capture, ended with it: its workers would keep the process's memory as it was at the fork
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"fork_is_safe": True, "forked pools": 2,
-                                                                "spawned pool": False, "children left": 0}
+    # at most one pool per capture, ended with it: its workers would keep the process's memory as it was at
+    # the fork. A capture whose kernels are all C source (the cpu backend's, where they fit) makes none.
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report.pop("forked pools") in (1, 2)
+    assert report == {"fork_is_safe": True, "spawned pool": False, "children left": 0}
     child = np.load(tmp_path / "child.npz")
     with model.backend.context():
         plain = {"text": model.model.get_text_features(Tensor(ids.astype(np.int32), device="CPU")).numpy(),
