@@ -174,7 +174,7 @@ class CPUKernels(KernelSet):
     # ---- moving values into place (layout.py: C source, where the device compiles it) ---------------------
 
     def _moves(self, *tensors: Tensor) -> bool:
-        return self.active and tensors[0].dtype in (dtypes.float32, dtypes.uint8) and layout.runs_here(*tensors)
+        return self.active and layout.runs_here(*tensors)
 
     def embed_tokens(self, ids, tokens, positions):
         if not self._moves(tokens, positions):

@@ -21,9 +21,9 @@ from . import csource
 
 
 def runs_here(*tensors: Tensor) -> bool:
-    """Whether these kernels take these tensors: float32 (token ids and crops aside) on a device compiling C."""
-    return source.compiles_c(tensors[0].device) and all(t.dtype in (dtypes.float32, dtypes.int32, dtypes.uint8)
-                                                        for t in tensors)
+    """Whether these kernels take these values (float32 tables and states, uint8 crops; token ids are int32
+    and not asked about): on a device compiling C."""
+    return source.compiles_c(tensors[0].device) and all(t.dtype in (dtypes.float32, dtypes.uint8) for t in tensors)
 
 
 def embed_tokens(ids: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
