@@ -21,7 +21,7 @@ from tinygrad.helpers import Context
 
 import tinyclip
 from tinyclip import cpu_info
-from tinyclip._tinygrad import cpu_runtime, cpu_threads
+from tinyclip._tinygrad import buffers, cpu_runtime, cpu_threads
 from tinyclip.errors import BackendError
 from tinyclip.kernels import TINYGRAD, cpu
 from tinyclip.kernels.cpu import attention, exp, isa as isas, matmul, norm, tuning
@@ -125,6 +125,31 @@ def test_panels_are_two_vectors_wide_where_they_divide_else_one():
     assert matmul.panel_width(48, 8) == 16 and matmul.panel_width(48, 16) == 16
     assert matmul.panel_width(24, 8) == 8 and matmul.panel_width(24, 16) is None
     assert matmul.panel_width(36, 8) is None and matmul.panel_width(17, 16) is None
+
+
+@pytest.mark.parametrize("out_features,in_features,chunk_bytes", [(32, 8, 1 << 19), (64 * 32, 96, 4096), (48, 5, 1)])
+def test_panels_rearranged_in_place_equal_the_copied_ones(monkeypatch, out_features, in_features, chunk_bytes):
+    """A weight given up (reuse=True) is rearranged in its own buffer, in chunks shared by two threads
+    where there are many: the same panels as the copy into a new buffer, in the same memory."""
+    monkeypatch.setattr(matmul, "PANEL_CHUNK_BYTES", chunk_bytes)
+    w = np.random.default_rng(3).standard_normal((out_features, in_features), dtype=np.float32)
+    width = 16 if out_features % 32 else 32
+    copied = matmul.to_panels(buffers.from_numpy(w, "CPU"), width).numpy()
+    given = buffers.from_numpy(w, "CPU")
+    before = given.uop.base.buffer
+    panels = matmul.to_panels(given, width, reuse=True)
+    assert panels.uop.base.buffer is before and panels.shape == copied.shape
+    np.testing.assert_array_equal(buffers.host_array(panels), copied)
+    np.testing.assert_array_equal(matmul.from_panels(panels).numpy(), w)
+
+
+def test_panels_of_a_weight_not_its_own_buffer_are_copied():
+    """A weight that is a view (here a slice) has no buffer of its own to rewrite: it is copied, and stays."""
+    w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
+    whole = buffers.from_numpy(w, "CPU")
+    panels = matmul.to_panels(whole[:32], 16, reuse=True)
+    np.testing.assert_array_equal(matmul.from_panels(panels).numpy(), w[:32])
+    np.testing.assert_array_equal(whole.numpy(), w)
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,28 @@ def host_array(t: Tensor) -> np.ndarray:
     return np.frombuffer(buf.allocator._as_buffer(buf._buf), numpy_dtype(t.dtype)).reshape(t.shape)
 
 
+def own_host_array(t: Tensor) -> np.ndarray | None:
+    """A writable numpy view of `t`'s whole host buffer, where `t` is that buffer as host_array sees it
+    (realized, plain, float32/float16/int32/uint8, a CPU device); else None. For a caller that owns `t`
+    and rewrites its contents in place (then reinterpret() gives them their new shape)."""
+    base = t.uop.base
+    plain = t.uop is base or (t.uop.op is Ops.RESHAPE and t.uop.src[0] is base)
+    if not plain or t.dtype not in _TO_NUMPY or not base.is_realized or (buf := base.buffer).size != t.numel() \
+            or buf.offset or not hasattr(buf.allocator, "_as_buffer"):
+        return None
+    view = buf.allocator._as_buffer(buf._buf)
+    return None if view.readonly else np.frombuffer(view, numpy_dtype(t.dtype)).reshape(t.shape)
+
+
+def reinterpret(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A tensor of `shape` over the same buffer as `t` (a plain host tensor: own_host_array), whose
+    contents the caller has rearranged in place: a reshape that tinygrad schedules nothing for."""
+    base = t.uop.base
+    if math.prod(shape) != t.numel():
+        raise ValueError(f"reinterpret: {t.shape} holds {t.numel()} values, not the {math.prod(shape)} of {shape}")
+    return Tensor(UOp(Ops.RESHAPE, t.dtype, src=(base, shape_to_shape_arg(tuple(int(n) for n in shape)))))
+
+
 def to_tensor(array: np.ndarray, device: str) -> Tensor:
     """A numpy array onto a device, copied once. float32, float16, int32 and uint8 arrays (the encoders'
     inputs) go by from_numpy, without tinygrad's scheduler: a new process's first schedule costs

@@ -92,7 +92,8 @@ class KernelSet:
 
     def prepare_linear(self, weight: Tensor) -> Tensor:
         """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
-        called once after loading. The plain set keeps it as it is."""
+        called once after loading. The set takes `weight` over (its buffer may hold the result: the
+        caller uses only what is returned). The plain set keeps it as it is."""
         return weight
 
     def preparing(self, source) -> contextlib.AbstractContextManager:

@@ -28,7 +28,10 @@ order: float32 rounding apart).
 from __future__ import annotations
 
 import math
+import os
+import threading
 
+import numpy as np
 from tinygrad import Tensor
 
 from ..._tinygrad import buffers, source
@@ -48,13 +51,48 @@ def panel_width(out_features: int, lanes: int) -> int | None:
     return next((width for width in (2 * lanes, lanes) if out_features % width == 0), None)
 
 
-def to_panels(weight: Tensor, width: int) -> Tensor:
+def to_panels(weight: Tensor, width: int, reuse: bool = False) -> Tensor:
     """A linear layer's (out, in) weight as contiguous panels (out/width, in, width), realized.
-    Rearranged by numpy in one strided copy from the weight's host buffer into the new one: a
-    tinygrad kernel per layer would cost a schedule each at load time."""
+    Rearranged by numpy in one strided copy from the weight's host buffer into a new one (a tinygrad
+    kernel per layer would cost a schedule each at load time). `reuse`: the caller gives `weight` up,
+    and where its buffer is host memory the panels are rearranged in that buffer (each panel occupies
+    the same bytes in both layouts, so it is copied out and written back transposed): no new buffer,
+    whose first touch of every page cost more than the copy itself (a ViT-B/32 tower: 350 MB)."""
     out_features, in_features = weight.shape
+    shape = (out_features // width, in_features, width)
+    if reuse and (own := buffers.own_host_array(weight)) is not None:
+        _panels_in_place(own.reshape(shape[0], width * in_features), width, in_features)
+        return buffers.reinterpret(weight, shape)
     rows = buffers.host_array(weight).reshape(out_features // width, width, in_features)
     return buffers.from_numpy(rows.transpose(0, 2, 1), weight.device)
+
+
+PANEL_CHUNK_BYTES = 1 << 19   # panels rewritten a chunk at a time: the chunk and its copy stay in L2 (512 KB and up)
+
+
+def _panels_in_place(rows: np.ndarray, width: int, in_features: int) -> None:
+    """rows (panels, width * in): each row, a panel of `width` weight rows, rewritten as its transpose
+    (in, width). Up to two threads share the panels (numpy copies release the GIL; the copies are bound by
+    memory, which more threads do not widen)."""
+    n = rows.shape[0]
+    chunk = max(1, PANEL_CHUNK_BYTES // (rows.itemsize * width * in_features))
+
+    def part(lo: int, hi: int) -> None:
+        scratch = np.empty((chunk, width, in_features), rows.dtype)
+        for p in range(lo, hi, chunk):
+            c = min(chunk, hi - p)
+            np.copyto(scratch[:c], rows[p:p + c].reshape(c, width, in_features))
+            np.copyto(rows[p:p + c].reshape(c, in_features, width), scratch[:c].transpose(0, 2, 1))
+
+    if n < 4 * chunk or len(os.sched_getaffinity(0)) < 2:
+        part(0, n)
+        return
+    helper = threading.Thread(target=part, args=(n // 2, n))
+    helper.start()
+    try:
+        part(0, n // 2)
+    finally:
+        helper.join()
 
 
 def from_panels(panels: Tensor) -> Tensor:
