@@ -7,6 +7,8 @@ The oracle call is the one CLIP pipelines make:
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 
 from tests.bpe import BOS, EOS, bpe_work, clip_vocab, write_clip_vocab
 from tinyclip.errors import TokenizerError
-from tinyclip.tokenizer import CLIPTokenizer, _unicode
+from tinyclip.tokenizer import CLIPTokenizer, _ascii, _unicode
 
 CONTEXT_LENGTH = 77
 BOS_ID, EOS_ID, BANG_ID = 49406, 49407, 0  # "!" is id 0: the first byte symbol
@@ -145,6 +147,33 @@ def test_normalizer_equals_transformers_for_every_code_point(ours, oracle):
     # One character per line: "\n" is a starter, so neighbours cannot compose.
     everything = "\n".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
     assert ours.normalize(everything) == oracle.backend_tokenizer.normalizer.normalize_str(everything)
+
+
+def test_ascii_tables_answer_as_the_full_ones_on_ascii_text(ours):
+    """An ASCII text is tokenized with tables built for ASCII alone (_ascii): for each of the 128 characters,
+    and for texts of them, every pattern gives what the full tables give."""
+    a, u = _ascii(), _unicode()
+    every = "".join(map(chr, range(128)))
+    for c in every:
+        for name in ("letter", "number", "white_space", "nfc_opaque", "lower_override_chars"):
+            assert bool(getattr(a, name).search(c)) == bool(getattr(u, name).search(c)), (name, hex(ord(c)))
+    text = every + " A photo of 2 CATS, isn't it?\t<|endoftext|>x'LL 3.5%"
+    assert a.pre_tokenizer.findall(text) == u.pre_tokenizer.findall(text)
+    assert a.white_space.sub(" ", text) == u.white_space.sub(" ", text)
+    assert a.byte_symbols == u.byte_symbols
+
+
+def test_ascii_texts_do_not_build_the_unicode_tables(clip_folder, ours):
+    """Tokenizing ASCII texts (most prompts) never builds the full tables, 0.2 s of a new process; a
+    non-ASCII text does, and gets the ids a process that had built them first gives."""
+    ascii_texts, other = ["a photo of a cat", "A PHOTO, of 2 dogs!\t<|endoftext|>"], ["ΣΑΣ and café"]
+    script = ("import sys, tinyclip.tokenizer as t; tok = t.CLIPTokenizer.from_pretrained(sys.argv[1]); "
+              f"a = tok({ascii_texts!r}).tolist(); assert t._unicode.cache_info().currsize == 0; "
+              f"b = tok({other!r}).tolist(); assert t._unicode.cache_info().currsize == 1; print(a, b)")
+    out = subprocess.run([sys.executable, "-c", script, str(clip_folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    _unicode()    # built in this process
+    assert out.stdout.strip() == f"{ours(ascii_texts).tolist()} {ours(other).tolist()}"
 
 
 def test_pre_tokenizer_classes_equal_transformers_for_every_code_point(ours, oracle):

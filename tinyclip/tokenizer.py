@@ -147,8 +147,26 @@ class _Unicode:
 
 @functools.cache
 def _unicode() -> _Unicode:
+    """The tables for any text (0.2 s to build: every code point's category up to plane 3)."""
+    return _tables(_LAST_LETTER_PLANE_END)
+
+
+@functools.cache
+def _ascii() -> _Unicode:
+    """The same tables restricted to ASCII, built in a millisecond: on an ASCII text every pattern matches
+    what _unicode()'s does (a class's answer for a character depends on that character alone, and NFC
+    and the lower-case overrides leave ASCII as it is), so most texts never build the full tables."""
+    return _tables(0x80)
+
+
+def _tables_for(text: str) -> _Unicode:
+    return _ascii() if text.isascii() else _unicode()
+
+
+def _tables(end: int) -> _Unicode:
+    """The tables for the code points below `end`; what lies beyond is left out of every class."""
     letters, numbers = set(), set()
-    everything = "".join(map(chr, range(_LAST_LETTER_PLANE_END)))
+    everything = "".join(map(chr, range(end)))
     # Python's \w (str.isalnum) matches every L and N character (and a few
     # others), so only its runs need a category look-up: 5x faster than all.
     for run in re.finditer(r"\w+", everything):
@@ -159,23 +177,24 @@ def _unicode() -> _Unicode:
             elif major == "N":
                 numbers.add(run.start() + offset)
     for first, last, cls in _parse_ranges(_CLASS_OVERRIDES):
-        span = range(first, last + 1)
+        span = range(first, min(last + 1, end))
         letters.difference_update(span)
         numbers.difference_update(span)
         if cls == "L":
             letters.update(span)
         elif cls == "N":
             numbers.update(span)
-    L, N, S = _char_class(_to_ranges(letters)), _char_class(_to_ranges(numbers)), _char_class(_WHITE_SPACE)
+    white_space = [(a, min(b, end - 1)) for a, b in _WHITE_SPACE if a < end]
+    L, N, S = _char_class(_to_ranges(letters)), _char_class(_to_ranges(numbers)), _char_class(white_space)
     # The oracle's Split regex, alternative for alternative (both engines are leftmost-first).
     pre_tokenizer = re.compile(
         rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[{L}]+|[{N}]|[^{S}{L}{N}]+")
 
     lower = {}
     for first, last, target in _parse_ranges(_LOWER_OVERRIDES):
-        for cp in range(first, last + 1):
+        for cp in range(first, min(last + 1, end)):
             lower[cp] = chr(int(target, 16) + cp - first)
-    opaque = [(a, b) for a, b, _ in _parse_ranges(_NFC_OPAQUE)]
+    opaque = [(a, min(b, end - 1)) for a, b, _ in _parse_ranges(_NFC_OPAQUE) if a < end]
 
     # GPT-2's byte -> symbol map: printable latin-1 bytes stand for themselves,
     # the other 68 are shifted to U+0100 onwards in byte order.
@@ -187,16 +206,16 @@ def _unicode() -> _Unicode:
         number=re.compile(f"[{N}]"),
         white_space=re.compile(f"[{S}]+"),
         pre_tokenizer=pre_tokenizer,
-        nfc_opaque=re.compile(f"([{_char_class(opaque)}])"),
+        nfc_opaque=re.compile(f"([{_char_class(opaque)}])" if opaque else "((?!))"),   # (?!): nothing matches
         lower_overrides=lower,
-        lower_override_chars=re.compile(f"[{_char_class(_to_ranges(lower))}]"),
+        lower_override_chars=re.compile(f"[{_char_class(_to_ranges(lower))}]" if lower else "(?!)"),
         byte_symbols=symbols,
     )
 
 
 def bpe_alphabet(word: str) -> str:
     """`word`'s UTF-8 bytes as BPE symbols (GPT-2's byte -> symbol map)."""
-    return word.encode("utf-8").decode("latin-1").translate(_unicode().byte_symbols)
+    return word.encode("utf-8").decode("latin-1").translate(_ascii().byte_symbols)
 
 
 def _nfc(text: str) -> str:
@@ -213,7 +232,7 @@ def normalize_hf(text: str) -> str:
     Lower-casing is per character (Rust's `char::to_lowercase`), so a final
     capital sigma becomes "σ" where Python's `str.lower` would give "ς".
     """
-    u = _unicode()
+    u = _tables_for(text)
     text = u.white_space.sub(" ", _nfc(text))
     text = text.replace(_SIGMA, "\u03c3").lower()
     if not text.isascii() and u.lower_override_chars.search(text):
@@ -375,7 +394,7 @@ class CLIPTokenizer:
         return list(self._words(text))
 
     def _words(self, text: str):
-        u = _unicode()
+        u = _tables_for(text)
         for match in u.pre_tokenizer.finditer(text):
             # The ByteLevel step re-splits each word with GPT-2's regex; that only
             # changes the two special-token alternatives: "<|" "endoftext" "|>".
