@@ -201,20 +201,20 @@ def test_merges_from_another_vocabulary(folder):
         f.write("qz xk\n")
     with pytest.raises(TokenizerError, match=r"merge 48895 \('qz' 'xk'\) needs \[.*'qzxk'\], which vocab.json lacks; "
                        r"vocab.json and merges.txt come from different tokenizers"):
-        tinyclip.load(folder, device=DEVICE)
+        tinyclip.load(folder, device=DEVICE).tokenize("a photo")    # read on first use
 
 
 def test_vocab_from_another_tokenizer(folder):
     # a GPT-2 style vocabulary: no CLIP start token and no "</w>" word ends
     (folder / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "<|endoftext|>": 2}))
     with pytest.raises(TokenizerError, match=r"special tokens \['<\|startoftext\|>'\] are not in the vocabulary"):
-        tinyclip.load(folder, device=DEVICE)
+        tinyclip.load(folder, device=DEVICE).tokenize("a photo")    # read on first use
 
 
 def test_vocab_json_nested_too_deeply(folder):
     (folder / "vocab.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(TokenizerError, match=r"vocab.json: not valid JSON \(maximum recursion depth"):
-        tinyclip.load(folder, device=DEVICE)
+        tinyclip.load(folder, device=DEVICE).tokenize("a photo")    # read on first use
 
 
 # ---- images --------------------------------------------------------------------------------------

@@ -245,5 +245,20 @@ def test_a_clip_tokenizer_without_vocabulary_files_uses_clips_shipped_bpe(folder
 def test_another_tokenizer_without_vocabulary_files_is_an_error(folder, tokenizer_class):
     from tinyclip.errors import TokenizerError
     _without_vocabulary(folder, tokenizer_class)
+    model = tinyclip.load(folder, device=DEVICE)     # the tokenizer is read on first use
     with pytest.raises(TokenizerError, match="vocab.json is missing"):
-        tinyclip.load(folder, device=DEVICE)
+        model.tokenize(TEXTS)
+
+
+def test_images_are_embedded_without_reading_the_tokenizer(folder, tiny_quick):
+    """The tokenizer's files are read the first time texts need them: a process that embeds images
+    reads none of them (a broken vocab.json does not stop it), and the first text call raises."""
+    from tinyclip.errors import TokenizerError
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    want = tinyclip.load(tiny_quick.folder, device=DEVICE).encode_image(list(pixels))
+    (folder / "vocab.json").write_text("{")
+    model = tinyclip.load(folder, device=DEVICE)
+    np.testing.assert_array_equal(model.encode_image(list(pixels)), want)
+    for text_call in (model.tokenize, model.encode_text):
+        with pytest.raises(TokenizerError, match=r"vocab.json: not valid JSON"):
+            text_call(["a photo"])

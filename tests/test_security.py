@@ -407,7 +407,7 @@ def test_file_digests_are_cached_and_follow_changes(tmp_path, monkeypatch):
 
 # ---- 6. vocab_size smaller than the tokenizer's ids -------------------------------------------------------
 
-def test_a_vocabulary_larger_than_the_embedding_table_is_refused_at_load(tiny_quick, tmp_path):
+def test_a_vocabulary_larger_than_the_embedding_table_is_refused_before_any_text_runs(tiny_quick, tmp_path):
     folder = _copy(tiny_quick, tmp_path, "small-vocab")
     config = json.loads((folder / "config.json").read_text())
     config["text_config"]["vocab_size"] = 1000
@@ -416,8 +416,9 @@ def test_a_vocabulary_larger_than_the_embedding_table_is_refused_at_load(tiny_qu
     key = "text_model.embeddings.token_embedding.weight"
     weights[key] = np.ascontiguousarray(weights[key][:1000])
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    model = tinyclip.load(folder, device=DEVICE)    # the tokenizer is read, and checked, on first use
     with pytest.raises(TokenizerError) as e:
-        tinyclip.load(folder, device=DEVICE)
+        model.encode_text(["a photo"])
     message = str(e.value)
     assert "\n" not in message and "vocab_size 1000" in message and "49407" in message
     assert str(folder / "config.json") in message and str(folder / "vocab.json") in message

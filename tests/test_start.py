@@ -184,3 +184,17 @@ def test_each_tower_is_read_on_its_first_use_and_the_results_do_not_change(tiny_
     assert text_first.runner.graphs.key(("text", 2, 7)) == image_first.runner.graphs.key(("text", 2, 7))
     text_first.model     # a user holding the model holds every weight
     assert text_first.towers.pending == set() and realized(text_first, "image") == {True}
+
+
+EXIT = r"""
+import atexit, gc, json, sys, tinyclip
+atexit.register(lambda: print(json.dumps({"frozen": gc.get_freeze_count()})))   # runs after tinyclip's: first in, last out
+m = tinyclip.load(sys.argv[1], device="cpu")
+m.encode_image([sys.argv[2]])
+"""
+
+
+def test_a_process_exits_without_collecting_the_models_objects(tiny_quick, env):
+    """After load(), the objects alive at exit are frozen out of the last garbage collection (what it saves
+    is timed by benchmarks/first_use.py, not here)."""
+    assert python(EXIT, env, str(tiny_quick.folder), IMAGE)["frozen"] > 10_000

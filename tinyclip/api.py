@@ -7,10 +7,14 @@ use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
 """
 from __future__ import annotations
 
+import atexit
 import functools
+import gc
 import os
 import pathlib
+import threading
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from tinygrad import Tensor, dtypes
@@ -59,6 +63,7 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     if not isinstance(allow_tf32, bool):
         raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
     trace.imports()
+    _exit_without_collecting()
     _tinygrad.guard_kernel_cache()
     if isinstance(device, registry.Backend):     # chosen (and traced) by the caller
         chosen = registry.select(device)
@@ -90,16 +95,32 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
         towers.load("image")
         with _tinygrad.LOCK, chosen.context():
             model.resize_images(size)
-    with trace.phase("tokenizer"):
-        tokenizer = checkpoint.tokenizer()
-    check_vocab_size(tokenizer, config.text_config.vocab_size, folder, checkpoint.config_file.name)
     processor = checkpoint.image_processor()
     if size != config.vision_config.image_size:
         processor = processor.resized(size)
     check_image_size(processor, size, folder)
     hub_id = None if pathlib.Path(name_or_path).expanduser().is_dir() else str(name_or_path)
-    return CLIP(model, tokenizer, processor, chosen, folder, graph_cache=graph_cache, hub_id=hub_id,
+    return CLIP(model, functools.partial(_read_tokenizer, checkpoint), processor, chosen, folder,
+                graph_cache=graph_cache, hub_id=hub_id,
                 revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt), towers=towers)
+
+
+@functools.cache
+def _exit_without_collecting() -> None:
+    """At exit, the objects alive then are left out of Python's last garbage collection (gc.freeze): a model's
+    tinygrad graphs are some hundred thousand objects, and collecting them cost a one-image process 0.1-0.3 s
+    after its answer. Everything is still released as the process ends; atexit handlers and weakref
+    finalizers run as before (handlers registered after the first load() run before this one: last in,
+    first out)."""
+    atexit.register(gc.freeze)
+
+
+def _read_tokenizer(checkpoint) -> CLIPTokenizer:
+    """The checkpoint's tokenizer, read from its files and checked against the text model's embedding table."""
+    with trace.phase("tokenizer"):
+        tokenizer = checkpoint.tokenizer()
+    check_vocab_size(tokenizer, checkpoint.config.text_config.vocab_size, checkpoint.folder, checkpoint.config_file.name)
+    return tokenizer
 
 
 def _tf32_applies(backend: registry.Backend, dtype) -> bool:
@@ -117,12 +138,14 @@ def _tf32_applies(backend: registry.Backend, dtype) -> bool:
 class CLIP:
     """A loaded checkpoint: tokenize, preprocess, encode_image, encode_text, logits."""
 
-    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer, processor: ImageProcessor,
+    def __init__(self, model: CLIPModel, tokenizer: CLIPTokenizer | Callable[[], CLIPTokenizer], processor: ImageProcessor,
                  backend: registry.Backend, folder: pathlib.Path, jit: bool = True, graph_cache: bool = True,
                  hub_id: str | None = None, revision: str | None = None, tf32: bool = False,
                  towers: Towers | None = None):
-        self._model, self.tokenizer, self.processor, self.backend, self.folder = \
-            model, tokenizer, processor, backend, folder
+        self._model, self.processor, self.backend, self.folder = model, processor, backend, folder
+        # A tokenizer, or what reads it on first use (load(): a process that embeds images never reads it).
+        self._tokenizer, self._read_tokenizer = (tokenizer, None) if hasattr(tokenizer, "encode") else (None, tokenizer)
+        self._tokenizer_lock = threading.Lock()
         self.towers = towers    # the towers whose weights are still to be read (None: all are read)
         self.hub_id, self.revision = hub_id, revision
         self.config = model.config
@@ -130,6 +153,17 @@ class CLIP:
         # Buckets, JITs and the lock that makes one CLIP safe to share between threads.
         self.runner = Runner(model, backend, jit=jit, cache=graph_cache, tf32=tf32,
                              ready=towers.load if towers is not None else None)
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The checkpoint's tokenizer, read from its files the first time texts need it (a process that only
+        embeds images never reads them: 0.15 s for CLIP's vocabulary and merges); a problem with those files
+        (TokenizerError, naming the file) is raised then, by the first call that takes texts."""
+        if self._tokenizer is None:
+            with self._tokenizer_lock:
+                if self._tokenizer is None:
+                    self._tokenizer = self._read_tokenizer()
+        return self._tokenizer
 
     @property
     def model(self) -> CLIPModel:
