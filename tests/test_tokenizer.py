@@ -163,6 +163,19 @@ def test_ascii_tables_answer_as_the_full_ones_on_ascii_text(ours):
     assert a.byte_symbols == u.byte_symbols
 
 
+def test_ascii_texts_equal_transformers(ours, oracle):
+    """The ASCII path against the oracle: 3,000 random texts of ASCII words, digits, punctuation, control
+    characters, white space and special-token text, and every ASCII character alone."""
+    rng = random.Random(7)
+    words = ["a", "photo", "of", "The", "CAT", "don't", "it's", "we'll", "I'M", "x2", "3.14", "hot-air", "<|endoftext|>",
+             "<|startoftext|>", "e-mail@x.org", "C++", "$100", "#tag", "...", "''", "\\", "\x00", "\x1f", "\x7f"]
+    pieces = words + [chr(c) for c in range(128)] + [" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c"]
+    texts = ["".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    texts += [chr(c) for c in range(128)]
+    assert all(t.isascii() for t in texts)
+    assert_same_ids(texts, ours(texts), oracle_ids(oracle, texts))
+
+
 def test_ascii_texts_do_not_build_the_unicode_tables(clip_folder, ours):
     """Tokenizing ASCII texts (most prompts) never builds the full tables, 0.2 s of a new process; a
     non-ASCII text does, and gets the ids a process that had built them first gives."""
