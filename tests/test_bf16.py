@@ -175,3 +175,27 @@ def test_refused_by_the_plain_set_and_other_backends():
 def test_unknown_dtype_names_the_choices(tiny_quick):
     with pytest.raises(tinyclip.UsageError, match="bfloat16"):
         tinyclip.load(tiny_quick.folder, device="cpu", dtype="bf8")
+
+
+@runs_here
+def test_q_k_and_v_share_one_conversion_and_the_state_dict_stays_the_checkpoints(tiny_quick, monkeypatch):
+    """q, k and v read the same input: it is rounded to bfloat16 pairs once a layer (4 conversions a layer:
+    q/k/v, out_proj, fc1, fc2, against 6 converting each layer's own), to the same embeddings; the set keeps
+    it as graph nodes, never as a tensor, so a tower read after the other has run still finds exactly the
+    checkpoint's keys."""
+    from tinygrad.nn.state import get_state_dict
+    texts, calls, real = ["a cat", "two dogs"], [], bf16.to_pairs_of
+    monkeypatch.setattr(bf16, "to_pairs_of", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = tinyclip.load(tiny_quick.folder, device="cpu", dtype="bfloat16", graph_cache=False)
+    layers = shared.config.text_config.num_hidden_layers
+    keys = set(get_state_dict(shared.runner.model))
+    got = shared.encode_text(texts)
+    assert len(calls) == 4 * layers
+    assert set(get_state_dict(shared.runner.model)) == keys
+    separate = tinyclip.load(tiny_quick.folder, device="cpu", dtype="bfloat16", graph_cache=False)
+    monkeypatch.setattr(separate.runner.model.kernels, "_bf16_pairs", lambda x: None)   # bf16.linear converts
+    calls.clear()
+    np.testing.assert_array_equal(separate.encode_text(texts), got)
+    assert len(calls) == 6 * layers
+    shared.model        # reads the image tower after the text tower ran
+    assert set(get_state_dict(shared.runner.model)) == keys

@@ -317,10 +317,13 @@ def kind() -> str:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual: Tensor | None,
-           machine: Machine, use_amx: bool | None = None) -> Tensor:
+           machine: Machine, use_amx: bool | None = None, convert=None) -> Tensor:
     """quick_gelu?(x @ W.T + bias) + residual in float32 for float32 x (any leading dimensions) and W stored
     by to_pairs, with bfloat16 products summed in float32: on AMX tiles where amx() (or use_amx) says so and
-    the shape takes them (inputs a multiple of 32, panels of 32), else with vdpbf16ps."""
+    the shape takes them (inputs a multiple of 32, panels of 32), else with vdpbf16ps. `convert(x2d,
+    padded_rows)` gives x's bfloat16 pairs (default: to_pairs_of; a caller whose layers share an input
+    converts it once)."""
+    convert = convert or (lambda x2d, padded_rows: to_pairs_of(x2d, machine, padded_rows))
     *lead, K = x.shape
     n_panels, pairs, P = weight.shape
     if not source.compiles_c(x.device):     # CPUKernels.linear_dtype_problem refuses this before a model loads
@@ -337,12 +340,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, residual:
     if (use_amx if use_amx is not None else amx()) and K % AMX_DEPTH == 0 and P == 2 * LANES:
         name = f"tcbf16amx_linear_{M}_{N}_{K}_g{block}" + epilogue
         code = amx_source(name, M, N, K, P, threads, bias is not None, gelu, residual is not None, block)
-        pairs_in = to_pairs_of(x.reshape(M, K), machine, -(-M // AMX_ROWS) * AMX_ROWS)
+        pairs_in = convert(x.reshape(M, K), -(-M // AMX_ROWS) * AMX_ROWS)
     else:
         rows = min(machine.tile_rows, M)
         name = f"tcbf16_linear_{M}_{N}_{K}_p{P}_r{rows}_g{block}" + epilogue
         code = linear_source(name, M, N, K, P, rows, threads, bias is not None, gelu, residual is not None, block)
-        pairs_in = to_pairs_of(x.reshape(M, K), machine)
+        pairs_in = convert(x.reshape(M, K), None)
     inputs = [pairs_in.reshape(-1), weight.reshape(-1)]
     inputs += [bias] if bias is not None else []
     inputs += [residual.reshape(-1)] if residual is not None else []
