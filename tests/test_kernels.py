@@ -143,6 +143,31 @@ def test_panels_rearranged_in_place_equal_the_copied_ones(monkeypatch, out_featu
     np.testing.assert_array_equal(matmul.from_panels(panels).numpy(), w)
 
 
+def test_prepare_rewrites_only_the_buffers_handed_over_to_it():
+    """A model's prepare() rearranges in place only buffers the tower loader handed over (read just now, each
+    held by one parameter): a weight a caller filled and still holds keeps its values, and a weight tied
+    to two layers is rearranged once per layer into buffers of their own, both right."""
+    kernels = cpu.CPUKernels(isas.runnable()[-1])
+    if not kernels.active:
+        pytest.skip("tinyclip's CPU runtime is not installed for this tinygrad")
+    w = np.random.default_rng(4).standard_normal((64, 16), dtype=np.float32)
+    mine = buffers.from_numpy(w, "CPU")
+    a, b = (Linear(16, 64, False, mine.dtype, "CPU", kernels) for _ in range(2))
+    a.weight = b.weight = mine
+    a.prepare()
+    b.prepare()
+    np.testing.assert_array_equal(mine.numpy(), w)
+    for layer in (a, b):
+        np.testing.assert_array_equal(layer.dense_weight.numpy(), w)
+    handed = buffers.from_numpy(w, "CPU")
+    c = Linear(16, 64, False, handed.dtype, "CPU", kernels)
+    c.weight = handed
+    with kernels.handing_over({buffers.buffer_of(handed)}):
+        c.prepare()
+    assert buffers.buffer_of(c.weight).buffer is buffers.buffer_of(handed).buffer      # the same memory
+    np.testing.assert_array_equal(c.dense_weight.numpy(), w)
+
+
 def test_panels_of_a_weight_not_its_own_buffer_are_copied():
     """A weight that is a view (here a slice) has no buffer of its own to rewrite: it is copied, and stays."""
     w = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)

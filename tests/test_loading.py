@@ -258,6 +258,10 @@ def test_images_are_embedded_without_reading_the_tokenizer(folder, tiny_quick):
     want = tinyclip.load(tiny_quick.folder, device=DEVICE).encode_image(list(pixels))
     (folder / "vocab.json").write_text("{")
     model = tinyclip.load(folder, device=DEVICE)
+    for both in (model.similarity, model.logits):     # texts first: the error comes before the images' work
+        with pytest.raises(TokenizerError, match=r"vocab.json: not valid JSON"):
+            both(list(pixels), ["a photo"])
+    assert "image" in model.towers.pending
     np.testing.assert_array_equal(model.encode_image(list(pixels)), want)
     for text_call in (model.tokenize, model.encode_text):
         with pytest.raises(TokenizerError, match=r"vocab.json: not valid JSON"):

@@ -7,9 +7,7 @@ use `clip.model` (a `tinyclip.model.CLIPModel`) with Tensors directly.
 """
 from __future__ import annotations
 
-import atexit
 import functools
-import gc
 import os
 import pathlib
 import threading
@@ -63,7 +61,6 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     if not isinstance(allow_tf32, bool):
         raise UsageError(f"allow_tf32 must be True or False, got {allow_tf32!r}")
     trace.imports()
-    _exit_without_collecting()
     _tinygrad.guard_kernel_cache()
     if isinstance(device, registry.Backend):     # chosen (and traced) by the caller
         chosen = registry.select(device)
@@ -103,16 +100,6 @@ def load(name_or_path: str | os.PathLike = hub.DEFAULT_MODEL, device: str | None
     return CLIP(model, functools.partial(_read_tokenizer, checkpoint), processor, chosen, folder,
                 graph_cache=graph_cache, hub_id=hub_id,
                 revision=revision, tf32=allow_tf32 and _tf32_applies(chosen, dt), towers=towers)
-
-
-@functools.cache
-def _exit_without_collecting() -> None:
-    """At exit, the objects alive then are left out of Python's last garbage collection (gc.freeze): a model's
-    tinygrad graphs are some hundred thousand objects, and collecting them cost a one-image process 0.1-0.3 s
-    after its answer. Everything is still released as the process ends; atexit handlers and weakref
-    finalizers run as before (handlers registered after the first load() run before this one: last in,
-    first out)."""
-    atexit.register(gc.freeze)
 
 
 def _read_tokenizer(checkpoint) -> CLIPTokenizer:
@@ -249,8 +236,8 @@ class CLIP:
 
     def logits(self, images, texts) -> np.ndarray:
         """logits_per_image (N_images, N_texts): scaled cosine similarities, as transformers."""
-        img, txt = self.encode_image(images), self.encode_text(texts)
-        return self.logits_from_embeddings(img, txt)
+        txt = self.encode_text(texts)     # first: a tokenizer problem comes before the images' work
+        return self.logits_from_embeddings(self.encode_image(images), txt)
 
     def logits_from_embeddings(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         with self.runner.lock, self.runner.context():

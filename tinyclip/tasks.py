@@ -107,8 +107,8 @@ def classify(clip, images, labels: Sequence[str], templates="imagenet", top: int
 def similarity(clip, images, texts, *, batch_size: int = 32) -> np.ndarray:
     """Cosine similarities (N_images, N_texts) float32 between `images` and `texts`
     (anything `encode_image` and `encode_text` take)."""
-    image_embeds = _encode_images(clip, images, batch_size)
-    text_embeds = clip.encode_text(texts, normalize=True, batch_size=batch_size)
+    text_embeds = clip.encode_text(texts, normalize=True, batch_size=batch_size)   # first: a tokenizer problem
+    image_embeds = _encode_images(clip, images, batch_size)                        # comes before the images' work
     return (image_embeds @ text_embeds.T).astype(np.float32)
 
 

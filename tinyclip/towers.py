@@ -11,6 +11,8 @@ fingerprint and the tower (`keep`: the caches are on).
 """
 from __future__ import annotations
 
+from tinygrad.nn.state import get_state_dict
+
 from . import _tinygrad, identity, trace
 from .model import TOWERS, tower_of
 
@@ -40,7 +42,8 @@ class Towers:
                 self.checkpoint.load_weights(self.model, self.dtype, self.backend.device,
                                              only=lambda k: tower_of(k) == tower)
             with trace.phase(f"{tower} tower's weights arranged for the kernels"), \
-                    self.model.kernels.preparing(self._source(tower) if self.keep else None):
+                    self.model.kernels.preparing(self._source(tower) if self.keep else None), \
+                    self.model.kernels.handing_over(_sole_buffers(self.model, tower)):
                 self.model.prepare(tower)
             self.pending.discard(tower)
 
@@ -54,3 +57,12 @@ class Towers:
     def load_all(self) -> None:
         for tower in TOWERS:
             self.load(tower)
+
+
+def _sole_buffers(model, tower: str) -> set:
+    """The buffers of `tower`'s parameters that one parameter alone holds: just read (load_weights makes a
+    buffer per parameter), so the kernel set may rearrange them in place (KernelSet.handing_over)."""
+    held: dict = {}
+    for key, t in get_state_dict(model).items():
+        held.setdefault(_tinygrad.buffer_of(t), []).append(key)
+    return {base for base, keys in held.items() if len(keys) == 1 and tower_of(keys[0]) == tower}

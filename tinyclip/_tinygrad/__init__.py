@@ -21,8 +21,8 @@ turns, each call correct, none in parallel.
 import threading
 
 LOCK = threading.RLock()
-from .buffers import (NUMPY_DTYPES, Staging, as_float32, empty, from_numpy, gather_rows, host_array, host_tensor,
-                      numpy_dtype, to_numpy, to_tensor)
+from .buffers import (NUMPY_DTYPES, Staging, as_float32, buffer_of, empty, from_numpy, gather_rows, host_array,
+                      host_tensor, numpy_dtype, to_numpy, to_tensor)
 from .device import (DTYPES, codegen, cpu_threads, device_families, dtype_named, guard_kernel_cache, open_device,
                      opencl_device_kind, probe_device, renderer_threads, supports_half, synchronize, tf32_context)
 from .compile_pool import forked_compiles
@@ -30,7 +30,7 @@ from .source import realize
 from .opencl import quiet_builds as quiet_opencl_builds
 from .jit import beam_context, beam_progress, beam_setting, captured_graph, jit_error, jit_from_captured, new_jit
 
-__all__ = ["LOCK", "NUMPY_DTYPES", "Staging", "as_float32", "empty", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
+__all__ = ["LOCK", "NUMPY_DTYPES", "Staging", "as_float32", "buffer_of", "empty", "from_numpy", "gather_rows", "host_array", "host_tensor", "numpy_dtype",
            "to_numpy", "to_tensor", "DTYPES", "codegen", "cpu_threads", "device_families", "dtype_named",
            "guard_kernel_cache", "open_device", "opencl_device_kind", "probe_device", "renderer_threads",
            "supports_half", "synchronize", "tf32_context", "beam_context", "beam_progress", "beam_setting", "captured_graph", "jit_error",

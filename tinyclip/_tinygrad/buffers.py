@@ -87,6 +87,11 @@ def host_array(t: Tensor) -> np.ndarray:
     return np.frombuffer(buf.allocator._as_buffer(buf._buf), numpy_dtype(t.dtype)).reshape(t.shape)
 
 
+def buffer_of(t: Tensor):
+    """What identifies the buffer `t` reads (its base graph node): two tensors with the same one share memory."""
+    return t.uop.base
+
+
 def own_host_array(t: Tensor) -> np.ndarray | None:
     """A writable numpy view of `t`'s whole host buffer, where `t` is that buffer as host_array sees it
     (realized, plain, float32/float16/int32/uint8, a CPU device); else None. For a caller that owns `t`

@@ -83,6 +83,7 @@ def run_serve(args) -> int:
     sock = _bind(args.host, args.port)
     try:
         model = load_model(args)
+        model.tokenizer     # read now: a problem with its files stops the server before a folder is embedded
         if kind == collection.INDEX:
             searched = Indexed(index.read(source, meta))
         elif stored is not None:

@@ -41,6 +41,7 @@ class KernelSet:
 
     name = "tinygrad"
     linear_dtype: str | None = None    # one of LINEAR_DTYPES, or None: linear layers compute in the model's dtype
+    _handed_over: frozenset = frozenset()    # buffers prepare_linear may rewrite in place (handing_over)
 
     def key(self) -> dict:
         """What distinguishes this set's graphs from another's: its name and its parameters."""
@@ -92,9 +93,25 @@ class KernelSet:
 
     def prepare_linear(self, weight: Tensor) -> Tensor:
         """A linear layer's weight (out, in), as the checkpoint has it, in the form linear() takes:
-        called once after loading. The set takes `weight` over (its buffer may hold the result: the
-        caller uses only what is returned). The plain set keeps it as it is."""
+        called once after loading. The plain set keeps it as it is. A weight whose buffer was handed
+        over (`handing_over`) may be rearranged in that buffer; any other is left as it is."""
         return weight
+
+    @contextlib.contextmanager
+    def handing_over(self, buffers):
+        """Around model.prepare() after a fresh read (towers.py): `buffers` (BUFFER graph nodes) were made by
+        the read and are each held by one parameter alone, so prepare_linear may rewrite them in place
+        instead of filling new ones. A weight a caller filled itself, or one shared by two parameters, is
+        never in it (the caller may still read it)."""
+        self._handed_over = frozenset(buffers)
+        try:
+            yield
+        finally:
+            self._handed_over = frozenset()
+
+    def handed_over(self, weight: Tensor) -> bool:
+        """Whether `weight`'s buffer was handed over (handing_over) and may be rewritten."""
+        return _tinygrad.buffer_of(weight) in self._handed_over
 
     def preparing(self, source) -> contextlib.AbstractContextManager:
         """A context around model.prepare(), for a set that keeps what prepare_linear makes on disk (the

@@ -126,7 +126,7 @@ class CPUKernels(KernelSet):
         if weight.dtype != dtypes.float32 or width is None or not self.active:
             return weight
         self.machine   # measured now, at load time, never inside a JIT capture
-        return matmul.to_panels(weight, width, reuse=True)
+        return matmul.to_panels(weight, width, reuse=self.handed_over(weight))
 
     def dense_weight(self, weight: Tensor) -> Tensor:
         if weight.dtype == dtypes.int32:     # bfloat16 pairs: the rounded weight (an odd input count padded by one)
