@@ -32,7 +32,8 @@ with torch's dynamic int8 quantisation of its Linear layers (torch.ao.quantizati
 weights, activations quantised per batch at run time) at batch 32, images and texts, and prints int8's
 exactness against transformers in float32: the minimum cosine of the image and text embeddings, and the
 share of images whose zero-shot top-1 among INT8_LABELS (CIFAR-100's 100 classes, "a photo of a {}.") is
-float32's. The images are views (crops, flips) of the photographs in tests/data/images.
+float32's. The images are views (crops, flips) of the photographs in tests/data/images, or with `--photos
+DIR` the photographs in DIR, each whole (the issue's real-photo set, with released weights via --model).
 """
 from __future__ import annotations
 
@@ -121,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only-start", action="store_true", help="only the fresh-process start-up measurements")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: hold both libraries to AVX2 (default: each uses the widest this CPU has)")
+    ap.add_argument("--photos", help="--dtype int8: a folder of real photographs (.jpg, .jpeg, .png) for the top-1 "
+                    "check, whole (default: views of the photographs in tests/data/images)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "int8"], default="float32",
                     help="bfloat16: tinyclip bfloat16 against tinyclip float32 and torch bfloat16, batch 32; int8: tinyclip "
                     "int8 against tinyclip float32 and torch's quantize_dynamic, and int8's exactness")
@@ -243,14 +246,22 @@ def int8_comparison(folder, args) -> int:
                   f"torch quantize_dynamic {units / t_tq:7.2f}/s   int8/float32 {t_f32 / t_i8:4.2f}x (target >= 2.5)   "
                   f"int8/torch int8 {t_tq / t_i8:4.2f}x", flush=True)
 
-        photos = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
         views = []
-        for p in photos:      # each photograph whole and as crops of it, each also mirrored
-            im = Image.open(p).convert("RGB")
-            w, h = im.size
-            for box in ((0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h), (w // 8, h // 8, w * 7 // 8, h * 7 // 8)):
-                crop = im.crop(box)
-                views += [crop, ImageOps.mirror(crop)]
+        if args.photos:      # a real-photo set: each photograph once, whole
+            photos = sorted(q for q in pathlib.Path(args.photos).iterdir() if q.suffix.lower() in (".jpg", ".jpeg", ".png"))
+            if not photos:
+                raise SystemExit(f"--photos {args.photos}: no .jpg, .jpeg or .png file there")
+            views = [Image.open(q).convert("RGB") for q in photos]
+            seen = f"{len(views)} photographs in {args.photos}"
+        else:
+            photos = sorted((ROOT / "tests" / "data" / "images").glob("*.[pj][np]g"))
+            for q in photos:      # each photograph whole and as crops of it, each also mirrored
+                im = Image.open(q).convert("RGB")
+                w, h = im.size
+                for box in ((0, 0, w, h), (0, 0, w * 3 // 4, h * 3 // 4), (w // 4, h // 4, w, h), (w // 8, h // 8, w * 7 // 8, h * 7 // 8)):
+                    crop = im.crop(box)
+                    views += [crop, ImageOps.mirror(crop)]
+            seen = f"{len(views)} views (crops, mirrored) of the {len(photos)} photographs in tests/data/images"
         pixels = f32.preprocess(views)
         label_ids = f32.tokenize([f"a photo of a {label}." for label in INT8_LABELS])
         want_img = _features(ref.get_image_features(pixel_values=torch.from_numpy(pixels)))
@@ -259,8 +270,7 @@ def int8_comparison(folder, args) -> int:
         torch_txt = _features(tq.get_text_features(input_ids=torch.from_numpy(label_ids.astype(np.int64))))
     top1 = lambda img, txt: (_unit(img) @ _unit(txt).T).argmax(1)    # noqa: E731
     want = top1(want_img, want_txt)
-    print(f"int8 exactness against transformers float32 on {len(views)} views (crops, mirrored) of the "
-          f"{len(photos)} photographs in tests/data/images, {len(INT8_LABELS)} labels (CIFAR-100):")
+    print(f"int8 exactness against transformers float32 on {seen}, {len(INT8_LABELS)} labels (CIFAR-100):")
     for name, img, txt in (("tinyclip int8", i8.encode_image(pixels), i8.encode_text(label_ids)),
                            ("torch quantize_dynamic", torch_img, torch_txt)):
         print(f"  {name:<23} cosine min: images {_cos(img, want_img).min():.5f}, texts {_cos(txt, want_txt).min():.5f} "
