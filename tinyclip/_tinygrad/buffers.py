@@ -79,12 +79,19 @@ def host_array(t: Tensor) -> np.ndarray:
     """The values of a realized tensor as numpy: the tensor's own host buffer, not a copy, where
     it has one and is laid out as `t` (as from_numpy and host_tensor make them; valid while `t`
     lives, and not to be written), else a copy made by t.numpy()."""
+    view = _host_view(t)
+    return t.numpy() if view is None else np.frombuffer(view, numpy_dtype(t.dtype)).reshape(t.shape)
+
+
+def _host_view(t: Tensor) -> memoryview | None:
+    """The bytes of `t`'s host buffer, where `t` is that whole buffer laid out as it (realized, a plain reshape
+    of it at most, a dtype numpy holds, a device whose allocator maps it to host memory); else None."""
     base = t.uop.base
     plain = t.uop is base or (t.uop.op is Ops.RESHAPE and t.uop.src[0] is base)
     if not plain or t.dtype not in _TO_NUMPY or not base.is_realized or (buf := base.buffer).size != t.numel() \
             or buf.offset or not hasattr(buf.allocator, "_as_buffer"):
-        return t.numpy()
-    return np.frombuffer(buf.allocator._as_buffer(buf._buf), numpy_dtype(t.dtype)).reshape(t.shape)
+        return None
+    return buf.allocator._as_buffer(buf._buf)
 
 
 def buffer_of(t: Tensor):
@@ -93,22 +100,17 @@ def buffer_of(t: Tensor):
 
 
 def own_host_array(t: Tensor) -> np.ndarray | None:
-    """A writable numpy view of `t`'s whole host buffer, where `t` is that buffer as host_array sees it
-    (realized, plain, float32/float16/int32/uint8, a CPU device); else None. For a caller that owns `t`
-    and rewrites its contents in place (then reinterpret() gives them their new shape)."""
-    base = t.uop.base
-    plain = t.uop is base or (t.uop.op is Ops.RESHAPE and t.uop.src[0] is base)
-    if not plain or t.dtype not in _TO_NUMPY or not base.is_realized or (buf := base.buffer).size != t.numel() \
-            or buf.offset or not hasattr(buf.allocator, "_as_buffer"):
-        return None
-    view = buf.allocator._as_buffer(buf._buf)
-    return None if view.readonly else np.frombuffer(view, numpy_dtype(t.dtype)).reshape(t.shape)
+    """A writable numpy view of `t`'s whole host buffer, where host_array would give one without a copy;
+    else None. For a caller that owns `t` and rewrites its contents in place (then reinterpret() gives
+    them their new shape)."""
+    view = _host_view(t)
+    return None if view is None or view.readonly else np.frombuffer(view, numpy_dtype(t.dtype)).reshape(t.shape)
 
 
 def reinterpret(t: Tensor, shape: tuple[int, ...]) -> Tensor:
     """A tensor of `shape` over the same buffer as `t` (a plain host tensor: own_host_array), whose
     contents the caller has rearranged in place: a reshape that tinygrad schedules nothing for."""
-    base = t.uop.base
+    base = buffer_of(t)
     if math.prod(shape) != t.numel():
         raise ValueError(f"reinterpret: {t.shape} holds {t.numel()} values, not the {math.prod(shape)} of {shape}")
     return Tensor(UOp(Ops.RESHAPE, t.dtype, src=(base, shape_to_shape_arg(tuple(int(n) for n in shape)))))
