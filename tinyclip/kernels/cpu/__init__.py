@@ -50,7 +50,7 @@ class CPUKernels(KernelSet):
 
     def __init__(self, isa: ISA, device: str = "CPU", cache_folder=None, c_source: bool = True):
         self.isa, self.device, self.cache_folder, self.c_source = isa, device, cache_folder, c_source
-        self._pairs = None    # bfloat16: (the last input's UOp, its padded rows, its pairs' UOp), see _bf16_pairs
+        self._last = None     # (the last input's UOp, what was made of it, its UOp): see _once_per_input
 
     def key(self) -> dict:
         linear = {} if self.linear_dtype != "bfloat16" else \
@@ -135,7 +135,9 @@ class CPUKernels(KernelSet):
 
     def linear(self, x, weight, bias, act=None, residual=None):
         if weight.dtype == dtypes.int32:     # bfloat16 pairs (prepare_linear)
-            convert = self._bf16_pairs(x)
+            def convert(x2d, padded_rows):      # q, k and v share one conversion of their input
+                return self._once_per_input(x, ("bf16 pairs", padded_rows),
+                                            lambda: bf16.to_pairs_of(x2d, self.machine, padded_rows))
             if act in (None, "quick_gelu"):
                 return bf16.linear(x, weight, bias, act is not None, residual, self.machine, convert=convert)
             y = activation(act)(bf16.linear(x, weight, bias, False, None, self.machine, convert=convert))
@@ -147,16 +149,14 @@ class CPUKernels(KernelSet):
         y = activation(act)(matmul.panel_linear(x, weight, bias, None, None, self.machine))   # exact GELU etc.
         return y if residual is None else y + residual
 
-    def _bf16_pairs(self, x):
-        """bf16.linear's `convert` for input x: q, k and v read the same input, which is rounded to bfloat16
-        pairs once, by one kernel. The last conversion is kept as graph nodes, not Tensors: a kernel set
-        holds no tensors (get_state_dict walks it with the model)."""
-        def convert(x2d, padded_rows):
-            kept = self._pairs
-            if kept is None or kept[0] is not x.uop or kept[1] != padded_rows:
-                kept = self._pairs = (x.uop, padded_rows, bf16.to_pairs_of(x2d, self.machine, padded_rows).uop)
-            return Tensor(kept[2])
-        return convert
+    def _once_per_input(self, x: Tensor, what, make) -> Tensor:
+        """make() (a conversion of input x: bfloat16 pairs, int8 rows), made once while x is the last input
+        asked about: q, k and v read the same input, so theirs is one kernel, not three. Kept as graph nodes,
+        not Tensors: a kernel set holds no tensors (get_state_dict walks it with the model)."""
+        kept = self._last
+        if kept is None or kept[0] is not x.uop or kept[1] != what:
+            kept = self._last = (x.uop, what, make().uop)
+        return Tensor(kept[2])
 
     # ---- convolutions (conv.py) --------------------------------------------------------------------
 

@@ -57,7 +57,6 @@ class Int8Kernels(CPUKernels):
         self._stored: list = []              # while preparing: the arrays read from it
         self._made: list | None = None       # while preparing: the arrays prepare_linear returned, in order
         self._fresh = False
-        self._rows = None    # (the last input's UOp, its quantised rows' UOp): linear() reuses them for the same input
 
     def key(self) -> dict:
         return {**super().key(), "linear": self.linear_dtype, "int8": self.path.key()}
@@ -128,11 +127,8 @@ class Int8Kernels(CPUKernels):
         if weight.dtype != dtypes.uint8:     # a convolution's float32 panels (conv2d below)
             return super().linear(x, weight, bias, act, residual)
         x = x.float()
-        # q, k and v read the same input: its rows are quantised once, in one kernel. The last input's graph
-        # nodes are kept, not Tensors: a kernel set holds no tensors (get_state_dict walks it with the model).
-        if self._rows is None or self._rows[0] is not x.uop:
-            self._rows = (x.uop, int8.quantised_rows(x, self.machine).uop)
-        return int8.linear(x, weight, bias, act, residual, self.path, self.machine, xq=Tensor(self._rows[1]))
+        xq = self._once_per_input(x, "int8 rows", lambda: int8.quantised_rows(x, self.machine))   # q, k, v: one
+        return int8.linear(x, weight, bias, act, residual, self.path, self.machine, xq=xq)
 
     def prepare_conv2d(self, weight: Tensor) -> Tensor:
         return self.float32.prepare_conv2d(weight)
